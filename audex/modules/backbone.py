@@ -1,0 +1,115 @@
+"""The LLM backbone: a transformers causal LM, loaded or built from config, with the extended vocabulary.
+
+Dense 2B models use the Llama family (``model_type: llama``); the 30B-A3B model is Nemotron-H
+(``model_type: nemotron_h``: hybrid Mamba2 / attention / MoE). Any ``AutoModelForCausalLM`` architecture
+whose embeddings can be resized works.
+
+Vocabulary extension (section 3.1): the embedding table and, when untied, the output head grow from the
+text vocabulary to :attr:`AudexVocab.size`; every new row is drawn from N(0, 0.02) with a dedicated,
+seeded generator (transformers' ``resize_token_embeddings`` would initialise them to the mean of the old
+rows), and the existing text rows are kept bit-identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def build_causal_lm(pretrained_path: str | None, config: dict | None, model_type: str | None, dtype=None):
+    """A transformers causal LM from a local folder or an inline config (random init)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if pretrained_path:
+        if not Path(pretrained_path).exists():
+            raise FileNotFoundError(
+                f"backbone folder {pretrained_path!r} does not exist: set model.backbone.pretrained_path to a local "
+                "Hugging Face folder (no downloads at run time)"
+            )
+        return AutoModelForCausalLM.from_pretrained(pretrained_path, local_files_only=True, dtype=dtype or "auto")
+    if not model_type:
+        raise ValueError("model.backbone needs either pretrained_path or model_type + config")
+    hf_cfg = AutoConfig.for_model(model_type, **dict(config or {}))
+    return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+
+
+@torch.no_grad()
+def extend_vocabulary(lm: nn.Module, new_size: int, init_std: float = 0.02, seed: int = 0) -> int:
+    """Grow ``lm``'s input embeddings (and untied output head) to ``new_size`` rows.
+
+    Returns the old size. Old rows are copied bit-exactly; new rows ~ N(0, init_std).
+    """
+    emb = lm.get_input_embeddings()
+    old_size, dim = emb.weight.shape
+    if new_size < old_size:
+        raise ValueError(f"the extended vocabulary ({new_size}) is smaller than the backbone's ({old_size})")
+    if new_size == old_size:
+        return old_size
+    gen = torch.Generator().manual_seed(seed)
+    is_meta = emb.weight.device.type == "meta"
+
+    def grown(weight: torch.Tensor) -> torch.Tensor:
+        if is_meta:
+            return torch.empty(new_size, weight.shape[1], dtype=weight.dtype, device="meta")
+        extra = torch.randn(new_size - old_size, weight.shape[1], generator=gen, dtype=torch.float32) * init_std
+        return torch.cat([weight, extra.to(device=weight.device, dtype=weight.dtype)], dim=0)
+
+    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+    new_emb = nn.Embedding(new_size, dim, device="meta" if is_meta else emb.weight.device, dtype=emb.weight.dtype)
+    new_emb.weight = nn.Parameter(grown(emb.weight), requires_grad=emb.weight.requires_grad)
+    lm.set_input_embeddings(new_emb)
+    head = lm.get_output_embeddings()
+    if head is not None:
+        if tied:
+            head.weight = new_emb.weight
+        else:
+            new_head = nn.Linear(dim, new_size, bias=head.bias is not None,
+                                 device="meta" if is_meta else head.weight.device, dtype=head.weight.dtype)
+            new_head.weight = nn.Parameter(grown(head.weight))
+            if head.bias is not None:
+                new_head.bias = nn.Parameter(torch.cat([head.bias, torch.zeros(new_size - old_size, dtype=head.bias.dtype,
+                                                                                 device=head.bias.device)]))
+            lm.set_output_embeddings(new_head)
+    lm.config.vocab_size = new_size
+    return old_size
+
+
+class AudexBackbone(nn.Module):
+    """A causal LM with the extended Audex vocabulary.
+
+    Args:
+        pretrained_path: local Hugging Face folder with real weights.
+        model_type: transformers ``model_type`` for a randomly initialised backbone (``llama``, ``nemotron_h``).
+        config: the transformers config kwargs (``hidden_size``, ``num_hidden_layers``, ...).
+        vocab_size: size of the extended vocabulary (set by :class:`AudexModel` from its vocabulary).
+        text_vocab_size: the text rows, for a checkpoint that is already extended to ``vocab_size``.
+        init_std / init_seed: initialisation of the new embedding rows.
+
+    Example::
+
+        bb = AudexBackbone(model_type="llama", config=dict(hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=128, vocab_size=512), vocab_size=1536)
+        bb.lm(input_ids=torch.tensor([[1, 2, 3]])).logits.shape   # [1, 3, 1536]
+    """
+
+    def __init__(self, pretrained_path: str | None = None, model_type: str | None = None, config: dict | None = None,
+                 vocab_size: int | None = None, init_std: float = 0.02, init_seed: int = 0, dtype: str | None = None,
+                 text_vocab_size: int | None = None):
+        super().__init__()
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else None
+        self.lm = build_causal_lm(pretrained_path, config, model_type, dtype=torch_dtype)
+        rows = int(self.lm.get_input_embeddings().weight.shape[0])
+        # a folder written by AudexModel.save_pretrained is already extended: keep it as it is
+        already_extended = vocab_size is not None and rows == vocab_size and text_vocab_size is not None
+        self.text_vocab_size = int(text_vocab_size) if already_extended else rows
+        if vocab_size is not None and not already_extended:
+            extend_vocabulary(self.lm, int(vocab_size), init_std=init_std, seed=init_seed)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.lm.config.hidden_size)
+
+    def forward(self, **kwargs):
+        return self.lm(**kwargs)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up everything Audex needs on a fresh machine: a .venv with torch 2.13.0 (CPU wheel), NeMo, Lhotse,
+# transformers and Audex itself (editable), plus Debian's espeak-ng and sox for the demo and test audio.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+  pip install -q torch==2.13.0          # first: anything asking for a newer torch pulls a multi-GB CUDA build
+fi
+if ! python -c "import audex, nemo, lhotse, transformers, pytest, tritonclient, pytriton" 2>/dev/null \
+   || [ setup.py -nt .venv/.audex-installed ]; then
+  pip install -q -e ".[dev,export]"
+  touch .venv/.audex-installed
+fi
+if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v sox >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null) \
+      || echo "warning: could not install espeak-ng/sox with apt; tests that need real speech will be skipped" >&2
+  else
+    echo "warning: espeak-ng/sox missing; install them with: sudo apt-get install espeak-ng sox" >&2
+  fi
+fi
+echo "audex environment ready: $(python -c 'import torch, nemo, lhotse, transformers; print(f"torch {torch.__version__}, nemo {nemo.__version__}, lhotse {lhotse.__version__}, transformers {transformers.__version__}")')"

@@ -1,0 +1,91 @@
+"""Audex: one decoder-only LLM that hears and speaks (NeMo-style framework).
+
+Install torch first (``pip install torch==2.13.0``: a newer torch would pull a multi-GB CUDA build), then
+``pip install -e .`` (or ``pip install -e .[dev]`` for tests).
+"""
+
+import os
+import sysconfig
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.develop import develop
+from setuptools.command.editable_wheel import editable_wheel
+
+PTH = "audex-nemo.pth"
+
+
+class BuildPyWithPth(build_py):
+    """Ships ``audex-nemo.pth`` at the top of site-packages (registers Audex with NeMo's allow-list)."""
+
+    def run(self):
+        super().run()
+        self.copy_file(PTH, os.path.join(self.build_lib, PTH))
+
+
+class EditableWheelWithPth(editable_wheel):
+    """``pip install -e .`` (PEP 660): add ``audex-nemo.pth`` beside setuptools' own editable ``.pth``."""
+
+    def _select_strategy(self, name, tag, build_lib):
+        strategy = super()._select_strategy(name, tag, build_lib)
+
+        class _WithPth:
+            def __enter__(self):
+                strategy.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return strategy.__exit__(*exc)
+
+            def __call__(self, wheel, files, mapping):
+                strategy(wheel, files, mapping)
+                with open(PTH) as f:
+                    wheel.writestr(PTH, f.read())
+
+        return _WithPth()
+
+
+class DevelopWithPth(develop):
+    def run(self):
+        super().run()
+        self.copy_file(PTH, os.path.join(sysconfig.get_paths()["purelib"], PTH))
+
+
+setup(
+    name="audex",
+    version="0.1.0",
+    description="Train, evaluate and deploy one decoder-only LLM that hears and speaks",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["audex", "audex.*"]) + ["audex.assets"],
+    py_modules=["audex_nemo_hook"],
+    package_data={"audex": ["assets/*.txt", "eval/reference_tables/*", "export/triton_models/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch==2.13.0",
+        "nemo-toolkit[common]==3.0.0",
+        "lhotse==1.33.0",
+        "transformers>=5.0,<6",
+        "hydra-core>=1.3,<=1.3.2",
+        "omegaconf>=2.3,<=2.3.0",
+        "lightning>=2.4",
+        "safetensors",
+        "soundfile",
+        "jiwer",
+        "sacrebleu",
+        "whisper-normalizer",
+        "tqdm",
+        "urllib3",
+    ],
+    extras_require={
+        "dev": ["pytest", "hypothesis", "ruff", "onnx", "onnxruntime"],
+        "export": ["onnx", "onnxruntime", "tritonclient[all]", "nvidia-pytriton==0.7.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "audex-export-trtllm=audex.export.trtllm:main",
+        ]
+    },
+    cmdclass={"build_py": BuildPyWithPth, "develop": DevelopWithPth, "editable_wheel": EditableWheelWithPth},
+)
