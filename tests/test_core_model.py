@@ -180,3 +180,18 @@ def test_model_config_errors(tiny_yaml):
         AudexModel.from_config_file(str(tiny_yaml), **{"backbone.config.vocab_size": 640})
     with pytest.raises(Exception, match="does not exist"):
         AudexModel.from_config_file(str(tiny_yaml), **{"backbone.pretrained_path": "/nonexistent/folder"})
+
+
+def test_tiny_hybrid_backbone_forward_and_packing_guard(tiny_yaml):
+    from audex.models.audex_model import AudexModel
+
+    m = AudexModel.from_config_file(str(tiny_yaml.parent / "tiny_hybrid.yaml")).eval()
+    assert m.has_recurrent_layers and m.backbone.config.n_routed_experts == 8
+    ids = torch.tensor([m.tokenizer.encode("<|im_start|>user\nHello<|im_end|><|im_start|>assistant\nHi<|im_end|>")])
+    with torch.no_grad():
+        assert m(input_ids=ids).logits.shape == (1, ids.shape[1], m.vocab.size)
+        one = torch.zeros_like(ids)
+        m(input_ids=ids, sample_ids=one)  # one sample per row: fine
+        two = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, ids.shape[1] - 5, dtype=torch.long)], 1)
+        with pytest.raises(ValueError, match="Mamba"):
+            m(input_ids=ids, sample_ids=two)

@@ -194,6 +194,12 @@ class AudexModel(ModelPT):
         """The transformers causal LM (embeddings sized to ``vocab.size``)."""
         return self.llm.lm
 
+    @property
+    def has_recurrent_layers(self) -> bool:
+        """True for hybrid backbones (Mamba layers carry state along the sequence)."""
+        types = getattr(self.backbone.config, "layer_types", None) or []
+        return any(str(t) in ("mamba", "linear_attention") for t in types)  # NemotronH names Mamba2 "linear_attention"
+
     def frames_for_samples(self, num_samples: int) -> int:
         if self.audio_encoder is None:
             raise RuntimeError("this model has no audio encoder (model.audio_encoder is null)")
@@ -270,6 +276,12 @@ class AudexModel(ModelPT):
                 audio_embeds = self.encode_audio(audios)
             inputs_embeds = self.embed_inputs(input_ids, audio_embeds)
         if sample_ids is not None:
+            if self.has_recurrent_layers and bool((sample_ids.amax(dim=1) > 0).any()):
+                raise ValueError(
+                    "packed rows (several samples per row) reach a backbone with Mamba layers, whose PyTorch path "
+                    "cannot reset the recurrent state at sample boundaries: set data.packing=false (one sample per "
+                    "row) for this backbone, or train it with a kernel backend that takes per-token sequence ids"
+                )
             attention_mask = self.packed_attention_mask(sample_ids, inputs_embeds.dtype)
         return self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, use_cache=use_cache, **kwargs)
