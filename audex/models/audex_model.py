@@ -85,6 +85,7 @@ class AudexModel(ModelPT):
         self.audio_codec = parts["audio_codec"]
         self._check_consistency()
         self._record_resolved_configs()
+        self._register_codec_config_artifacts(cfg)
         if self.audio_encoder is not None:
             self.audio_encoder.requires_grad_(False)  # frozen in every stage (Table 3)
         for codec in (self.speech_codec, self.audio_codec):
@@ -139,6 +140,7 @@ class AudexModel(ModelPT):
         """On restore, build from the recorded HF config instead of the (possibly absent) pretrained folder."""
         node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
         resolved = node.pop("resolved_config", None)
+        node.pop("config_file", None)  # an artifact of the .nemo, not a constructor argument
         if restoring and resolved is not None and node.get("pretrained_path"):
             node.pretrained_path = None
             node.config = resolved.get("config")
@@ -168,6 +170,21 @@ class AudexModel(ModelPT):
                     d = hf_dict(codec.model)
                     d.pop("model_type", None)
                     self._cfg[name].resolved_config = {"config": d}
+
+    def _register_codec_config_artifacts(self, cfg: DictConfig) -> None:
+        """Pack each codec's Hugging Face ``config.json`` into the ``.nemo`` (``<codec>.config_file``), so that a
+        user can rebuild the codec alone (e.g. for the Triton post-processing step) from the archive."""
+        for name, codec in (("speech_codec", self.speech_codec), ("audio_codec", self.audio_codec)):
+            if codec is None:
+                continue
+            src = cfg[name].get("config_file")
+            if not src:
+                folder = Path(tempfile.mkdtemp(prefix=f"audex_{name}_"))
+                src = str(folder / f"{name}_config.json")
+                Path(src).write_text(codec.model.config.to_json_string())
+            path = self.register_artifact(f"{name}.config_file", src)
+            with open_dict(self._cfg):
+                self._cfg[name].config_file = path
 
     def _check_consistency(self) -> None:
         if self.llm is None:
