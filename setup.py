@@ -77,6 +77,7 @@ setup(
         "whisper-normalizer",
         "tqdm",
         "urllib3",
+        "matplotlib",
     ],
     extras_require={
         "dev": ["pytest", "hypothesis", "ruff", "onnx", "onnxruntime"],
