@@ -81,7 +81,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "hypothesis", "ruff", "onnx", "onnxruntime"],
-        "export": ["onnx", "onnxruntime", "tritonclient[all]", "nvidia-pytriton==0.7.0"],
+        # nvidia-pytriton (the Triton server binary) is installed with --no-deps by scripts/setup_env.sh: its
+        # numpy<2 pin would downgrade the whole environment
+        "export": ["onnx", "onnxruntime", "tritonclient[all]"],
     },
     entry_points={
         "console_scripts": [

@@ -17,6 +17,8 @@ fi
 if ! python -c "import audex, nemo, lhotse, transformers, pytest, tritonclient, pytriton" 2>/dev/null \
    || [ setup.py -nt .venv/.audex-installed ]; then
   pip install -q -e ".[dev,export]"
+  # the Triton server binary; --no-deps because its numpy<2 pin would downgrade the whole environment
+  pip install -q --no-deps nvidia-pytriton==0.7.0
   touch .venv/.audex-installed
 fi
 if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v sox >/dev/null 2>&1; then

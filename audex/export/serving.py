@@ -1,0 +1,235 @@
+"""The request layer shared by the Triton model and the benchmark: validate, group, run Audex's PyTorch engine.
+
+A serving request is plain data (:class:`ServeRequest`: task, text, audio, sample rate, overrides). The
+:class:`AudexServingEngine` checks every request against :class:`ServeLimits` and the model (unknown task, empty
+or NaN audio, audio over the limit, prompt over the context, missing text), answers a bad one with an error that
+names the problem, and runs the good ones through :class:`~audex.inference.pipelines.AudexPipeline` (the
+generation engine: KV-cached decoding, the paper's presets, CFG pairs for TTS/TTA). Requests of one task with the
+same overrides decode as one batch, which is what Triton's dynamic batcher hands a model instance.
+
+The Triton python-backend model (:mod:`audex.export.triton_models.audex_engine`) only converts tensors to
+:class:`ServeRequest` and results back; ``bench/serve.py`` calls the same :meth:`AudexServingEngine.run` in-process.
+
+Example::
+
+    >>> engine = AudexServingEngine(model, ServeLimits(max_audio_seconds=30))
+    >>> [res] = engine.run([ServeRequest(task="tts", text="Hello there.", seed=0)])
+    >>> res.audio.shape, res.error
+    (torch.Size([12800]), None)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from audex.audio import AudioInputError, to_model_audio
+
+TEXT_TASKS = ("chat",)
+AUDIO_IN_TASKS = ("asr", "ast", "audio_qa")
+GENERATION_TASKS = ("tts", "tta")
+TASKS = AUDIO_IN_TASKS + TEXT_TASKS + GENERATION_TASKS
+
+
+class BadRequest(ValueError):
+    """A request the server refuses; the message names the input and the fix."""
+
+
+@dataclass
+class ServeRequest:
+    """One request. ``audio`` is a 1-D waveform at ``sample_rate`` (ASR/AST/audio QA); ``text`` is the chat message,
+    the audio-QA question, the TTS transcript or the TTA caption."""
+
+    task: str
+    text: str | None = None
+    audio: torch.Tensor | None = None
+    sample_rate: int = 16000
+    max_new_tokens: int | None = None
+    seed: int | None = None
+    guidance_scale: float | None = None
+
+
+@dataclass
+class ServeResult:
+    """``text`` for text tasks, ``audio`` (16 kHz float waveform) for TTS/TTA; ``error`` is set for a refused request."""
+
+    text: str = ""
+    audio: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    finish_reason: str = ""
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What the server accepts (``conf/export.yaml`` ``serve:``).
+
+    Args:
+        max_audio_seconds: longest input audio.
+        max_new_tokens: cap on generated tokens for text tasks (a request may ask for fewer).
+        max_speech_seconds: cap on TTS output (50 tokens per second).
+        max_context_tokens: prompt + generation budget; None = the backbone's ``max_position_embeddings``.
+        tta_seconds: TTA output length (10 s = 2,000 tokens in the paper).
+        max_text_chars: longest text input.
+    """
+
+    max_audio_seconds: float = 30.0
+    max_new_tokens: int = 512
+    max_speech_seconds: float = 30.0
+    max_context_tokens: int | None = None
+    tta_seconds: float = 10.0
+    max_text_chars: int = 4000
+
+    @classmethod
+    def from_config(cls, node) -> "ServeLimits":
+        """From the ``serve`` node of ``conf/export.yaml`` (other keys of the node are ignored)."""
+        from dataclasses import fields
+
+        return cls(**{f.name: node[f.name] for f in fields(cls) if f.name in node})
+
+
+class AudexServingEngine:
+    """Validates :class:`ServeRequest` s and runs them on one Audex model (see the module docstring)."""
+
+    def __init__(self, model, limits: ServeLimits | None = None, presets_path: str | None = None):
+        from audex.inference.pipelines import AudexPipeline
+        from audex.inference.presets import load_presets
+
+        self.model = model
+        self.limits = limits or ServeLimits()
+        # the paper's presets, with the TTA length of the limits (10 s = 2,000 codes by default)
+        presets = load_presets(presets_path, overrides=[f"tta.audio_seconds={self.limits.tta_seconds}",
+                                                        f"tta.sampling.max_new_tokens={self._tta_tokens() + 2}"])
+        self.pipeline = AudexPipeline(model, presets=presets)
+        self.tokenizer = model.tokenizer
+        self.vocab = model.vocab
+        self.context = int(self.limits.max_context_tokens or model.backbone.config.max_position_embeddings)
+
+    def _tta_tokens(self) -> int:
+        return int(round(self.limits.tta_seconds * self.model.vocab.tokens_per_second("audio")))
+
+    # ---- validation ---------------------------------------------------------------------------
+    def _text(self, req: ServeRequest, what: str) -> str:
+        text = (req.text or "").strip()
+        if not text:
+            raise BadRequest(f"task {req.task!r} needs a non-empty 'text' input ({what})")
+        if len(text) > self.limits.max_text_chars:
+            raise BadRequest(f"'text' has {len(text)} characters, over the limit of {self.limits.max_text_chars}")
+        return text
+
+    def _audio(self, req: ServeRequest) -> torch.Tensor:
+        if req.audio is None:
+            raise BadRequest(f"task {req.task!r} needs an 'audio' input (mono waveform, FP32)")
+        try:
+            wav = to_model_audio(req.audio, int(req.sample_rate), name="'audio'")
+        except AudioInputError as e:
+            raise BadRequest(str(e)) from None
+        seconds = wav.numel() / 16000
+        if seconds > self.limits.max_audio_seconds:
+            raise BadRequest(f"'audio' is {seconds:.1f} s long, over the server's limit of "
+                             f"{self.limits.max_audio_seconds:g} s: split it or raise serve.max_audio_seconds")
+        return wav
+
+    def _prompt_length(self, task: str, text: str | None, wav: torch.Tensor | None) -> int:
+        from audex.data.prompts import AST_PROMPT, asr_question, tta_user_content, tts_user_content
+
+        pipe, fmt = self.pipeline, self.pipeline.formatter
+        if task in AUDIO_IN_TASKS:
+            question = {"asr": asr_question(), "ast": AST_PROMPT}.get(task, text)
+            ids = pipe.prompt_ids(fmt.audio_content(question), pipe.presets[task].thinking)
+            return len(ids) - 1 + self.model.frames_for_samples(wav.numel()) + 2  # <sound> -> start + N + end
+        if task == "chat":
+            return len(pipe.prompt_ids(text, pipe.presets["chat"].thinking))
+        content = tts_user_content(text) if task == "tts" else tta_user_content(text)
+        return len(pipe.prompt_ids(content, False)) + 1
+
+    def _budget(self, req: ServeRequest, prompt_len: int) -> int:
+        room = self.context - prompt_len
+        if room < 1:
+            raise BadRequest(f"the prompt is {prompt_len} tokens long, over the model's context of {self.context} "
+                             "tokens: shorten the text or the audio")
+        if req.max_new_tokens is not None and req.max_new_tokens < 1:
+            raise BadRequest(f"'max_new_tokens' must be >= 1, got {req.max_new_tokens}")
+        if req.task == "tta":
+            need = self._tta_tokens() + 2
+            if room < need:
+                raise BadRequest(f"the TTA prompt ({prompt_len} tokens) leaves {room} of the {self.context}-token context, "
+                                 f"but {self.limits.tta_seconds:g} s of audio needs {need} tokens: shorten the caption")
+            return need
+        if req.task == "tts":
+            cap = int(self.limits.max_speech_seconds * self.vocab.tokens_per_second("speech")) + 2
+        else:
+            cap = self.limits.max_new_tokens
+        wanted = min(cap, req.max_new_tokens or cap)
+        return max(1, min(wanted, room))
+
+    def validate(self, req: ServeRequest) -> tuple[str | None, torch.Tensor | None, int]:
+        """``(text, audio, max_new_tokens)`` of a valid request, else :class:`BadRequest`."""
+        if req.task not in TASKS:
+            raise BadRequest(f"unknown task {req.task!r}; this server runs {list(TASKS)}")
+        if req.guidance_scale is not None and not (math.isfinite(req.guidance_scale) and req.guidance_scale >= 0):
+            raise BadRequest(f"'guidance_scale' must be a finite number >= 0, got {req.guidance_scale}")
+        wav, text = None, None
+        if req.task in AUDIO_IN_TASKS:
+            wav = self._audio(req)
+            if req.task == "audio_qa":
+                text = self._text(req, "the question about the audio")
+        elif req.task == "chat":
+            text = self._text(req, "the user message")
+        else:
+            text = self._text(req, "the transcript" if req.task == "tts" else "the caption")
+        return text, wav, self._budget(req, self._prompt_length(req.task, text, wav))
+
+    # ---- running ------------------------------------------------------------------------------
+    def _run_group(self, task: str, items: list[tuple[str | None, torch.Tensor | None]], overrides: dict) -> list[ServeResult]:
+        pipe = self.pipeline
+        texts = [t for t, _ in items]
+        wavs = [w for _, w in items]
+        if task == "asr":
+            out = pipe.asr(wavs, **overrides)
+            return [ServeResult(text=(r.fields or {}).get("transcription") or r.text, finish_reason=r.finish_reason) for r in out]
+        if task == "ast":
+            out = pipe.ast(wavs, **overrides)
+            return [ServeResult(text=r.text, finish_reason=r.finish_reason) for r in out]
+        if task == "audio_qa":
+            out = pipe.audio_qa(wavs, texts, **overrides)
+            return [ServeResult(text=r.text, finish_reason=r.finish_reason) for r in out]
+        if task == "chat":
+            out = pipe.chat(texts, **overrides)
+            return [ServeResult(text=r.text, finish_reason=r.finish_reason) for r in out]
+        if task == "tts":
+            out = pipe.tts(texts, **overrides)
+            return [ServeResult(text=r.text, audio=r.waveform.float(), finish_reason=r.finish_reason) for r in out]
+        out = pipe.tta(texts, **overrides)
+        return [ServeResult(text=r.caption, audio=r.waveform.float(), finish_reason=r.finish_reason) for r in out]
+
+    @torch.no_grad()
+    def run(self, requests: Sequence[ServeRequest]) -> list[ServeResult]:
+        """One result per request, in order. Bad requests get ``error``; the others decode in batches."""
+        results: list[ServeResult | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        valid: dict[int, tuple] = {}
+        for i, req in enumerate(requests):
+            try:
+                text, wav, budget = self.validate(req)
+            except BadRequest as e:
+                results[i] = ServeResult(error=str(e))
+                continue
+            overrides = {"max_new_tokens": budget}
+            if req.seed is not None:
+                overrides["seed"] = int(req.seed)
+            if req.guidance_scale is not None and req.task in GENERATION_TASKS:
+                overrides["guidance_scale"] = float(req.guidance_scale)
+            key = (req.task, tuple(sorted(overrides.items())))
+            groups.setdefault(key, []).append(i)
+            valid[i] = (text, wav)
+        for (task, overrides), idx in groups.items():
+            try:
+                out = self._run_group(task, [valid[i] for i in idx], dict(overrides))
+            except (ValueError, RuntimeError) as e:  # a failure of this batch must not take the server down
+                out = [ServeResult(error=f"task {task!r} failed: {e}") for _ in idx]
+            for i, res in zip(idx, out):
+                results[i] = res
+        return results  # type: ignore[return-value]

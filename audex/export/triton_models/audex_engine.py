@@ -1,0 +1,153 @@
+"""Triton python-backend model ``audex``: every Audex task on the CPU with the project's PyTorch engine.
+
+The repository file ``audex/1/model.py`` written by :mod:`audex.export.triton_repo` only re-exports
+:class:`TritonPythonModel` from here. This class runs inside the python-backend stub, which needs NumPy 1.x, so it
+imports nothing heavy: it starts :mod:`audex.export.engine_worker` with the project's interpreter, hands it every
+batch Triton gives this instance (requests as plain data), and turns the results into responses. The worker runs
+:class:`~audex.export.serving.AudexServingEngine` (validation, batching by task, the paper's presets, CFG for
+TTS/TTA). A refused request gets a ``TritonError`` naming the problem; the instance keeps serving.
+
+Inputs (each with Triton's batch dimension, one item per request): ``task`` (BYTES), ``text`` (BYTES, optional),
+``audio`` (FP32 ``[-1]``, optional), ``sample_rate`` (INT32), ``max_new_tokens`` (INT32), ``seed`` (INT64),
+``guidance_scale`` (FP32), all but ``task`` optional. Outputs: ``text`` (BYTES), ``audio`` (FP32 ``[-1]``, 16 kHz;
+empty for text tasks), ``finish_reason`` (BYTES).
+
+Model-config parameters (strings): ``model_path`` (``.nemo``, pretrained folder or model YAML), ``python`` (the
+project's interpreter), ``num_threads``, ``presets``, ``startup_timeout_s`` and the
+:class:`~audex.export.serving.ServeLimits` fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Listener
+
+import numpy as np
+
+LIMIT_FIELDS = {"max_audio_seconds": float, "max_new_tokens": int, "max_speech_seconds": float,
+                "max_context_tokens": int, "tta_seconds": float, "max_text_chars": int}
+
+
+def _wire(array) -> tuple:
+    a = np.ascontiguousarray(array)
+    return a.tobytes(), a.dtype.str, tuple(a.shape)
+
+
+class TritonPythonModel:
+    """The ``audex`` model of the CPU repository (see the module docstring)."""
+
+    def initialize(self, args):
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        model_path = params.get("model_path")
+        if not model_path:
+            raise ValueError("the audex model needs parameters.model_path (.nemo, pretrained folder or model YAML)")
+        presets = params.get("presets") or None
+        if presets and not os.path.isabs(presets):
+            presets = os.path.join(args["model_repository"], args["model_version"], presets)
+        limits = {k: cast(params[k]) for k, cast in LIMIT_FIELDS.items() if params.get(k) not in (None, "", "None")}
+        worker_config = {"model_path": model_path, "presets": presets, "limits": limits,
+                         "num_threads": int(params.get("num_threads", "1"))}
+        python = params.get("python") or os.environ.get("AUDEX_PROJECT_PYTHON") or "python3"
+        self._dir = tempfile.mkdtemp(prefix="audex_engine_")
+        address = os.path.join(self._dir, "engine.sock")
+        authkey = secrets.token_bytes(32)
+        self.listener = Listener(address, family="AF_UNIX", authkey=authkey)
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "triton-stub-env" not in p)
+        self.worker = subprocess.Popen([python, "-m", "audex.export.engine_worker", "--address", address,
+                                        "--config", json.dumps(worker_config)], stdin=subprocess.PIPE, env=env)
+        self.worker.stdin.write((authkey.hex() + "\n").encode())
+        self.worker.stdin.close()
+        accepted: dict = {}
+        waiter = threading.Thread(target=lambda: accepted.update(conn=self.listener.accept()), daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + float(params.get("startup_timeout_s", "600"))
+        while waiter.is_alive() and time.monotonic() < deadline:
+            waiter.join(0.5)
+            if self.worker.poll() is not None:
+                raise RuntimeError(f"the Audex engine worker exited with code {self.worker.returncode} before it "
+                                   f"connected; is {python!r} the project's interpreter? (see the server log)")
+        if "conn" not in accepted:
+            self.worker.kill()
+            raise RuntimeError("the Audex engine worker did not connect in time (startup_timeout_s)")
+        self.conn = accepted["conn"]
+        hello = self.conn.recv()
+        if not hello.get("ready"):
+            self.worker.wait(timeout=30)
+            raise RuntimeError(f"the Audex engine could not load {model_path!r}: {hello.get('error')}")
+
+    # ---- tensors <-> plain requests -----------------------------------------------------------
+    def _input(self, request, name):
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+
+    def _to_wire(self, request) -> dict:
+        task = self._input(request, "task")
+        if task.shape[0] != 1:
+            raise ValueError(f"send one input per request (got a batch of {task.shape[0]}); the server batches requests itself")
+
+        def scalar(name, cast):
+            value = self._input(request, name)
+            if value is None:
+                return None
+            if value.size != 1:
+                raise ValueError(f"input {name!r} must hold one value per request, got shape {list(value.shape)}")
+            value = value.reshape(-1)[0]
+            return cast(value.decode("utf-8") if isinstance(value, bytes) else value)
+
+        audio = self._input(request, "audio")
+        return {"task": scalar("task", str), "text": scalar("text", str),
+                "audio": None if audio is None else _wire(audio.reshape(-1).astype(np.float32)),
+                "sample_rate": scalar("sample_rate", int) or 16000, "max_new_tokens": scalar("max_new_tokens", int),
+                "seed": scalar("seed", int), "guidance_scale": scalar("guidance_scale", float)}
+
+    def _error(self, message: str):
+        # INVALID_ARG: the client sent something the server refuses (HTTP 400), not a server fault
+        code = getattr(self.pb.TritonError, "INVALID_ARG", None)
+        error = self.pb.TritonError(message, code) if code is not None else self.pb.TritonError(message)
+        return self.pb.InferenceResponse(output_tensors=[], error=error)
+
+    def _response(self, result: dict):
+        if result.get("error"):
+            return self._error(result["error"])
+        data, dtype, shape = result["audio"]
+        audio = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(1, -1)
+        return self.pb.InferenceResponse(output_tensors=[
+            self.pb.Tensor("text", np.array([[result["text"].encode("utf-8")]], dtype=np.object_)),
+            self.pb.Tensor("audio", np.ascontiguousarray(audio, dtype=np.float32)),
+            self.pb.Tensor("finish_reason", np.array([[result["finish_reason"].encode("utf-8")]], dtype=np.object_)),
+        ])
+
+    def execute(self, requests):
+        wires, errors = [], {}
+        for i, request in enumerate(requests):
+            try:
+                wires.append(self._to_wire(request))
+            except (ValueError, UnicodeDecodeError) as e:
+                errors[i] = str(e)
+        results = []
+        if wires:
+            self.conn.send({"op": "run", "requests": wires})
+            results = self.conn.recv()["results"]
+        out, it = [], iter(results)
+        for i in range(len(requests)):
+            out.append(self._error(errors[i]) if i in errors else self._response(next(it)))
+        return out
+
+    def finalize(self):
+        try:
+            self.conn.send({"op": "stop"})
+            self.worker.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.worker.kill()
+        self.listener.close()

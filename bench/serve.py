@@ -1,0 +1,132 @@
+"""Triton endpoint vs direct in-process calls of the same Audex engine, on the same mixed requests.
+
+Both sides run :class:`~audex.export.serving.AudexServingEngine` on the same weights with one torch thread: through
+the real Triton server (python backend, engine worker, dynamic batching) from ``--concurrency`` client threads over
+HTTP/gRPC, and in this process from the same number of threads (one engine call at a time, as one model instance
+serves). Prints requests/s and p50/p95 latency side by side; the last line is JSON with ``triton_overhead``
+(direct req/s over Triton req/s, minus 1), ``p50_ms``/``p95_ms`` (Triton) and ``failures``.
+
+    python bench/serve.py --requests 200 --concurrency 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from audex.export.client import AudexTritonClient
+from audex.export.serve import TritonServer
+from audex.export.serving import AudexServingEngine, ServeLimits, ServeRequest
+from audex.export.triton_repo import write_cpu_repository
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = ServeLimits(max_audio_seconds=30.0, max_new_tokens=16, max_speech_seconds=0.5, tta_seconds=0.2)
+
+
+def make_requests(n: int) -> list[ServeRequest]:
+    out = []
+    for i in range(n):
+        task = ("asr", "chat", "tts", "tta")[i % 4]
+        if task == "asr":
+            t = np.arange(int((0.5 + 0.1 * (i % 5)) * 16000)) / 16000
+            audio = torch.from_numpy((0.3 * np.sin(2 * np.pi * (200 + i) * t)).astype(np.float32))
+            out.append(ServeRequest(task="asr", audio=audio))
+        elif task == "chat":
+            out.append(ServeRequest(task="chat", text=f"question {i}", seed=i, max_new_tokens=8))
+        else:
+            out.append(ServeRequest(task=task, text=f"sentence number {i}", seed=i))
+    return out
+
+
+def run_load(call, requests, concurrency: int) -> tuple[list[float], int, float]:
+    latencies, failures, lock, queue = [], [0], threading.Lock(), list(range(len(requests)))
+
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i = queue.pop()
+            start = time.perf_counter()
+            try:
+                call(requests[i])
+                with lock:
+                    latencies.append(time.perf_counter() - start)
+            except Exception:  # noqa: BLE001 - counted
+                with lock:
+                    failures[0] += 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, failures[0], time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--model", default=str(ROOT / "conf" / "model" / "tiny.yaml"), help=".nemo, folder or YAML")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from audex.export.loading import load_audex_model
+
+    work = Path(tempfile.mkdtemp(prefix="audex_bench_serve_"))
+    model_path = Path(args.model)
+    torch.manual_seed(0)
+    model = load_audex_model(model_path)
+    if model_path.suffix in (".yaml", ".yml"):  # freeze the random weights so both sides share them
+        model_path = work / "model.nemo"
+        model.save_to(str(model_path))
+    requests = make_requests(args.requests)
+
+    engine, engine_lock = AudexServingEngine(model, LIMITS), threading.Lock()
+
+    def direct(req):
+        with engine_lock:
+            [res] = engine.run([req])
+        if res.error:
+            raise RuntimeError(res.error)
+
+    repo = write_cpu_repository(work / "repo", model_path, limits=LIMITS)
+    with TritonServer(repo, workdir=work / "server") as server:
+        clients = threading.local()
+
+        def through_triton(req):
+            if not hasattr(clients, "c"):
+                clients.c = AudexTritonClient(server.http_url, "http")
+            clients.c.infer(req.task, text=req.text, audio=None if req.audio is None else req.audio.numpy(),
+                            max_new_tokens=req.max_new_tokens, seed=req.seed)
+
+        run_load(through_triton, requests[:8], 4)                   # warm-up
+        t_lat, t_fail, t_wall = run_load(through_triton, requests, args.concurrency)
+    run_load(direct, requests[:8], 4)
+    d_lat, d_fail, d_wall = run_load(direct, requests, args.concurrency)
+
+    def stats(lat, wall):
+        ms = np.array(lat) * 1000
+        return len(lat) / wall, float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
+
+    t_rps, t_p50, t_p95 = stats(t_lat, t_wall)
+    d_rps, d_p50, d_p95 = stats(d_lat, d_wall)
+    print(f"{'path':<10}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'failures':>10}")
+    print(f"{'triton':<10}{t_rps:>10.2f}{t_p50:>10.1f}{t_p95:>10.1f}{t_fail:>10d}")
+    print(f"{'direct':<10}{d_rps:>10.2f}{d_p50:>10.1f}{d_p95:>10.1f}{d_fail:>10d}")
+    print(json.dumps({"triton_overhead": round(d_rps / t_rps - 1.0, 4), "p50_ms": round(t_p50, 2),
+                      "p95_ms": round(t_p95, 2), "failures": t_fail + d_fail, "requests": args.requests,
+                      "concurrency": args.concurrency, "direct_p50_ms": round(d_p50, 2), "direct_rps": round(d_rps, 3),
+                      "triton_rps": round(t_rps, 3)}))
+
+
+if __name__ == "__main__":
+    main()
