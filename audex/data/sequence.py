@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from lhotse.cut import Cut
+from lhotse.cut import Cut, MixedCut
 from lhotse.utils import compute_num_samples
 
 from audex.audio import AudioInputError, to_model_audio
@@ -122,19 +122,24 @@ def load_cut_audio(cut: Cut) -> torch.Tensor:
     if not cut.has_recording:
         raise SkipSample(MISSING_FIELD, f"task {cut.custom.get('task')!r} needs audio but the cut has no recording",
                          cut.id)
-    for src in cut.recording.sources:
-        if src.type == "file" and not Path(src.source).is_file():
-            raise SkipSample(MISSING_AUDIO, f"{src.source} does not exist", cut.id)
+    # a MixedCut (noisy copy) has no single recording: check every track that has one
+    recordings = ([t.cut.recording for t in cut.tracks if getattr(t.cut, "has_recording", False)]
+                  if isinstance(cut, MixedCut) else [cut.recording])
+    what = ", ".join(repr(r.id) for r in recordings)
+    for rec in recordings:
+        for src in rec.sources:
+            if src.type == "file" and not Path(src.source).is_file():
+                raise SkipSample(MISSING_AUDIO, f"{src.source} does not exist", cut.id)
     if cut.num_samples == 0:
-        raise SkipSample(ZERO_LENGTH_AUDIO, f"the recording {cut.recording_id!r} has no samples", cut.id)
+        raise SkipSample(ZERO_LENGTH_AUDIO, f"the recording {what} has no samples", cut.id)
     try:
         audio = cut.load_audio()
     except Exception as e:  # lhotse wraps every backend's error; the message names the file
         raise SkipSample(CORRUPT_AUDIO, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", cut.id) from None
     if audio.size == 0:
-        raise SkipSample(ZERO_LENGTH_AUDIO, f"{cut.recording_id!r} decoded to 0 samples", cut.id)
+        raise SkipSample(ZERO_LENGTH_AUDIO, f"{what} decoded to 0 samples", cut.id)
     try:
-        return to_model_audio(audio, cut.sampling_rate, name=f"recording {cut.recording_id!r}")
+        return to_model_audio(audio, cut.sampling_rate, name=f"recording {what}")
     except AudioInputError as e:  # NaN/inf samples, unusable shapes
         raise SkipSample(CORRUPT_AUDIO, str(e), cut.id) from None
 
