@@ -30,24 +30,11 @@ import re
 import string
 from typing import Sequence
 
+from audex.inference.answers import extract_boxed, extract_short_answer, final_answer_text  # noqa: F401 (re-exported)
+
 LETTERS = string.ascii_uppercase
 
 # ---- shared helpers ------------------------------------------------------------------------------
-_THINK_END = "</think>"
-_THINK_START = "<think>"
-
-
-def final_answer_text(response: str) -> str:
-    """The part of a response that carries the answer: after the last ``</think>``; an unclosed ``<think>``
-    (reasoning cut off by the length limit) leaves no answer."""
-    text = response or ""
-    if _THINK_END in text:
-        return text.rsplit(_THINK_END, 1)[1]
-    if _THINK_START in text:
-        return ""
-    return text
-
-
 def _plain(text: str) -> str:
     """Lower case, punctuation (except apostrophes inside words) to spaces, whitespace collapsed."""
     text = text.lower().replace("\u2019", "'")
@@ -57,38 +44,6 @@ def _plain(text: str) -> str:
 
 def _contains_phrase(haystack: str, phrase: str) -> bool:
     return bool(phrase) and re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", haystack) is not None
-
-
-# ---- \boxed{} ------------------------------------------------------------------------------------
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (braces balanced), with doubled braces ``{{X}}``, ``\\text{}`` and
-    ``$`` removed; ``None`` if there is none."""
-    text = final_answer_text(text)
-    start = text.rfind("\\boxed")
-    while start != -1:
-        i = start + len("\\boxed")
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                if text[j] == "{":
-                    depth += 1
-                elif text[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return _clean_boxed(text[i + 1: j])
-                j += 1
-        start = text.rfind("\\boxed", 0, start)
-    return None
-
-
-def _clean_boxed(content: str) -> str:
-    content = content.strip()
-    while content.startswith("{") and content.endswith("}"):
-        content = content[1:-1].strip()
-    content = re.sub(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}", r"\1", content)
-    return content.replace("$", "").strip()
 
 
 # ---- multiple choice -----------------------------------------------------------------------------
@@ -236,22 +191,6 @@ def extract_label(response: str, labels: Sequence[str] = ("yes", "no", "maybe"))
 
 
 # ---- free-form short answers (speech-to-speech) --------------------------------------------------
-_ANSWER_IS = re.compile(r"the answer is\s*:?\s*(.+?)\s*(?:[.!?]\s*)?$", re.IGNORECASE | re.DOTALL)
-
-
-def extract_short_answer(response: str) -> str | None:
-    """The final answer of a reasoning output: ``\\boxed{}`` content, else what follows the last "The answer is"."""
-    boxed = extract_boxed(response)
-    if boxed:
-        return boxed
-    text = final_answer_text(response)
-    idx = text.lower().rfind("the answer is")
-    if idx == -1:
-        return None
-    m = _ANSWER_IS.match(text[idx:].strip())
-    return m.group(1).strip() if m and m.group(1).strip() else None
-
-
 def normalize_short_answer(answer: str) -> str:
     """Comparable form of a short answer: the English WER normaliser ("Seven." -> "7", "Valid" -> "valid")."""
     from audex.eval.normalize import normalize_for_wer

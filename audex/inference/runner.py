@@ -1,0 +1,240 @@
+"""Batch inference over many inputs: load, batch, run a pipeline, write JSONL (and WAVs); failures are reported.
+
+Inputs are records (``dict``): from WAV files, from texts, or from a Lhotse manifest (the fields of
+:mod:`audex.data.schema`). Each record is prepared alone (audio read and resampled to 16 kHz mono); records
+that cannot be prepared get an error line and the rest go on. Prepared records run in batches; if a batch
+fails, its records are retried one by one so that only the ones that fail are reported, each with its reason.
+Output lines keep the input order.
+
+Example::
+
+    >>> model = load_model("audex_2b.nemo")
+    >>> records = records_from_wavs(["a.wav", "b.wav"])
+    >>> summary = run_inference(AudexPipeline(model), "asr", records, "out/asr.jsonl", batch_size=8)
+    >>> summary
+    {'ok': 2, 'failed': 0, ...}
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from audex.inference.pipelines import AudexPipeline
+from audex.inference.waveform import write_wav
+
+logger = logging.getLogger("audex.inference")
+
+AUDIO_TASKS = ("asr", "ast", "audio_qa", "mcq", "entailment", "hallucination", "s2s")
+TEXT_TASKS = ("chat", "tts", "tta")
+TASKS = AUDIO_TASKS + TEXT_TASKS
+#: the record field each task needs besides the audio
+_NEEDS = {"audio_qa": "question", "mcq": "question", "entailment": "description", "hallucination": "sound_event",
+          "chat": "text", "tts": "text", "tta": "text"}
+
+
+# ---- the model ----------------------------------------------------------------------------------
+def load_model(path: str | Path, device: str = "auto", dtype: str | None = None):
+    """An AudexModel from a ``.nemo`` file, a pretrained folder (``save_pretrained``) or a model YAML
+    (random weights: for demos and tests)."""
+    from audex.models.audex_model import AudexModel
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model {str(path)!r} does not exist: give a .nemo file, a folder written by "
+                                "AudexModel.save_pretrained, or a model YAML such as conf/model/tiny.yaml")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if path.suffix == ".nemo":
+        model = AudexModel.restore_from(str(path), map_location=torch.device(device))
+    elif path.is_dir():
+        model = AudexModel.from_pretrained(str(path))
+    elif path.suffix in (".yaml", ".yml"):
+        logger.warning("building %s with random weights (a model YAML, not a checkpoint)", path)
+        model = AudexModel.from_config_file(str(path))
+    else:
+        raise ValueError(f"model {str(path)!r}: expected a .nemo file, a pretrained folder or a model YAML")
+    model = model.to(device)
+    if dtype:
+        model.llm.to(getattr(torch, dtype))
+    return model.eval()
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+def records_from_wavs(patterns: Sequence[str], **fields) -> list[dict]:
+    """One record per audio file (glob patterns allowed); ``fields`` (question, language, ...) go to all."""
+    records = []
+    for pattern in patterns:
+        paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not paths:
+            records.append({"id": pattern, "audio_path": pattern, "error": f"no file matches {pattern!r}"})
+        for p in paths:
+            records.append({"id": Path(p).stem, "audio_path": p, **{k: v for k, v in fields.items() if v is not None}})
+    return records
+
+
+def records_from_texts(texts: Sequence[str], **fields) -> list[dict]:
+    return [{"id": f"text_{i:05d}", "text": t, **{k: v for k, v in fields.items() if v is not None}}
+            for i, t in enumerate(texts)]
+
+
+def records_from_manifest(path: str | Path, task: str) -> list[dict]:
+    """Records from a Lhotse CutSet: the audio and the fields ``task`` needs (schema of :mod:`audex.data.schema`)."""
+    from lhotse import CutSet
+
+    records = []
+    for cut in CutSet.from_file(str(path)):
+        rec: dict[str, Any] = {"id": cut.id, "cut": cut}
+        custom = cut.custom or {}
+        sup = cut.supervisions[0] if cut.supervisions else None
+        if task == "asr" and custom.get("language_in_prompt") and sup is not None:
+            rec["language"] = sup.language
+        for key in ("question", "choices", "description", "sound_event"):
+            if key in custom:
+                rec[key] = custom[key]
+        if task in ("tts", "chat") and sup is not None and sup.text:
+            rec["text"] = sup.text
+        if task == "chat" and custom.get("messages"):  # the chat up to its last user turn is the prompt
+            messages = list(custom["messages"])
+            rec["text"] = messages[:-1] if messages[-1].get("role") == "assistant" else messages
+        if task == "tta" and "caption" in custom:
+            rec["text"] = custom["caption"]
+        records.append(rec)
+    return records
+
+
+def prepare(record: dict, task: str) -> dict:
+    """Load the record's audio (16 kHz mono) and check the fields ``task`` needs; raises with the reason."""
+    from audex.audio import load_audio
+    from audex.data.sequence import load_cut_audio
+
+    if "error" in record:
+        raise ValueError(record["error"])
+    rec = dict(record)
+    if task in AUDIO_TASKS:
+        if "cut" in rec:
+            rec["audio"] = load_cut_audio(rec["cut"])
+        elif "audio_path" in rec:
+            rec["audio"] = load_audio(rec["audio_path"])
+        else:
+            raise ValueError(f"task {task!r} needs audio: give inputs.wav files or a manifest with recordings")
+    need = _NEEDS.get(task)
+    if need is not None and not rec.get(need):
+        raise ValueError(f"task {task!r} needs the field {need!r} (e.g. inputs.{need}=... or a manifest field)")
+    if task == "mcq" and not rec.get("choices"):
+        raise ValueError("task 'mcq' needs 'choices' (a list of options) for every input")
+    return rec
+
+
+# ---- running ------------------------------------------------------------------------------------
+def _run_batch(pipe: AudexPipeline, task: str, recs: list[dict], sampling: dict, wav_dir: Path | None) -> list[dict]:
+    """Results (JSON-serialisable dicts) for one batch of prepared records."""
+    audios = [r.get("audio") for r in recs]
+    if task == "asr":
+        langs = [r.get("language") for r in recs]
+        out = pipe.asr(audios, languages=langs if any(langs) else None, **sampling)
+    elif task == "ast":
+        out = pipe.ast(audios, **sampling)
+    elif task == "audio_qa":
+        out = pipe.audio_qa(audios, [r["question"] for r in recs], **sampling)
+    elif task == "mcq":
+        out = pipe.mcq(audios, [r["question"] for r in recs], [r["choices"] for r in recs], **sampling)
+    elif task == "entailment":
+        out = pipe.entailment(audios, [r["description"] for r in recs], **sampling)
+    elif task == "hallucination":
+        out = pipe.hallucination(audios, [r["sound_event"] for r in recs], **sampling)
+    elif task == "chat":
+        out = pipe.chat([r["text"] for r in recs], **sampling)
+    elif task == "tts":
+        out = pipe.tts([r["text"] for r in recs], **sampling)
+    elif task == "tta":
+        out = pipe.tta([r["text"] for r in recs], **sampling)
+    elif task == "s2s":
+        out = pipe.s2s(audios, **sampling)
+    else:
+        raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+    results = []
+    for rec, res in zip(recs, out):
+        row: dict[str, Any]
+        if task in ("tts", "tta"):
+            row = {"codec_frames": int(res.codes.shape[-1]), "seconds": res.waveform.numel() / 16000,
+                   "finish_reason": res.finish_reason}
+            wav = res.waveform
+        elif task == "s2s":
+            row = {"transcript": res.transcript, "reasoning": res.reasoning.thinking, "response": res.reasoning.text,
+                   "answer": res.answer, "spoken_text": res.spoken_text, "seconds": res.speech.waveform.numel() / 16000}
+            wav = res.speech.waveform
+        else:
+            row = {"text": res.text, "finish_reason": res.finish_reason}
+            if res.thinking is not None:
+                row["thinking"] = res.thinking
+            if res.fields is not None:
+                row["fields"] = res.fields
+            wav = None
+        if wav is not None and wav_dir is not None:
+            row["wav"] = str(write_wav(wav_dir / f"{rec['id']}.wav", wav))
+        results.append(row)
+    return results
+
+
+def run_inference(pipe: AudexPipeline, task: str, records: Iterable[dict], output_jsonl: str | Path,
+                  batch_size: int = 8, sampling: dict | None = None, wav_dir: str | Path | None = None,
+                  progress: bool = True, on_result: Callable[[dict], None] | None = None) -> dict:
+    """Run ``task`` over ``records``; one JSON line per record (``status``: ok | error, with ``error``)."""
+    from tqdm import tqdm
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    records = list(records)
+    sampling = dict(sampling or {})
+    wav_dir = Path(wav_dir) if wav_dir is not None else None
+    output_jsonl = Path(output_jsonl)
+    output_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    counts = {"ok": 0, "failed": 0}
+    with open(output_jsonl, "w") as f, tqdm(total=len(records), disable=not progress, desc=task, unit="input") as bar:
+
+        def emit(rec, result=None, error=None):
+            line = {"id": rec["id"], "task": task}
+            if error is None:
+                line.update(status="ok", **result)
+                counts["ok"] += 1
+            else:
+                line.update(status="error", error=error)
+                counts["failed"] += 1
+                logger.warning("input %s failed: %s", rec["id"], error)
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            f.flush()
+            if on_result is not None:
+                on_result(line)
+            bar.update(1)
+
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            prepared: list[tuple[int, dict]] = []
+            errors: dict[int, str] = {}
+            for i, rec in enumerate(chunk):
+                try:
+                    prepared.append((i, prepare(rec, task)))
+                except Exception as e:  # noqa: BLE001 - every input failure is reported, never fatal
+                    errors[i] = f"{type(e).__name__}: {e}"
+            results: dict[int, dict] = {}
+            if prepared:
+                try:
+                    for (i, _), res in zip(prepared, _run_batch(pipe, task, [r for _, r in prepared], sampling, wav_dir)):
+                        results[i] = res
+                except Exception as batch_error:  # noqa: BLE001 - isolate the failing inputs
+                    logger.info("batch at input %d failed (%s); retrying its inputs one by one", start, batch_error)
+                    for i, rec in prepared:
+                        try:
+                            results[i] = _run_batch(pipe, task, [rec], sampling, wav_dir)[0]
+                        except Exception as e:  # noqa: BLE001
+                            errors[i] = f"{type(e).__name__}: {e}"
+            for i, rec in enumerate(chunk):
+                emit(rec, results.get(i), errors.get(i))
+    return {**counts, "output": str(output_jsonl)}
