@@ -114,6 +114,7 @@ def test_generic_restore_in_fresh_process(tiny_model, tmp_path):
         ref = tiny_model(input_ids=torch.tensor([ids])).logits[0, -1, :5].tolist()
     code = textwrap.dedent(f"""
         import sys, torch
+        torch.set_num_threads(1)  # same reduction order as the parent (conftest), so logits match bit for bit
         from nemo.core import ModelPT
         assert "audex" not in sys.modules
         m = ModelPT.restore_from({str(path)!r}).eval()
