@@ -34,16 +34,9 @@ SAMPLE_RATE = 16000
 
 
 def _check_wave(wav: torch.Tensor, who: str) -> torch.Tensor:
-    wav = torch.as_tensor(wav, dtype=torch.float32)
-    if wav.dim() == 2 and wav.shape[0] == 1:
-        wav = wav[0]
-    if wav.dim() != 1:
-        raise ValueError(f"{who}.encode expects a mono waveform [T] at 16 kHz, got shape {tuple(wav.shape)}")
-    if wav.numel() == 0:
-        raise ValueError(f"{who}.encode got an empty waveform")
-    if not torch.isfinite(wav).all():
-        raise ValueError(f"{who}.encode got a waveform with NaN or inf samples")
-    return wav
+    from audex.audio import to_model_audio
+
+    return to_model_audio(wav, SAMPLE_RATE, name=f"{who}.encode input")
 
 
 def _load_pretrained(model_cls, path: str):
