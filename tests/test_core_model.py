@@ -183,16 +183,25 @@ def test_model_config_errors(tiny_yaml):
         AudexModel.from_config_file(str(tiny_yaml), **{"backbone.pretrained_path": "/nonexistent/folder"})
 
 
-def test_tiny_hybrid_backbone_forward_and_packing_guard(tiny_yaml):
+def test_tiny_hybrid_packed_rows_equal_separate_samples(tiny_yaml, monkeypatch):
+    """Nemotron-H: attention and the Mamba state both restart at packed-sample boundaries."""
     from audex.models.audex_model import AudexModel
 
     m = AudexModel.from_config_file(str(tiny_yaml.parent / "tiny_hybrid.yaml")).eval()
     assert m.has_recurrent_layers and m.backbone.config.n_routed_experts == 8
-    ids = torch.tensor([m.tokenizer.encode("<|im_start|>user\nHello<|im_end|><|im_start|>assistant\nHi<|im_end|>")])
+    tok = m.tokenizer
+    a = torch.tensor(tok.encode("<|im_start|>user\nHello there, how are you?<|im_end|>"))
+    b = torch.tensor(tok.encode("<|im_start|>assistant\nFine, thank you.<|im_end|>"))
+    packed = torch.cat([a, b, torch.full((3,), tok.pad_id)]).unsqueeze(0)
+    sample_ids = torch.tensor([[0] * len(a) + [1] * len(b) + [-1] * 3])
+    pos = torch.cat([torch.arange(len(a)), torch.arange(len(b)), torch.zeros(3, dtype=torch.long)]).unsqueeze(0)
     with torch.no_grad():
-        assert m(input_ids=ids).logits.shape == (1, ids.shape[1], m.vocab.size)
-        one = torch.zeros_like(ids)
-        m(input_ids=ids, sample_ids=one)  # one sample per row: fine
-        two = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, ids.shape[1] - 5, dtype=torch.long)], 1)
-        with pytest.raises(ValueError, match="Mamba"):
-            m(input_ids=ids, sample_ids=two)
+        lp = m(input_ids=packed, sample_ids=sample_ids, position_ids=pos).logits
+        la = m(input_ids=a.unsqueeze(0)).logits
+        lb = m(input_ids=b.unsqueeze(0)).logits
+        # the same attention mask but no Mamba reset: b would see a through the recurrent state
+        monkeypatch.setattr(type(m), "_segments", staticmethod(lambda ids: None))
+        leak = m(input_ids=packed, sample_ids=sample_ids, position_ids=pos).logits
+    torch.testing.assert_close(lp[0, : len(a)], la[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp[0, len(a): len(a) + len(b)], lb[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(leak[0, len(a): len(a) + len(b)], lb[0], atol=1e-3)

@@ -86,6 +86,9 @@ class AudexModel(ModelPT):
         self._check_consistency()
         self._record_resolved_configs()
         self._register_codec_config_artifacts(cfg)
+        self._mamba_segments = None
+        if self.has_recurrent_layers:
+            self._install_mamba_sample_resets()
         if self.audio_encoder is not None:
             self.audio_encoder.requires_grad_(False)  # frozen in every stage (Table 3)
         for codec in (self.speech_codec, self.audio_codec):
@@ -292,16 +295,56 @@ class AudexModel(ModelPT):
             if audio_embeds is None and audios:
                 audio_embeds = self.encode_audio(audios)
             inputs_embeds = self.embed_inputs(input_ids, audio_embeds)
-        if sample_ids is not None:
-            if self.has_recurrent_layers and bool((sample_ids.amax(dim=1) > 0).any()):
-                raise ValueError(
-                    "packed rows (several samples per row) reach a backbone with Mamba layers, whose PyTorch path "
-                    "cannot reset the recurrent state at sample boundaries: set data.packing=false (one sample per "
-                    "row) for this backbone, or train it with a kernel backend that takes per-token sequence ids"
-                )
-            attention_mask = self.packed_attention_mask(sample_ids, inputs_embeds.dtype)
-        return self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        if sample_ids is None:
+            return self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        attention_mask = self.packed_attention_mask(sample_ids, inputs_embeds.dtype)
+        packed = self.has_recurrent_layers and bool((sample_ids.amax(dim=1) > 0).any())
+        if packed and past_key_values is not None:
+            raise ValueError("packed rows (several samples per row) cannot continue from a cache")
+        self._mamba_segments = self._segments(sample_ids) if packed else None
+        try:
+            return self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        finally:
+            self._mamba_segments = None
+
+    @staticmethod
+    def _segments(sample_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per row, the [start, end) spans of consecutive equal sample ids (padding included as its own span)."""
+        out = []
+        for row in sample_ids.tolist():
+            spans, start = [], 0
+            for i in range(1, len(row) + 1):
+                if i == len(row) or row[i] != row[start]:
+                    spans.append((start, i))
+                    start = i
+            out.append(spans)
+        return out
+
+    def _install_mamba_sample_resets(self) -> None:
+        """Make every Mamba mixer restart its recurrent (conv and SSM) state at packed-sample boundaries.
+
+        transformers' Nemotron-H mixer takes no per-token sequence ids (mamba-ssm's ``seq_idx``), so a packed row
+        would carry one sample's state into the next. While :meth:`forward` runs on a packed batch, each mixer
+        instead runs once per sample span of the row and the outputs are stitched back: exact, and the token
+        layout seen by attention, MoE routers and the loss is unchanged.
+        """
+        owner = self
+        for module in self.backbone.modules():
+            if type(module).__name__.endswith("Mamba2Mixer"):
+                original = module.forward
+
+                def forward(hidden_states, cache_params=None, attention_mask=None, _orig=original, **kw):
+                    spans = owner._mamba_segments
+                    if spans is None or cache_params is not None:
+                        return _orig(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kw)
+                    rows = []
+                    for b, row_spans in enumerate(spans):
+                        rows.append(torch.cat([_orig(hidden_states[b:b + 1, s:e], **kw) for s, e in row_spans], dim=1))
+                    return torch.cat(rows, dim=0)
+
+                module.forward = forward
 
     # ---- training hooks (the logic lives in audex.training / audex.losses) ----------------------
     def training_step(self, batch, batch_idx):
