@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -126,6 +127,7 @@ def main() -> None:
                       "p95_ms": round(t_p95, 2), "failures": t_fail + d_fail, "requests": args.requests,
                       "concurrency": args.concurrency, "direct_p50_ms": round(d_p50, 2), "direct_rps": round(d_rps, 3),
                       "triton_rps": round(t_rps, 3)}))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

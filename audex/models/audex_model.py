@@ -110,7 +110,7 @@ class AudexModel(ModelPT):
         tcfg = cfg.tokenizer
         artifacts = tcfg.get("artifacts")
         if artifacts:  # restoring a .nemo: the tokenizer files were packed as artifacts
-            return self._load_tokenizer_folder(Path(tempfile.mkdtemp(prefix="audex_tok_")), artifacts)
+            return self._load_tokenizer_folder(self._scratch_dir("tokenizer"), artifacts)
         if tcfg.get("pretrained_path"):
             tok = AudexTokenizer.from_pretrained(tcfg.pretrained_path, self.vocab, tcfg.get("special_token_map"))
         elif tcfg.get("kind", "tiny_bpe") == "tiny_bpe":
@@ -121,7 +121,7 @@ class AudexModel(ModelPT):
         return tok
 
     def _register_tokenizer_artifacts(self, tok: AudexTokenizer) -> None:
-        folder = Path(tempfile.mkdtemp(prefix="audex_tok_"))
+        folder = self._scratch_dir("tokenizer")
         tok.save(folder)
         files = {}
         for f in sorted(folder.iterdir()):
@@ -137,6 +137,14 @@ class AudexModel(ModelPT):
             real = Path(self.register_artifact(f"tokenizer.artifacts.{key}", artifacts[key]))
             shutil.copy(real, folder / names.get(key, real.name))
         return AudexTokenizer.load(folder)
+
+    def _scratch_dir(self, name: str) -> Path:
+        """A folder for files that must outlive __init__ (artifacts are copied at save time); removed with the model."""
+        if getattr(self, "_scratch", None) is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="audex_model_")
+        folder = Path(self._scratch.name) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     @staticmethod
     def _node_for_build(node: DictConfig, restoring: bool) -> DictConfig:
@@ -182,7 +190,7 @@ class AudexModel(ModelPT):
                 continue
             src = cfg[name].get("config_file")
             if not src:
-                folder = Path(tempfile.mkdtemp(prefix=f"audex_{name}_"))
+                folder = self._scratch_dir(name)
                 src = str(folder / f"{name}_config.json")
                 Path(src).write_text(codec.model.config.to_json_string())
             path = self.register_artifact(f"{name}.config_file", src)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -151,3 +152,4 @@ class TritonPythonModel:
         except (OSError, subprocess.TimeoutExpired):
             self.worker.kill()
         self.listener.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
