@@ -1,0 +1,258 @@
+"""Training losses of section 4.3: token cross-entropy, the square-averaging loss of eq. (2), MoE balancing.
+
+* :func:`token_cross_entropy` -- per-token next-token losses; labels are ``-100`` on untrainable tokens (system
+  and user turns, audio placeholders, padding, CFG padding), the shift happens inside.
+* :func:`square_averaged_loss` -- eq. (2) over the samples of a packed micro-batch::
+
+      loss = sum_j sum(L_j) / sqrt(|L_j|)  /  sum_j sqrt(|L_j|)
+
+  Samples are told apart by ``sample_ids`` (-1 = padding), as Megatron-LM's multimodal ``scaled_loss_func``
+  (``examples/multimodal/train.py``) does with contiguous loss-mask runs. The set {L_1..L_k} is every sample of
+  the micro-batch (row, sample id), so the loss of a set of samples does not depend on how they were packed
+  into rows: packing changes the speed, not the objective. With one packed row per micro-batch (Megatron's
+  setting) it is exactly Megatron's formula.
+* :class:`MoeBalancer` -- auxiliary-loss-free load balancing (a per-expert routing bias moved by
+  ``bias_update_rate`` toward equal load after each optimizer step; DeepSeek-V3 / Megatron-core
+  ``get_updated_expert_bias``) plus the Switch-style load-balancing loss with a small coefficient (1e-6 in
+  the paper). The routing scale (2.5) is an architecture value of the backbone config
+  (``routed_scaling_factor`` of Nemotron-H); :meth:`MoeBalancer.check_routing_scale` verifies it.
+
+Example::
+
+    losses, trainable, sample_of_target = token_cross_entropy(logits, labels, sample_ids)
+    loss = square_averaged_loss(losses, trainable, sample_of_target)
+
+Hand-written because none of the libraries in use has them: transformers' ``ForCausalLMLoss`` averages over
+all tokens of the batch (eq. 1, not eq. 2), and its ``load_balancing_loss_func`` assumes softmax routers
+without the correction bias that Nemotron-H's sigmoid router carries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per position.
+
+    Args:
+        logits: ``[B, L, V]`` (position t predicts token t+1).
+        labels: ``[B, L]`` token ids, ``-100`` where the token is not trainable.
+        sample_ids: ``[B, L]`` packed-sample index per position (-1 = padding); ``None`` means one sample per row.
+
+    Returns:
+        ``(losses [B, L-1] float32, trainable [B, L-1] bool, target_sample_ids [B, L-1])`` -- the loss of
+        predicting token t+1, whether it counts, and the sample it belongs to. A target that starts a new
+        sample is never trainable (no prediction across a sample boundary).
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [B, L, V] and labels [B, L]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if sample_ids is None:
+        sample_ids = torch.zeros_like(labels)
+    elif sample_ids.shape != labels.shape:
+        raise ValueError(f"sample_ids {tuple(sample_ids.shape)} must have the shape of labels {tuple(labels.shape)}")
+    targets = labels[:, 1:]
+    target_samples = sample_ids[:, 1:]
+    trainable = (targets != IGNORE_INDEX) & (target_samples >= 0) & (sample_ids[:, :-1] == target_samples)
+    if bool(((targets >= logits.shape[-1]) & trainable).any()):
+        bad = int(targets[trainable].max())
+        raise ValueError(f"label id {bad} is outside the model's vocabulary of {logits.shape[-1]} rows")
+    safe_targets = torch.where(trainable, targets, torch.zeros_like(targets))
+    losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), safe_targets.reshape(-1),
+                             reduction="none").view_as(targets)
+    return losses * trainable, trainable, target_samples
+
+
+def mean_token_loss(losses: torch.Tensor, trainable: torch.Tensor) -> torch.Tensor:
+    """Eq. (1): the mean over all trainable tokens of the micro-batch."""
+    n = trainable.sum()
+    if int(n) == 0:
+        return losses.sum() * 0.0
+    return (losses * trainable).sum() / n
+
+
+def per_sample_sums(losses: torch.Tensor, trainable: torch.Tensor, target_sample_ids: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss sums and trainable-token counts per (row, sample) of a micro-batch, samples without any
+    trainable token dropped. Returns ``(sums [k], counts [k])``."""
+    B = losses.shape[0]
+    width = int(target_sample_ids.max().clamp(min=0)) + 1
+    rows = torch.arange(B, device=losses.device).unsqueeze(1).expand_as(target_sample_ids)
+    key = (rows * width + target_sample_ids.clamp(min=0))[trainable]
+    sums = torch.zeros(B * width, dtype=losses.dtype, device=losses.device).index_add(0, key, losses[trainable])
+    counts = torch.zeros(B * width, dtype=losses.dtype, device=losses.device).index_add(
+        0, key, torch.ones_like(key, dtype=losses.dtype))
+    present = counts > 0
+    return sums[present], counts[present]
+
+
+def square_averaged_loss(losses: torch.Tensor, trainable: torch.Tensor, target_sample_ids: torch.Tensor) -> torch.Tensor:
+    """Eq. (2) over every sample of the micro-batch: ``sum_j sum(L_j)/sqrt(|L_j|) / sum_j sqrt(|L_j|)``.
+
+    Each sample's mean loss is weighted by the square root of its trainable length: long samples count more
+    than in a per-sample mean, less than in a per-token mean. A micro-batch without trainable tokens gives a
+    zero loss that still backpropagates (so that distributed ranks stay in step).
+    """
+    sums, counts = per_sample_sums(losses, trainable, target_sample_ids)
+    if sums.numel() == 0:
+        return losses.sum() * 0.0
+    root = counts.sqrt()
+    return (sums / root).sum() / root.sum()
+
+
+REDUCTIONS = {"square_averaged": square_averaged_loss,
+              "token_mean": lambda losses, trainable, _sids: mean_token_loss(losses, trainable)}
+
+
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor | None = None,
+                        reduction: str = "square_averaged") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss with the configured reduction (``square_averaged``: eq. 2; ``token_mean``: eq. 1),
+    plus detached statistics (``token_mean_loss``, ``token_accuracy``, ``trainable_tokens``)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown loss reduction {reduction!r}; use one of {sorted(REDUCTIONS)}")
+    losses, trainable, target_samples = token_cross_entropy(logits, labels, sample_ids)
+    loss = REDUCTIONS[reduction](losses, trainable, target_samples)
+    with torch.no_grad():
+        n = trainable.sum()
+        correct = (logits[:, :-1].argmax(-1) == labels[:, 1:]) & trainable
+        stats = {"token_mean_loss": (losses.sum() / n.clamp(min=1)).detach(),
+                 "token_accuracy": correct.sum() / n.clamp(min=1),
+                 "trainable_tokens": n}
+    return loss, stats
+
+
+class MoeBalancer:
+    """Load balancing for routed-expert backbones (the 30B-A3B Nemotron-H), section 4.3.
+
+    Two mechanisms, as the paper uses both:
+
+    * **auxiliary-loss-free balancing**: every router keeps a per-expert bias that is added to its scores
+      only when *choosing* experts. After each optimizer step the bias of each expert moves by
+      ``bias_update_rate`` (1e-3) toward equal load: ``bias += rate * sign(mean_load - load)``, the loads being
+      the tokens each expert received since the previous step (Megatron-core ``get_updated_expert_bias``).
+      The bias is the router's ``e_score_correction_bias`` buffer in transformers' Nemotron-H / DeepSeek-V3.
+    * **load-balancing loss** (Switch Transformer / GShard): per MoE layer
+      ``E * sum_i f_i * P_i`` with ``f_i`` the share of routed (token, slot) pairs sent to expert i and ``P_i``
+      the mean normalised router score of expert i, averaged over layers and scaled by ``aux_loss_coeff`` (1e-6).
+
+    Only tokens of real samples count (``valid_mask``), not padding.
+
+    Example::
+
+        balancer = MoeBalancer(model.backbone, bias_update_rate=1e-3, aux_loss_coeff=1e-6)
+        with balancer.recording(valid_mask=batch.sample_ids >= 0):
+            out = model(...)
+        loss = lm_loss + balancer.load_balancing_loss()
+        loss.backward(); optimizer.step(); balancer.update_bias()
+    """
+
+    def __init__(self, module: nn.Module, bias_update_rate: float = 1e-3, aux_loss_coeff: float = 1e-6):
+        self.routers = [(name, m) for name, m in module.named_modules() if hasattr(m, "e_score_correction_bias")]
+        self.bias_update_rate = float(bias_update_rate)
+        self.aux_loss_coeff = float(aux_loss_coeff)
+        self._records: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.last_update_stats: dict[str, float] = {}
+        self._valid: torch.Tensor | None = None
+        self._recording = False
+        self._loads: dict[str, torch.Tensor] = {}
+        self._handles = [m.register_forward_hook(self._make_hook(name)) for name, m in self.routers]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.routers)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def check_routing_scale(self, expected: float = 2.5) -> None:
+        """Raise if a router's top-k routing scale differs from ``expected`` (2.5 in the paper)."""
+        for name, router in self.routers:
+            scale = getattr(router, "routed_scaling_factor", None)
+            if scale is not None and abs(float(scale) - expected) > 1e-9:
+                raise ValueError(f"router {name} has routed_scaling_factor={scale}, expected {expected}: set "
+                                 "routed_scaling_factor in the backbone config (model.backbone.config)")
+
+    def _make_hook(self, name: str):
+        def hook(module, args, output):
+            if not self._recording:
+                return
+            if not (isinstance(output, tuple) and len(output) == 3):
+                raise TypeError(f"router {name} ({type(module).__name__}) must return (router_logits, topk_weights, "
+                                "topk_indices) for MoE balancing")
+            logits, _, indices = output
+            self._records.append((name, logits, indices))
+
+        return hook
+
+    class _Recording:
+        def __init__(self, balancer, valid_mask):
+            self.balancer, self.valid_mask = balancer, valid_mask
+
+        def __enter__(self):
+            b = self.balancer
+            b._records, b._recording = [], True
+            b._valid = None if self.valid_mask is None else self.valid_mask.reshape(-1)
+            return b
+
+        def __exit__(self, *exc):
+            self.balancer._recording = False
+            return False
+
+    def recording(self, valid_mask: torch.Tensor | None = None) -> "_Recording":
+        """Context manager: capture the routing decisions of the forward passes inside it."""
+        return MoeBalancer._Recording(self, valid_mask)
+
+    def _layer_terms(self):
+        for name, logits, indices in self._records:
+            E = logits.shape[-1]
+            valid = self._valid
+            if valid is not None and valid.numel() != logits.shape[0]:
+                raise ValueError(f"valid_mask has {valid.numel()} positions but router {name} saw {logits.shape[0]} tokens")
+            if valid is not None:
+                logits, indices = logits[valid], indices[valid]
+            yield name, E, logits, indices
+
+    def load_balancing_loss(self) -> torch.Tensor | None:
+        """``aux_loss_coeff * mean over layers of E * sum_i f_i P_i`` for the recorded forward, and the
+        expert loads are accumulated for the next :meth:`update_bias`. None when no router ran."""
+        terms = []
+        for name, E, logits, indices in self._layer_terms():
+            n_tokens, top_k = indices.shape
+            load = torch.bincount(indices.reshape(-1), minlength=E).to(torch.float32)
+            self._loads[name] = self._loads.get(name, torch.zeros_like(load)) + load.detach()
+            if n_tokens == 0:
+                continue
+            scores = logits.float().sigmoid()
+            probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)  # Megatron-core: normalised sigmoid scores
+            f = load / (n_tokens * top_k)
+            P = probs.mean(0)
+            terms.append(E * (f * P).sum())
+        self._records = []
+        if not terms:
+            return None
+        return self.aux_loss_coeff * torch.stack(terms).mean()
+
+    @torch.no_grad()
+    def update_bias(self) -> dict[str, float]:
+        """Move each router's correction bias toward balanced load (call after the optimizer step).
+        Returns the max/mean load imbalance (max load / mean load) seen since the last update."""
+        imbalance = []
+        for name, router in self.routers:
+            load = self._loads.get(name)
+            if load is None or float(load.sum()) == 0:
+                continue
+            bias = router.e_score_correction_bias
+            offset = load.mean() - load.to(bias.device)
+            bias.add_(torch.sign(offset).to(bias.dtype) * self.bias_update_rate)
+            imbalance.append(float(load.max() / load.mean()))
+        self._loads = {}
+        self.last_update_stats = {} if not imbalance else {
+            "moe_max_load_over_mean": max(imbalance), "moe_mean_load_over_mean": sum(imbalance) / len(imbalance)}
+        return self.last_update_stats

@@ -1,0 +1,201 @@
+"""One training stage from its Hydra config: model -> init_from -> freezing -> data -> trainer -> fit -> .nemo.
+
+``examples/audex_train.py`` is a thin Hydra entry point over :func:`train_stage`; the chain
+(``examples/audex_train_chain.py``) runs one stage after another, each initialised from the previous ``.nemo``.
+
+What is derived rather than configured:
+
+* ``trainer.max_steps = -1`` becomes the stage's length from the data blend: sum over sources of
+  epochs x examples, as packed rows of ``data.max_length`` tokens (or samples, unpacked), divided by
+  ``data.global_batch_size`` (:meth:`audex.data.datamodule.BlendPlan.optimizer_steps`);
+* ``trainer.accumulate_grad_batches`` = global batch / (rows per micro-batch x devices x nodes), so that Table 3's
+  batch sizes hold on any number of GPUs;
+* the training loader is wrapped in a :class:`~audex.training.resumable.ResumableLoader`, so that a run killed
+  anywhere resumes at the exact batch (``exp_manager.resume_if_exists``).
+
+Example::
+
+    cfg = compose("stage1", overrides=["model.init_from=runs/stage0_text/stage0_text.nemo"])
+    nemo_path = train_stage(cfg)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from audex.training.packed_attention import enable_varlen_attention
+from audex.training.stages import apply_stage, load_init_weights
+
+log = logging.getLogger(__name__)
+
+
+def rows_per_micro_batch(data_cfg: DictConfig) -> int:
+    """Rows (packed sequences, or samples when unpacked) in one micro-batch of the training loader."""
+    packing = data_cfg.get("packing") or {}
+    train = data_cfg.get("train_ds") or {}
+    if packing.get("enabled", True):
+        return int(packing.get("rows_per_batch", 1))
+    if train.get("batch_size") is None:
+        raise ValueError("without packing, data.train_ds.batch_size must be set so that data.global_batch_size "
+                         "(samples per optimizer step) can be met by gradient accumulation")
+    return int(train.batch_size)
+
+
+def gradient_accumulation(global_batch_size: int, micro_rows: int, devices: int, nodes: int) -> int:
+    """Micro-batches per optimizer step; the global batch must be a whole multiple of one micro-step."""
+    per_step = micro_rows * devices * nodes
+    if global_batch_size % per_step:
+        raise ValueError(f"data.global_batch_size={global_batch_size} is not a multiple of rows per micro-batch "
+                         f"({micro_rows}) x devices ({devices}) x nodes ({nodes}) = {per_step}")
+    return global_batch_size // per_step
+
+
+def _num_devices(trainer_cfg: DictConfig) -> int:
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def stage_max_steps(cfg: DictConfig, model) -> int:
+    """``trainer.max_steps``, or (when -1) the optimizer steps of the stage's blend."""
+    if int(cfg.trainer.get("max_steps", -1)) > 0:
+        return int(cfg.trainer.max_steps)
+    from audex.data.datamodule import plan_blend
+
+    plan = plan_blend(cfg.data, model.tokenizer, model.frames_for_samples)
+    packing = cfg.data.get("packing") or {}
+    max_length = int(cfg.data.max_length) if packing.get("enabled", True) else None
+    steps = plan.optimizer_steps(int(cfg.data.global_batch_size), max_length=max_length)
+    log.info("stage %s: %s\n-> %d optimizer steps of %d rows", cfg.name, plan.describe(), steps,
+             cfg.data.global_batch_size)
+    return steps
+
+
+def build_model(cfg: DictConfig, trainer=None):
+    """The model of the stage, initialised from ``model.init_from`` and frozen per ``model.stage``."""
+    from audex.losses import MoeBalancer
+    from audex.models.audex_model import AudexModel
+
+    model = AudexModel(cfg.model, trainer=trainer)
+    if cfg.model.get("init_from"):
+        load_init_weights(model, cfg.model.init_from, strict=bool(cfg.model.get("init_from_strict", True)))
+    report = apply_stage(model, cfg.model.stage)
+    attention = cfg.model.get("packed_attention", "varlen")
+    if attention not in ("varlen", "dense"):
+        raise ValueError(f"model.packed_attention must be 'varlen' or 'dense', got {attention!r}")
+    if attention == "varlen":
+        enable_varlen_attention(model)
+    moe = cfg.model.get("moe")
+    model._audex_moe_balancer = None
+    if moe is not None:
+        balancer = MoeBalancer(model.backbone, bias_update_rate=moe.bias_update_rate, aux_loss_coeff=moe.aux_loss_coeff)
+        if balancer.active:
+            balancer.check_routing_scale(float(moe.routing_scale))
+        # the routers learn, and their bias moves, only when the LLM trains (stage1 keeps the LLM bit-identical)
+        if balancer.active and "llm" in report.trainable_parts:
+            model._audex_moe_balancer = balancer
+        else:
+            balancer.remove()
+    return model, report
+
+
+def attach_data(model, cfg: DictConfig, trainer) -> None:
+    """Resumable training loader and the validation loader of ``cfg.data``."""
+    from audex.data.datamodule import build_dataloader
+    from audex.training.resumable import ResumableLoader
+
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    data_cfg, tokenizer, frames = cfg.data, model.tokenizer, model.frames_for_samples
+    model._train_dl = ResumableLoader(lambda epoch: build_dataloader(data_cfg, tokenizer, frames, "train", epoch,
+                                                                     rank, world))
+    if data_cfg.get("validation_ds") is not None:
+        model._validation_dl = build_dataloader(data_cfg, tokenizer, frames, "val", 0, rank, world)
+
+
+def gate_loaders(model, data_cfg: DictConfig) -> dict:
+    """One validation loader per data type (the ``blend`` of the validation ``input_cfg`` items: text, asr_ast,
+    understanding, tts, tta); items of the same type share a loader."""
+    from audex.data.datamodule import build_dataloader
+
+    val = data_cfg.get("validation_ds")
+    if val is None:
+        return {}
+    items_by_task: dict[str, list] = {}
+    for item in OmegaConf.to_container(val.input_cfg, resolve=True):
+        task = item.get("blend") or item.get("name")
+        if task is None:
+            raise ValueError("data.validation_ds.input_cfg items need `blend: <data type>` for the text gate's "
+                             "per-task report")
+        items_by_task.setdefault(task, []).append(item)
+    loaders = {}
+    for task, items in items_by_task.items():
+        one = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
+        one.validation_ds.input_cfg = items
+        loaders[task] = build_dataloader(one, model.tokenizer, model.frames_for_samples, "val")
+    return loaders
+
+
+def build_trainer(cfg: DictConfig, max_steps: int):
+    from lightning.pytorch import Trainer
+
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["max_steps"] = int(max_steps)
+    devices = _num_devices(cfg.trainer)
+    trainer_cfg["accumulate_grad_batches"] = gradient_accumulation(
+        int(cfg.data.global_batch_size), rows_per_micro_batch(cfg.data), devices, int(cfg.trainer.get("num_nodes", 1)))
+    if trainer_cfg.get("precision") in ("bf16", "bf16-mixed") and trainer_cfg.get("accelerator") in ("gpu", "cuda") \
+            and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bf16: training in fp16-mixed")
+        trainer_cfg["precision"] = "16-mixed"
+    return Trainer(**trainer_cfg)
+
+
+def train_stage(cfg: DictConfig, callbacks: list | None = None) -> Path:
+    """Run one stage; returns the path of the ``.nemo`` written at its end (``cfg.output_nemo``).
+    ``callbacks``: extra Lightning callbacks (loggers of your own, profilers, ...)."""
+    from lightning.pytorch import seed_everything
+    from nemo.utils.exp_manager import exp_manager
+
+    from audex.training.resumable import ExactResume
+    from audex.training.text_gate import TextRegressionGate
+
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    seed_everything(int(cfg.seed), workers=True)
+    model, report = build_model(cfg)
+    max_steps = stage_max_steps(cfg, model)
+    if model._cfg.optim.get("sched") is not None:
+        with open_dict(model._cfg):
+            model._cfg.optim.sched.max_steps = max_steps
+    trainer = build_trainer(cfg, max_steps)
+    log_dir = exp_manager(trainer, cfg.get("exp_manager"))
+    model.set_trainer(trainer)
+    attach_data(model, cfg, trainer)
+    gate_cfg = cfg.model.get("text_gate")
+    if gate_cfg is not None and gate_cfg.get("enabled", True):
+        gate = TextRegressionGate(lambda: gate_loaders(model, cfg.data), stage=str(cfg.name),
+                                  text_task=gate_cfg.text_task, max_relative_increase=gate_cfg.max_relative_increase,
+                                  on_regression=gate_cfg.on_regression,
+                                  report_path=str(Path(log_dir or ".") / "text_gate.json"),
+                                  max_batches_per_task=gate_cfg.get("max_batches_per_task"))
+        trainer.callbacks.append(gate)
+    trainer.callbacks.append(ExactResume())
+    trainer.callbacks.extend(callbacks or [])
+    log.info("%s; %d optimizer steps x %d micro-batches", report, max_steps, trainer.accumulate_grad_batches)
+    trainer.fit(model)
+    out = Path(cfg.output_nemo)
+    if trainer.is_global_zero:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        model.save_to(str(out))
+        log.info("stage %s done: %s", cfg.name, out)
+    return out
+
