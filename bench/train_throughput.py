@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-length", type=int, default=None,
                         help="packed row length = padded token budget per micro-batch (paper mix: 16,384; demo: 1,024)")
     parser.add_argument("--tta-num-frames", type=int, default=None,
-                        help="TTA answer frames (paper mix: 500 = 10 s; demo: 100 = the demo's 2 s)")
+                        help="TTA answer frames (paper mix: 500 = 10 s; demo: 50, as the demo trains)")
     parser.add_argument("--attention", choices=("varlen", "dense"), default="varlen",
                         help="varlen: attention per sample (training's default); dense: one masked [L, L] per row")
     parser.add_argument("--warmup", type=int, default=2)
@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     max_length = args.max_length or (16384 if args.mix == "paper" else 1024)
-    tta_frames = args.tta_num_frames or (500 if args.mix == "paper" else 100)
+    tta_frames = args.tta_num_frames or (500 if args.mix == "paper" else 50)
     if args.threads:
         torch.set_num_threads(args.threads)
     from audex.models.audex_model import AudexModel

@@ -365,6 +365,12 @@ class AudexModel(ModelPT):
 
         return validation_step(self, batch, batch_idx, dataloader_idx)
 
+    def configure_optimizers(self):
+        """AdamW + cosine schedule of the stage config, with row-masked weight decay and the MoE bias update."""
+        from audex.training.optim import configure_optimizers
+
+        return configure_optimizers(self)
+
     def setup_training_data(self, train_data_config):
         from audex.data.datamodule import build_dataloader
 
