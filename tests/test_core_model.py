@@ -200,7 +200,7 @@ def test_tiny_hybrid_packed_rows_equal_separate_samples(tiny_yaml, monkeypatch):
         la = m(input_ids=a.unsqueeze(0)).logits
         lb = m(input_ids=b.unsqueeze(0)).logits
         # the same attention mask but no Mamba reset: b would see a through the recurrent state
-        monkeypatch.setattr(type(m), "_segments", staticmethod(lambda ids: None))
+        monkeypatch.setattr("audex.models.audex_model.packed_segments", lambda ids: None)
         leak = m(input_ids=packed, sample_ids=sample_ids, position_ids=pos).logits
     torch.testing.assert_close(lp[0, : len(a)], la[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lp[0, len(a): len(a) + len(b)], lb[0], atol=1e-5, rtol=1e-5)

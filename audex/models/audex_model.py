@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from audex import register_nemo_targets
+from audex.data.packing import packed_segments
 from audex.tokenizer import AudexTokenizer
 from audex.vocab import AudexVocab
 
@@ -310,25 +311,12 @@ class AudexModel(ModelPT):
         packed = self.has_recurrent_layers and bool((sample_ids.amax(dim=1) > 0).any())
         if packed and past_key_values is not None:
             raise ValueError("packed rows (several samples per row) cannot continue from a cache")
-        self._mamba_segments = self._segments(sample_ids) if packed else None
+        self._mamba_segments = packed_segments(sample_ids) if packed else None
         try:
             return self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
         finally:
             self._mamba_segments = None
-
-    @staticmethod
-    def _segments(sample_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-        """Per row, the [start, end) spans of consecutive equal sample ids (padding included as its own span)."""
-        out = []
-        for row in sample_ids.tolist():
-            spans, start = [], 0
-            for i in range(1, len(row) + 1):
-                if i == len(row) or row[i] != row[start]:
-                    spans.append((start, i))
-                    start = i
-            out.append(spans)
-        return out
 
     def _install_mamba_sample_resets(self) -> None:
         """Make every Mamba mixer restart its recurrent (conv and SSM) state at packed-sample boundaries.
@@ -347,10 +335,11 @@ class AudexModel(ModelPT):
                     spans = owner._mamba_segments
                     if spans is None or cache_params is not None:
                         return _orig(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kw)
-                    rows = []
+                    out = torch.zeros_like(hidden_states)  # padding positions stay zero (masked everywhere)
                     for b, row_spans in enumerate(spans):
-                        rows.append(torch.cat([_orig(hidden_states[b:b + 1, s:e], **kw) for s, e in row_spans], dim=1))
-                    return torch.cat(rows, dim=0)
+                        for s, e in row_spans:
+                            out[b:b + 1, s:e] = _orig(hidden_states[b:b + 1, s:e], **kw)
+                    return out
 
                 module.forward = forward
 

@@ -26,23 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from audex.data.packing import packed_segments  # noqa: F401 (re-exported: the sample spans of a packed batch)
+
 VARLEN_SDPA = "audex_varlen_sdpa"
-
-
-def packed_segments(sample_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """``[B, L]`` sample ids (-1 = padding) -> per row the ``(start, end)`` span of each sample, in order."""
-    spans = []
-    ids = sample_ids.tolist()
-    for row in ids:
-        row_spans, start = [], None
-        for i, sid in enumerate(row + [-2]):
-            if start is not None and sid != row[start]:
-                row_spans.append((start, i))
-                start = None
-            if start is None and i < len(row) and sid >= 0:
-                start = i
-        spans.append(row_spans)
-    return spans
 
 
 def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
