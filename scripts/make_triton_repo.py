@@ -4,9 +4,15 @@ CPU layout (runs here, PyTorch engine in a python-backend model)::
 
     python scripts/make_triton_repo.py model_path=tiny.nemo repo=triton_repo
 
-GPU layout (TensorRT-LLM ensemble over an export folder from scripts/export_trtllm.py)::
+GPU layout (TensorRT-LLM ensemble over an export folder from scripts/export_trtllm.py; CFG pairs for TTS/TTA)::
 
-    python scripts/make_triton_repo.py model_path=audex_2b.nemo repo=triton_repo layout=gpu export_dir=audex_export
+    python scripts/make_triton_repo.py repo=triton_repo layout=gpu export_dir=audex_export
+
+The same ensemble on a CPU machine, with the PyTorch reference executor in place of TensorRT-LLM's::
+
+    python scripts/make_triton_repo.py repo=triton_repo layout=gpu export_dir=audex_export executor=torch
+
+``llm_backend=tensorrtllm`` writes TensorRT-LLM's C++ backend for the LLM step instead (no CFG for TTS/TTA).
 
 Keys come from conf/export.yaml (``serve.*``); any of them is overridable as ``key=value``.
 """
@@ -34,10 +40,11 @@ def main(argv=None) -> None:
                                     max_queue_delay_us=serve.max_queue_delay_us, instances=serve.instances,
                                     num_threads=serve.num_threads)
     elif cfg.layout == "gpu":
-        from audex.export.loading import load_audex_model
-
-        summary = ModelSummary.of(load_audex_model(cfg.model_path))
-        repo = write_gpu_repository(cfg.repo, cfg.export_dir, summary, max_batch_size=cfg.trtllm.build.max_batch_size)
+        summary = ModelSummary.from_export(cfg.export_dir)
+        repo = write_gpu_repository(cfg.repo, cfg.export_dir, summary, max_batch_size=cfg.trtllm.build.max_batch_size,
+                                    llm_backend=cfg.get("llm_backend", "python"),
+                                    executor=cfg.get("executor", "tensorrt_llm"), limits=limits,
+                                    prompt_table_dtype=cfg.trtllm.dtype)
     else:
         raise SystemExit(f"layout must be 'cpu' or 'gpu', got {cfg.layout!r}")
     print(f"wrote {repo}: models {validate_repository(repo)}")

@@ -54,6 +54,7 @@ Example::
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -238,8 +239,14 @@ class CfgLogitsPostProcessor:
             raise ValueError("TensorRT-LLM cannot hold a scheduled request: build the tracker with can_hold=False")
         self.tracker = tracker
         self.prompt_lengths: dict[int, int] = {}
+        # the engine calls the processor from its own thread while the serving side registers and cancels pairs
+        self.lock = threading.RLock()
 
     def __call__(self, req_ids, logits, token_ids, stream_ptr, client_ids) -> None:
+        with self.lock:
+            self._process(req_ids, logits, token_ids, stream_ptr, client_ids)
+
+    def _process(self, req_ids, logits, token_ids, stream_ptr, client_ids) -> None:
         rows, targets = [], []
         for req_id, row_logits, tokens, client_id in zip(req_ids, logits, token_ids, client_ids):
             if client_id is None:

@@ -22,18 +22,9 @@ import json
 import sys
 from multiprocessing.connection import Client
 
-import numpy as np
 import torch
 
-
-def array_to_wire(array) -> tuple[bytes, str, tuple[int, ...]]:
-    a = np.ascontiguousarray(array)
-    return a.tobytes(), a.dtype.str, tuple(a.shape)
-
-
-def array_from_wire(wire) -> np.ndarray:
-    data, dtype, shape = wire
-    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()
+from audex.export.triton_models.worker_link import from_wire, to_wire
 
 
 def request_from_wire(item: dict):
@@ -41,12 +32,12 @@ def request_from_wire(item: dict):
 
     item = dict(item)
     audio = item.pop("audio", None)
-    return ServeRequest(audio=None if audio is None else torch.from_numpy(array_from_wire(audio)), **item)
+    return ServeRequest(audio=None if audio is None else torch.from_numpy(from_wire(audio)), **item)
 
 
 def result_to_wire(result) -> dict:
     return {"text": result.text, "finish_reason": result.finish_reason, "error": result.error,
-            "audio": array_to_wire(result.audio.detach().float().cpu().numpy())}
+            "audio": to_wire(result.audio.detach().float().cpu().numpy())}
 
 
 def build_engine(config: dict):

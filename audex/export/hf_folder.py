@@ -40,6 +40,8 @@ def export_hf_folder(model, out_dir: str | Path, dtype: str | None = None) -> Pa
         "speechgen_start": vocab.speechgen_start,
         "audiogen_start": vocab.audiogen_start,
         "hidden_size": int(model.backbone.config.hidden_size),
+        **({"frames_per_window": int(model.audio_encoder.frames_per_window),
+            "window_seconds": float(model.audio_encoder.window_seconds)} if model.audio_encoder is not None else {}),
         "prompt_table_convention": "audio frames are fed as ids vocab_size + row of the prompt_embedding_table",
     }, indent=2))
     return out

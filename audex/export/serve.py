@@ -144,6 +144,9 @@ def server_environment(stub_bin: Path | None = None) -> dict[str, str]:
     path = [str(Path(sys.executable).parent)]
     if stub_bin is not None:
         path.insert(0, str(stub_bin))
+        # the stub sees NumPy 1.x: the GPU ensemble's python steps must run their handlers in worker processes
+        env["AUDEX_TRITON_STEP_WORKER"] = "1"
+    env["AUDEX_PROJECT_PYTHON"] = sys.executable
     env["PATH"] = os.pathsep.join(path + [env.get("PATH", "")])
     env.pop("PYTHONPATH", None)  # the stub's interpreter takes its paths from the venv on PATH
     return env

@@ -90,27 +90,41 @@ class ServeLimits:
         return cls(**{f.name: node[f.name] for f in fields(cls) if f.name in node})
 
 
-class AudexServingEngine:
-    """Validates :class:`ServeRequest` s and runs them on one Audex model (see the module docstring)."""
+def serving_presets(vocab, limits: ServeLimits, presets_path: str | None = None):
+    """The paper's presets with the TTA length of the limits (10 s = 2,000 codes + the two end tokens by default)."""
+    from audex.inference.presets import load_presets
 
-    def __init__(self, model, limits: ServeLimits | None = None, presets_path: str | None = None):
-        from audex.inference.pipelines import AudexPipeline
-        from audex.inference.presets import load_presets
+    tta_tokens = int(round(limits.tta_seconds * vocab.tokens_per_second("audio")))
+    return load_presets(presets_path, overrides=[f"tta.audio_seconds={limits.tta_seconds}",
+                                                 f"tta.sampling.max_new_tokens={tta_tokens + 2}"])
 
-        self.model = model
-        self.limits = limits or ServeLimits()
-        # the paper's presets, with the TTA length of the limits (10 s = 2,000 codes by default)
-        presets = load_presets(presets_path, overrides=[f"tta.audio_seconds={self.limits.tta_seconds}",
-                                                        f"tta.sampling.max_new_tokens={self._tta_tokens() + 2}"])
-        self.pipeline = AudexPipeline(model, presets=presets)
-        self.tokenizer = model.tokenizer
-        self.vocab = model.vocab
-        self.context = int(self.limits.max_context_tokens or model.backbone.config.max_position_embeddings)
 
-    def _tta_tokens(self) -> int:
-        return int(round(self.limits.tta_seconds * self.model.vocab.tokens_per_second("audio")))
+class RequestValidator:
+    """Checks a :class:`ServeRequest` against the limits and the model's context; needs no weights, so the CPU engine
+    and the GPU ensemble's preprocessing step refuse the same requests with the same messages.
 
-    # ---- validation ---------------------------------------------------------------------------
+    Args:
+        prompt_ids: ``(content, thinking) -> ids`` of the chat prompt (the Audex prompt format).
+        presets: the task presets (:func:`serving_presets`).
+        vocab: the :class:`~audex.vocab.AudexVocab` (token rates).
+        limits: the :class:`ServeLimits`.
+        context: prompt + generation budget in tokens.
+        frames_for_samples: ``num_samples -> encoder frames`` (750 per 30 s window).
+        audio_content: ``question -> user content`` with the ``<sound>`` placeholder.
+    """
+
+    def __init__(self, prompt_ids, presets, vocab, limits: ServeLimits, context: int, frames_for_samples, audio_content):
+        self.prompt_ids = prompt_ids
+        self.presets = presets
+        self.vocab = vocab
+        self.limits = limits
+        self.context = int(context)
+        self.frames_for_samples = frames_for_samples
+        self.audio_content = audio_content
+
+    def tta_tokens(self) -> int:
+        return int(round(self.limits.tta_seconds * self.vocab.tokens_per_second("audio")))
+
     def _text(self, req: ServeRequest, what: str) -> str:
         text = (req.text or "").strip()
         if not text:
@@ -132,20 +146,19 @@ class AudexServingEngine:
                              f"{self.limits.max_audio_seconds:g} s: split it or raise serve.max_audio_seconds")
         return wav
 
-    def _prompt_length(self, task: str, text: str | None, wav: torch.Tensor | None) -> int:
+    def prompt_length(self, task: str, text: str | None, wav: torch.Tensor | None) -> int:
         from audex.data.prompts import AST_PROMPT, asr_question, tta_user_content, tts_user_content
 
-        pipe, fmt = self.pipeline, self.pipeline.formatter
         if task in AUDIO_IN_TASKS:
             question = {"asr": asr_question(), "ast": AST_PROMPT}.get(task, text)
-            ids = pipe.prompt_ids(fmt.audio_content(question), pipe.presets[task].thinking)
-            return len(ids) - 1 + self.model.frames_for_samples(wav.numel()) + 2  # <sound> -> start + N + end
+            ids = self.prompt_ids(self.audio_content(question), self.presets[task].thinking)
+            return len(ids) - 1 + self.frames_for_samples(wav.numel()) + 2  # <sound> -> start + N + end
         if task == "chat":
-            return len(pipe.prompt_ids(text, pipe.presets["chat"].thinking))
+            return len(self.prompt_ids(text, self.presets["chat"].thinking))
         content = tts_user_content(text) if task == "tts" else tta_user_content(text)
-        return len(pipe.prompt_ids(content, False)) + 1
+        return len(self.prompt_ids(content, False)) + 1
 
-    def _budget(self, req: ServeRequest, prompt_len: int) -> int:
+    def budget(self, req: ServeRequest, prompt_len: int) -> int:
         room = self.context - prompt_len
         if room < 1:
             raise BadRequest(f"the prompt is {prompt_len} tokens long, over the model's context of {self.context} "
@@ -153,7 +166,7 @@ class AudexServingEngine:
         if req.max_new_tokens is not None and req.max_new_tokens < 1:
             raise BadRequest(f"'max_new_tokens' must be >= 1, got {req.max_new_tokens}")
         if req.task == "tta":
-            need = self._tta_tokens() + 2
+            need = self.tta_tokens() + 2
             if room < need:
                 raise BadRequest(f"the TTA prompt ({prompt_len} tokens) leaves {room} of the {self.context}-token context, "
                                  f"but {self.limits.tta_seconds:g} s of audio needs {need} tokens: shorten the caption")
@@ -180,7 +193,27 @@ class AudexServingEngine:
             text = self._text(req, "the user message")
         else:
             text = self._text(req, "the transcript" if req.task == "tts" else "the caption")
-        return text, wav, self._budget(req, self._prompt_length(req.task, text, wav))
+        return text, wav, self.budget(req, self.prompt_length(req.task, text, wav))
+
+
+class AudexServingEngine:
+    """Validates :class:`ServeRequest` s and runs them on one Audex model (see the module docstring)."""
+
+    def __init__(self, model, limits: ServeLimits | None = None, presets_path: str | None = None):
+        from audex.inference.pipelines import AudexPipeline
+
+        self.model = model
+        self.limits = limits or ServeLimits()
+        self.pipeline = AudexPipeline(model, presets=serving_presets(model.vocab, self.limits, presets_path))
+        self.tokenizer = model.tokenizer
+        self.vocab = model.vocab
+        self.context = int(self.limits.max_context_tokens or model.backbone.config.max_position_embeddings)
+        self.validator = RequestValidator(self.pipeline.prompt_ids, self.pipeline.presets, self.vocab, self.limits,
+                                          self.context, model.frames_for_samples, self.pipeline.formatter.audio_content)
+
+    def validate(self, req: ServeRequest) -> tuple[str | None, torch.Tensor | None, int]:
+        """``(text, audio, max_new_tokens)`` of a valid request, else :class:`BadRequest`."""
+        return self.validator.validate(req)
 
     # ---- running ------------------------------------------------------------------------------
     def _run_group(self, task: str, items: list[tuple[str | None, torch.Tensor | None]], overrides: dict) -> list[ServeResult]:

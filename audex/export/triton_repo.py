@@ -7,14 +7,23 @@ generation engine, CFG included (:mod:`audex.export.triton_models.audex_engine`)
 
     repo/audex/config.pbtxt   repo/audex/1/model.py   repo/audex/1/presets.yaml
 
-**GPU** (:func:`write_gpu_repository`, for hosts with TensorRT-LLM and its Triton backend): the standard ensemble
-of TensorRT-LLM's ``inflight_batcher_llm`` layout::
+**GPU** (:func:`write_gpu_repository`, for hosts with TensorRT-LLM): the standard ensemble of TensorRT-LLM's
+``inflight_batcher_llm`` layout, with the tensor names of that layout::
 
-    preprocessing   (python)       task/text/audio -> input_ids (audio frames as ids >= vocab_size) +
-                                   prompt_embedding_table (the ONNX front end) + sampling inputs
-    tensorrt_llm    (tensorrtllm)  the engine from trtllm-build, in-flight batching
-    postprocessing  (python)       output_ids -> text, or codec codes -> 16 kHz waveform (codec decoders)
-    ensemble        (ensemble)     wires the three; ``ensemble_stream`` is the decoupled (streaming) twin for TTS
+    preprocessing    (python)  task/text/audio -> input_ids (audio frames as ids >= vocab_size) +
+                               prompt_embedding_table (the ONNX front end) + sampling inputs, and for TTS/TTA the
+                               unconditional twin prompt + guidance_scale (validation as on the CPU engine)
+    tensorrt_llm     (python)  TensorRT-LLM's executor (the engine from trtllm-build, in-flight batching) with the
+                               CFG pairing logits post-processor: TTS/TTA decode as token-synchronised CFG pairs
+                               (:mod:`audex.export.guided_executor`); ``executor: torch`` runs the same model on the
+                               PyTorch reference executor, which is how the whole ensemble is served on a CPU here
+    postprocessing   (python)  output_ids -> text, or codec codes -> 16 kHz waveform (codec decoders)
+    ensemble         (ensemble) wires the three; ``ensemble_stream`` (+ ``tensorrt_llm_stream``,
+                               ``postprocessing_stream``) is the decoupled twin that streams TTS one second at a time
+
+``llm_backend="tensorrtllm"`` writes TensorRT-LLM's C++ backend instead of the python LLM model: it cannot run a
+Python logits post-processor, so TTS/TTA then decode without CFG. The python steps run
+:mod:`audex.export.triton_models.step_model`.
 
 ``config.pbtxt`` is written with ``google.protobuf.text_format`` from ``tritonclient.grpc.model_config_pb2`` and
 :func:`validate_repository` parses every file back (unknown fields are errors) and checks the ensemble wiring.
@@ -52,6 +61,24 @@ class ModelSummary:
     frames_per_window: int
     window_seconds: float
     sample_rate: int = 16000
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path) -> "ModelSummary":
+        """From an export folder (``hf/config.json`` and ``hf/audex_export.json``): no model load needed."""
+        import json
+
+        hf = Path(export_dir) / "hf"
+        if not (hf / "audex_export.json").exists():
+            raise FileNotFoundError(f"{hf} has no audex_export.json: is {str(export_dir)!r} an export folder written by "
+                                    "scripts/export_trtllm.py?")
+        meta = json.loads((hf / "audex_export.json").read_text())
+        config = json.loads((hf / "config.json").read_text())
+        if "frames_per_window" not in meta and (Path(export_dir) / "frontend.onnx").exists():
+            raise ValueError(f"{hf / 'audex_export.json'} predates the encoder fields: export the model again")
+        return cls(hidden_size=int(config["hidden_size"]), vocab_size=int(meta["vocab_size"]),
+                   max_position_embeddings=int(config["max_position_embeddings"]),
+                   frames_per_window=int(meta.get("frames_per_window", 750)),       # no encoder: never used
+                   window_seconds=float(meta.get("window_seconds", 30.0)))
 
     @classmethod
     def of(cls, model) -> "ModelSummary":
@@ -130,61 +157,109 @@ def write_cpu_repository(out_dir: str | Path, model_path: str | Path, *, limits:
 
 
 # ---- GPU repository ----------------------------------------------------------------------------
-def preprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size: int) -> mc.ModelConfig:
+LLM_BACKENDS = ("python", "tensorrtllm")
+EXECUTORS = ("tensorrt_llm", "torch")
+
+
+def _step_model_py(handler: str) -> str:
+    return ('"""An Audex step of the GPU ensemble (see audex.export.triton_models.step_model)."""\n'
+            "from audex.export.triton_models.step_model import StepModel\n\n\n"
+            "class TritonPythonModel(StepModel):\n"
+            f"    handler = {handler!r}\n")
+
+
+_LLM_INPUTS = [  # (name, type, dims, optional, ragged): TensorRT-LLM's inflight_batcher_llm names
+    ("input_ids", "TYPE_INT32", [-1], False, True),
+    ("input_lengths", "TYPE_INT32", [1], False, False),
+    ("request_output_len", "TYPE_INT32", [1], False, False),
+    ("end_id", "TYPE_INT32", [1], True, False),
+    ("pad_id", "TYPE_INT32", [1], True, False),
+    ("runtime_top_k", "TYPE_INT32", [1], True, False),
+    ("runtime_top_p", "TYPE_FP32", [1], True, False),
+    ("temperature", "TYPE_FP32", [1], True, False),
+    ("random_seed", "TYPE_UINT64", [1], True, False),
+    ("prompt_vocab_size", "TYPE_INT32", [1], True, False),
+]
+_CFG_INPUTS = [  # Audex's CFG pair and task grammar (python LLM model only)
+    ("uncond_input_ids", "TYPE_INT32", [-1], True, True),
+    ("uncond_input_lengths", "TYPE_INT32", [1], True, False),
+    ("guidance_scale", "TYPE_FP32", [1], True, False),
+    ("output_kind", "TYPE_STRING", [1], True, False),
+]
+
+
+def _add(tensors, cls, specs) -> None:
+    for name, dtype, dims, optional, ragged in specs:
+        tensors.append(_tensor(cls, name, dtype, dims, optional=optional, ragged=ragged))
+
+
+def _limit_params(limits: ServeLimits) -> dict:
+    return {k: v for k, v in asdict(limits).items() if v is not None}
+
+
+def preprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size: int,
+                         limits: ServeLimits | None = None, max_queue_delay_us: int = 1000) -> mc.ModelConfig:
+    """``preprocessing``: request -> LLM inputs (validation, prompts, ONNX front end, the CFG twin)."""
     c = mc.ModelConfig(name="preprocessing", backend="python", max_batch_size=max_batch_size)
     c.input.extend([
         _tensor(mc.ModelInput, "task", "TYPE_STRING", [1]),
         _tensor(mc.ModelInput, "text", "TYPE_STRING", [1], optional=True),
         _tensor(mc.ModelInput, "audio", "TYPE_FP32", [-1], optional=True, ragged=True),
+        _tensor(mc.ModelInput, "sample_rate", "TYPE_INT32", [1], optional=True),
         _tensor(mc.ModelInput, "max_new_tokens", "TYPE_INT32", [1], optional=True),
         _tensor(mc.ModelInput, "seed", "TYPE_UINT64", [1], optional=True),
+        _tensor(mc.ModelInput, "guidance_scale", "TYPE_FP32", [1], optional=True),
     ])
-    c.output.extend([
-        _tensor(mc.ModelOutput, "input_ids", "TYPE_INT32", [-1]),
-        _tensor(mc.ModelOutput, "input_lengths", "TYPE_INT32", [1]),
-        _tensor(mc.ModelOutput, "request_output_len", "TYPE_INT32", [1]),
-        _tensor(mc.ModelOutput, "prompt_embedding_table", "TYPE_FP16", [-1, summary.hidden_size]),
-        _tensor(mc.ModelOutput, "prompt_vocab_size", "TYPE_INT32", [1]),
-        _tensor(mc.ModelOutput, "end_id", "TYPE_INT32", [1]),
-        _tensor(mc.ModelOutput, "pad_id", "TYPE_INT32", [1]),
-        _tensor(mc.ModelOutput, "runtime_top_k", "TYPE_INT32", [1]),
-        _tensor(mc.ModelOutput, "runtime_top_p", "TYPE_FP32", [1]),
-        _tensor(mc.ModelOutput, "temperature", "TYPE_FP32", [1]),
-        _tensor(mc.ModelOutput, "random_seed", "TYPE_UINT64", [1]),
-    ])
+    outputs = []
+    _add(outputs, mc.ModelOutput, [spec for spec in _LLM_INPUTS + _CFG_INPUTS])
+    outputs.append(_tensor(mc.ModelOutput, "prompt_embedding_table", "TYPE_FP16", [-1, summary.hidden_size]))
+    c.output.extend(outputs)
+    c.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     c.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
     _params(c, {"export_dir": export_dir, "vocab_size": summary.vocab_size, "hidden_size": summary.hidden_size,
-                "frames_per_window": summary.frames_per_window, "window_seconds": summary.window_seconds})
+                "frames_per_window": summary.frames_per_window, "window_seconds": summary.window_seconds,
+                "max_context_tokens": summary.max_position_embeddings, "python": sys.executable,
+                "presets": "presets.yaml", **_limit_params(limits or ServeLimits())})
     return c
 
 
 def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: int, decoupled: bool,
-                        name: str = "tensorrt_llm") -> mc.ModelConfig:
-    """TensorRT-LLM's own Triton backend (``backend: "tensorrtllm"``), as its ``inflight_batcher_llm`` layout
-    declares it: in-flight fused batching, guaranteed-no-evict scheduling (twins of a CFG pair stay scheduled
-    together once admitted, see :mod:`audex.export.cfg_pairing`), prompt tuning for the audio frames."""
-    c = mc.ModelConfig(name=name, backend="tensorrtllm", max_batch_size=max_batch_size)
+                        name: str = "tensorrt_llm", *, backend: str = "python", export_dir: str | None = None,
+                        executor: str = "tensorrt_llm", limits: ServeLimits | None = None,
+                        prompt_table_dtype: str = "bfloat16", max_queue_delay_us: int = 1000) -> mc.ModelConfig:
+    """The LLM step, with the input / output names of TensorRT-LLM's ``inflight_batcher_llm`` layout.
+
+    ``backend="python"`` (default): Audex's model (:class:`~audex.export.triton_models.trtllm_handlers.LlmHandler`)
+    owning TensorRT-LLM's executor with the CFG pairing post-processor, so TTS/TTA decode with guidance; in-flight
+    batching with guaranteed-no-evict scheduling and no chunked context (twins admitted together stay together, see
+    :mod:`audex.export.cfg_pairing`). ``executor="torch"`` runs the same model on the PyTorch reference executor
+    (CPU machines). ``backend="tensorrtllm"``: TensorRT-LLM's own C++ backend, which cannot take a Python logits
+    post-processor -- TTS/TTA then decode *without* CFG; only for deployments that do not need it.
+    """
+    if backend not in LLM_BACKENDS:
+        raise ValueError(f"backend must be one of {LLM_BACKENDS}, got {backend!r}")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    c = mc.ModelConfig(name=name, backend=backend, max_batch_size=max_batch_size)
     c.model_transaction_policy.decoupled = decoupled
-    c.input.extend([
-        _tensor(mc.ModelInput, "input_ids", "TYPE_INT32", [-1], ragged=True),
-        _tensor(mc.ModelInput, "input_lengths", "TYPE_INT32", [1]),
-        _tensor(mc.ModelInput, "request_output_len", "TYPE_INT32", [1]),
-        _tensor(mc.ModelInput, "end_id", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "pad_id", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "streaming", "TYPE_BOOL", [1], optional=True),
-        _tensor(mc.ModelInput, "runtime_top_k", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "runtime_top_p", "TYPE_FP32", [1], optional=True),
-        _tensor(mc.ModelInput, "temperature", "TYPE_FP32", [1], optional=True),
-        _tensor(mc.ModelInput, "random_seed", "TYPE_UINT64", [1], optional=True),
-        _tensor(mc.ModelInput, "prompt_embedding_table", "TYPE_FP16", [-1, summary.hidden_size], optional=True),
-        _tensor(mc.ModelInput, "prompt_vocab_size", "TYPE_INT32", [1], optional=True),
-    ])
+    inputs = []
+    _add(inputs, mc.ModelInput, _LLM_INPUTS)
+    inputs.append(_tensor(mc.ModelInput, "prompt_embedding_table", "TYPE_FP16", [-1, summary.hidden_size], optional=True))
+    inputs.append(_tensor(mc.ModelInput, "streaming", "TYPE_BOOL", [1], optional=True))
+    if backend == "python":
+        _add(inputs, mc.ModelInput, _CFG_INPUTS)
+    c.input.extend(inputs)
     c.output.extend([
         _tensor(mc.ModelOutput, "output_ids", "TYPE_INT32", [-1, -1]),
         _tensor(mc.ModelOutput, "sequence_length", "TYPE_INT32", [-1]),
     ])
+    if backend == "python":
+        # echoed so that postprocessing takes all its inputs from this step: Triton refuses a step whose inputs come
+        # from different decoupled sources (the ensemble's own inputs and a decoupled LLM)
+        c.output.append(_tensor(mc.ModelOutput, "output_kind", "TYPE_STRING", [1]))
+    c.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     c.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
-    _params(c, {
+    params = {
         "gpt_model_type": "inflight_fused_batching",
         "gpt_model_path": engine_dir,
         "batch_scheduler_policy": "guaranteed_no_evict",
@@ -193,31 +268,42 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
         "kv_cache_free_gpu_mem_fraction": 0.85,
         "exclude_input_in_output": "true",
         "decoding_mode": "top_k_top_p",
-    })
+    }
+    if backend == "python":
+        params.update({"executor": executor, "engine_dir": engine_dir, "export_dir": export_dir or "",
+                       "max_batch_size": max_batch_size, "max_lag_steps": 4, "stream_chunk_seconds": 1.0,
+                       "prompt_table_dtype": prompt_table_dtype, "python": sys.executable,
+                       **_limit_params(limits or ServeLimits())})
+    _params(c, params)
     return c
 
 
-def postprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size: int) -> mc.ModelConfig:
-    c = mc.ModelConfig(name="postprocessing", backend="python", max_batch_size=max_batch_size)
+def postprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size: int,
+                          name: str = "postprocessing", partial: bool = False,
+                          max_queue_delay_us: int = 1000) -> mc.ModelConfig:
+    c = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
     c.input.extend([
-        _tensor(mc.ModelInput, "task", "TYPE_STRING", [1]),
         _tensor(mc.ModelInput, "output_ids", "TYPE_INT32", [-1, -1]),
         _tensor(mc.ModelInput, "sequence_length", "TYPE_INT32", [-1]),
+        _tensor(mc.ModelInput, "output_kind", "TYPE_STRING", [1], optional=True),   # text | speech | audio
     ])
     c.output.extend([
         _tensor(mc.ModelOutput, "text", "TYPE_STRING", [1]),
         _tensor(mc.ModelOutput, "audio", "TYPE_FP32", [-1]),
     ])
+    c.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     c.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
-    _params(c, {"export_dir": export_dir, "sample_rate": summary.sample_rate})
+    _params(c, {"export_dir": export_dir, "sample_rate": summary.sample_rate, "partial": str(partial).lower(),
+                "python": sys.executable})
     return c
 
 
-_PRE_TO_LLM = ("input_ids", "input_lengths", "request_output_len", "prompt_embedding_table", "prompt_vocab_size",
-               "end_id", "pad_id", "runtime_top_k", "runtime_top_p", "temperature", "random_seed")
+_PRE_TO_LLM = tuple(spec[0] for spec in _LLM_INPUTS) + ("prompt_embedding_table",)
+_PRE_TO_LLM_CFG = _PRE_TO_LLM + tuple(spec[0] for spec in _CFG_INPUTS)
 
 
-def ensemble_config(name: str, max_batch_size: int, llm: str, decoupled: bool) -> mc.ModelConfig:
+def ensemble_config(name: str, max_batch_size: int, llm: str, decoupled: bool, *, cfg: bool = True,
+                    postprocessing: str = "postprocessing") -> mc.ModelConfig:
     c = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
     if decoupled:
         c.model_transaction_policy.decoupled = True
@@ -225,53 +311,87 @@ def ensemble_config(name: str, max_batch_size: int, llm: str, decoupled: bool) -
         _tensor(mc.ModelInput, "task", "TYPE_STRING", [1]),
         _tensor(mc.ModelInput, "text", "TYPE_STRING", [1], optional=True),
         _tensor(mc.ModelInput, "audio", "TYPE_FP32", [-1], optional=True),
+        _tensor(mc.ModelInput, "sample_rate", "TYPE_INT32", [1], optional=True),
         _tensor(mc.ModelInput, "max_new_tokens", "TYPE_INT32", [1], optional=True),
         _tensor(mc.ModelInput, "seed", "TYPE_UINT64", [1], optional=True),
+        _tensor(mc.ModelInput, "guidance_scale", "TYPE_FP32", [1], optional=True),
     ])
-    c.output.extend([_tensor(mc.ModelOutput, "text", "TYPE_STRING", [1]),
-                     _tensor(mc.ModelOutput, "audio", "TYPE_FP32", [-1])])
+    # ensemble inputs and outputs share one tensor namespace: an output named like an input ("text") would be
+    # answered twice (the input at once, the step's output later), hence TensorRT-LLM's "*_output" names
+    c.output.extend([_tensor(mc.ModelOutput, "text_output", "TYPE_STRING", [1]),
+                     _tensor(mc.ModelOutput, "audio_output", "TYPE_FP32", [-1])])
+    to_llm = _PRE_TO_LLM_CFG if cfg else _PRE_TO_LLM
     pre = c.ensemble_scheduling.step.add(model_name="preprocessing", model_version=-1)
-    for key in ("task", "text", "audio", "max_new_tokens", "seed"):
+    for key in ("task", "text", "audio", "sample_rate", "max_new_tokens", "seed", "guidance_scale"):
         pre.input_map[key] = key
-    for key in _PRE_TO_LLM:
+    for key in _PRE_TO_LLM_CFG:
         pre.output_map[key] = f"_{key}"
     gen = c.ensemble_scheduling.step.add(model_name=llm, model_version=-1)
-    for key in _PRE_TO_LLM:
+    for key in to_llm:
         gen.input_map[key] = f"_{key}"
     gen.output_map["output_ids"] = "_output_ids"
     gen.output_map["sequence_length"] = "_sequence_length"
-    post = c.ensemble_scheduling.step.add(model_name="postprocessing", model_version=-1)
-    post.input_map["task"] = "task"
+    post = c.ensemble_scheduling.step.add(model_name=postprocessing, model_version=-1)
+    if cfg:
+        gen.output_map["output_kind"] = "_llm_output_kind"
+        post.input_map["output_kind"] = "_llm_output_kind"
+    elif not decoupled:
+        post.input_map["output_kind"] = "_output_kind"
+    # else (C++ backend, streaming): the kind is read off the generated ids (a decoupled step's consumers may take
+    # nothing from before it)
     post.input_map["output_ids"] = "_output_ids"
     post.input_map["sequence_length"] = "_sequence_length"
-    post.output_map["text"] = "text"
-    post.output_map["audio"] = "audio"
+    post.output_map["text"] = "text_output"
+    post.output_map["audio"] = "audio_output"
     return c
 
 
+HANDLERS = {
+    "preprocessing": "audex.export.triton_models.trtllm_handlers:PreprocessingHandler",
+    "tensorrt_llm": "audex.export.triton_models.trtllm_handlers:LlmHandler",
+    "tensorrt_llm_stream": "audex.export.triton_models.trtllm_handlers:LlmHandler",
+    "postprocessing": "audex.export.triton_models.trtllm_handlers:PostprocessingHandler",
+    "postprocessing_stream": "audex.export.triton_models.trtllm_handlers:PostprocessingHandler",
+}
+
+
 def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: ModelSummary, *,
-                         engine_dir: str | Path | None = None, max_batch_size: int = 64) -> Path:
-    """The GPU ensemble (see the module docstring) over an export folder written by ``scripts/export_trtllm.py``."""
+                         engine_dir: str | Path | None = None, max_batch_size: int = 64, llm_backend: str = "python",
+                         executor: str = "tensorrt_llm", limits: ServeLimits | None = None,
+                         prompt_table_dtype: str = "bfloat16", step_process: str | None = None) -> Path:
+    """The GPU ensemble (see the module docstring) over an export folder written by ``scripts/export_trtllm.py``.
+
+    ``llm_backend``/``executor``: see :func:`tensorrt_llm_config` (``executor="torch"`` serves the same ensemble on a
+    CPU machine with the PyTorch reference executor). ``step_process="worker"`` forces the python steps into worker
+    processes (:mod:`audex.export.triton_models.step_model`); by default they run in the stub unless the launcher
+    says otherwise.
+    """
     out = Path(out_dir)
     export_dir = str(Path(export_dir).resolve())
     engine_dir = str(engine_dir or Path(export_dir) / "engine")
+    limits = limits or ServeLimits()
+    cfg = llm_backend == "python"
+    llm = dict(backend=llm_backend, export_dir=export_dir, executor=executor, limits=limits,
+               prompt_table_dtype=prompt_table_dtype)
     configs = [
-        preprocessing_config(summary, export_dir, max_batch_size),
-        tensorrt_llm_config(summary, engine_dir, max_batch_size, decoupled=False),
-        tensorrt_llm_config(summary, engine_dir, max_batch_size, decoupled=True, name="tensorrt_llm_stream"),
+        preprocessing_config(summary, export_dir, max_batch_size, limits),
+        tensorrt_llm_config(summary, engine_dir, max_batch_size, decoupled=False, **llm),
+        tensorrt_llm_config(summary, engine_dir, max_batch_size, decoupled=True, name="tensorrt_llm_stream", **llm),
         postprocessing_config(summary, export_dir, max_batch_size),
-        ensemble_config("ensemble", max_batch_size, "tensorrt_llm", decoupled=False),
-        ensemble_config("ensemble_stream", max_batch_size, "tensorrt_llm_stream", decoupled=True),
+        postprocessing_config(summary, export_dir, max_batch_size, name="postprocessing_stream", partial=True),
+        ensemble_config("ensemble", max_batch_size, "tensorrt_llm", decoupled=False, cfg=cfg),
+        ensemble_config("ensemble_stream", max_batch_size, "tensorrt_llm_stream", decoupled=True, cfg=cfg,
+                        postprocessing="postprocessing_stream"),
     ]
     for config in configs:
+        if step_process and config.backend == "python":
+            config.parameters["step_process"].string_value = step_process
         write_config(config, out / config.name)
+        version = out / config.name / "1"
+        version.mkdir(parents=True, exist_ok=True)
         if config.backend == "python":
-            version = out / config.name / "1"
-            version.mkdir(parents=True, exist_ok=True)
-            (version / "model.py").write_text(
-                f"from audex.export.triton_models.trtllm_{config.name} import TritonPythonModel  # noqa: F401\n")
-        elif config.platform == "ensemble" or config.backend == "tensorrtllm":
-            (out / config.name / "1").mkdir(parents=True, exist_ok=True)
+            (version / "model.py").write_text(_step_model_py(HANDLERS[config.name]))
+    shutil.copy(PRESETS_YAML, out / "preprocessing" / "1" / "presets.yaml")
     return out
 
 
@@ -286,6 +406,32 @@ def read_config(path: str | Path) -> mc.ModelConfig:
         return text_format.Parse(path.read_text(), mc.ModelConfig())
     except text_format.ParseError as e:
         raise RepositoryError(f"{path}: not a valid Triton ModelConfig ({e})") from None
+
+
+def _check_decoupled_flow(ensemble: mc.ModelConfig, configs: dict) -> None:
+    """Triton's rule (``ValidateEnsembleConfig`` of ``ensemble_scheduler/ensemble_utils.cc``): every step takes all its
+    inputs from one decoupled source. Tensors carry a label: 0 for the ensemble's inputs, a fresh one for each output
+    of a decoupled step, the inputs' label for the outputs of any other step."""
+    label = {t.name: 0 for t in ensemble.input}
+    fresh = 0
+    steps = list(ensemble.ensemble_scheduling.step)
+    for _ in range(len(steps)):
+        for step in steps:
+            if not all(name in label for name in step.input_map.values()) or all(
+                    name in label for name in step.output_map.values()):
+                continue
+            labels = {label[name] for name in step.input_map.values()}
+            if len(labels) > 1:
+                raise RepositoryError(f"ensemble {ensemble.name!r}: step {step.model_name!r} takes inputs from different "
+                                      f"decoupled sources ({sorted(step.input_map.values())}); Triton refuses to load it")
+            target = configs.get(step.model_name)
+            if target is not None and target.model_transaction_policy.decoupled:
+                fresh += 1
+                out = fresh
+            else:
+                out = labels.pop() if labels else 0
+            for name in step.output_map.values():
+                label[name] = out
 
 
 def validate_repository(repo: str | Path) -> list[str]:
@@ -315,6 +461,11 @@ def validate_repository(repo: str | Path) -> list[str]:
     for config in configs.values():
         if config.platform != "ensemble":
             continue
+        clash = {t.name for t in config.input} & {t.name for t in config.output}
+        if clash:
+            raise RepositoryError(f"ensemble {config.name!r}: {sorted(clash)} is both an input and an output; ensemble "
+                                  "tensors share one namespace, so Triton would answer such a request twice")
+        _check_decoupled_flow(config, configs)
         for step in config.ensemble_scheduling.step:
             target = configs.get(step.model_name)
             if target is None:

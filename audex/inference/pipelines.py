@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -136,6 +136,21 @@ def split_long_text(text: str, max_chars: int | None) -> list[str]:
 
 
 # ---- the pipelines ------------------------------------------------------------------------------
+def generation_prompts(tokenizer, prompt_ids: Callable[[str, bool], list[int]], content_fn, conditions: Sequence[str],
+                       opener: int, thinking: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """TTS/TTA prompts and their unconditional twins: the condition replaced by as many ``<pad>`` tokens as it has
+    tokens (how the CFG training copies were made), each prompt ending with the span opener
+    (``<speechgen_start>`` / ``<audiogen_start>``). ``prompt_ids(content, thinking)`` writes the chat prompt."""
+    cond, uncond = [], []
+    one_pad = len(tokenizer.encode(content_fn(num_pads=1)))
+    for text in conditions:
+        content = content_fn(text)
+        num_pads = max(1, len(tokenizer.encode(content)) - one_pad + 1)
+        cond.append(prompt_ids(content, thinking) + [opener])
+        uncond.append(prompt_ids(content_fn(num_pads=num_pads), thinking) + [opener])
+    return cond, uncond
+
+
 class AudexPipeline:
     """Every Audex task on one model (see the module docstring).
 
@@ -282,14 +297,7 @@ class AudexPipeline:
     # ---- generation ---------------------------------------------------------------------------
     def _generation_prompts(self, content_fn, conditions: Sequence[str], opener: int, thinking: bool):
         """Conditional prompts and their same-length unconditional twins (condition -> ``<pad>`` x n)."""
-        cond, uncond = [], []
-        one_pad = len(self.tokenizer.encode(content_fn(num_pads=1)))
-        for text in conditions:
-            content = content_fn(text)
-            num_pads = max(1, len(self.tokenizer.encode(content)) - one_pad + 1)
-            cond.append(self.prompt_ids(content, thinking) + [opener])
-            uncond.append(self.prompt_ids(content_fn(num_pads=num_pads), thinking) + [opener])
-        return cond, uncond
+        return generation_prompts(self.tokenizer, self.prompt_ids, content_fn, conditions, opener, thinking)
 
     def tts_codes(self, texts: Sequence[str], **overrides) -> list[tuple[torch.Tensor, str, int]]:
         """Speech codes per text (long texts in sentence groups, joined): ``(codes [T], finish_reason, groups)``."""

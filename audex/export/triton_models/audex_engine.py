@@ -21,23 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import subprocess
-import tempfile
-import threading
-import time
-from multiprocessing.connection import Listener
 
 import numpy as np
 
+from audex.export.triton_models.worker_link import WorkerProcess, from_wire, project_python, to_wire
+
 LIMIT_FIELDS = {"max_audio_seconds": float, "max_new_tokens": int, "max_speech_seconds": float,
                 "max_context_tokens": int, "tta_seconds": float, "max_text_chars": int}
-
-
-def _wire(array) -> tuple:
-    a = np.ascontiguousarray(array)
-    return a.tobytes(), a.dtype.str, tuple(a.shape)
 
 
 class TritonPythonModel:
@@ -58,33 +48,12 @@ class TritonPythonModel:
         limits = {k: cast(params[k]) for k, cast in LIMIT_FIELDS.items() if params.get(k) not in (None, "", "None")}
         worker_config = {"model_path": model_path, "presets": presets, "limits": limits,
                          "num_threads": int(params.get("num_threads", "1"))}
-        python = params.get("python") or os.environ.get("AUDEX_PROJECT_PYTHON") or "python3"
-        self._dir = tempfile.mkdtemp(prefix="audex_engine_")
-        address = os.path.join(self._dir, "engine.sock")
-        authkey = secrets.token_bytes(32)
-        self.listener = Listener(address, family="AF_UNIX", authkey=authkey)
-        env = dict(os.environ)
-        env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "triton-stub-env" not in p)
-        self.worker = subprocess.Popen([python, "-m", "audex.export.engine_worker", "--address", address,
-                                        "--config", json.dumps(worker_config)], stdin=subprocess.PIPE, env=env)
-        self.worker.stdin.write((authkey.hex() + "\n").encode())
-        self.worker.stdin.close()
-        accepted: dict = {}
-        waiter = threading.Thread(target=lambda: accepted.update(conn=self.listener.accept()), daemon=True)
-        waiter.start()
-        deadline = time.monotonic() + float(params.get("startup_timeout_s", "600"))
-        while waiter.is_alive() and time.monotonic() < deadline:
-            waiter.join(0.5)
-            if self.worker.poll() is not None:
-                raise RuntimeError(f"the Audex engine worker exited with code {self.worker.returncode} before it "
-                                   f"connected; is {python!r} the project's interpreter? (see the server log)")
-        if "conn" not in accepted:
-            self.worker.kill()
-            raise RuntimeError("the Audex engine worker did not connect in time (startup_timeout_s)")
-        self.conn = accepted["conn"]
+        self.worker = WorkerProcess("audex.export.engine_worker", ["--config", json.dumps(worker_config)],
+                                    project_python(params), float(params.get("startup_timeout_s", "600")))
+        self.conn = self.worker.conn
         hello = self.conn.recv()
         if not hello.get("ready"):
-            self.worker.wait(timeout=30)
+            self.worker.stop()
             raise RuntimeError(f"the Audex engine could not load {model_path!r}: {hello.get('error')}")
 
     # ---- tensors <-> plain requests -----------------------------------------------------------
@@ -108,7 +77,7 @@ class TritonPythonModel:
 
         audio = self._input(request, "audio")
         return {"task": scalar("task", str), "text": scalar("text", str),
-                "audio": None if audio is None else _wire(audio.reshape(-1).astype(np.float32)),
+                "audio": None if audio is None else to_wire(audio.reshape(-1).astype(np.float32)),
                 "sample_rate": scalar("sample_rate", int) or 16000, "max_new_tokens": scalar("max_new_tokens", int),
                 "seed": scalar("seed", int), "guidance_scale": scalar("guidance_scale", float)}
 
@@ -121,8 +90,7 @@ class TritonPythonModel:
     def _response(self, result: dict):
         if result.get("error"):
             return self._error(result["error"])
-        data, dtype, shape = result["audio"]
-        audio = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(1, -1)
+        audio = from_wire(result["audio"]).reshape(1, -1)
         return self.pb.InferenceResponse(output_tensors=[
             self.pb.Tensor("text", np.array([[result["text"].encode("utf-8")]], dtype=np.object_)),
             self.pb.Tensor("audio", np.ascontiguousarray(audio, dtype=np.float32)),
@@ -146,10 +114,4 @@ class TritonPythonModel:
         return out
 
     def finalize(self):
-        try:
-            self.conn.send({"op": "stop"})
-            self.worker.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            self.worker.kill()
-        self.listener.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self.worker.stop({"op": "stop"})
