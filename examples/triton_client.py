@@ -6,6 +6,11 @@ Start a server first (``python scripts/serve_triton.py --model tiny.nemo``), the
     python examples/triton_client.py --url 127.0.0.1:8001 --protocol grpc tts "Hello there." --out hello.wav
     python examples/triton_client.py --url 127.0.0.1:8000 tta "A dog barks in the distance." --out dog.wav
     python examples/triton_client.py --url 127.0.0.1:8000 chat "What is the capital of France?"
+
+Against the GPU ensemble (``scripts/make_triton_repo.py layout=gpu``), add ``--model ensemble``; ``--stream`` plays
+TTS from ``ensemble_stream`` chunk by chunk over gRPC::
+
+    python examples/triton_client.py --url 127.0.0.1:8001 --protocol grpc --model ensemble --stream tts "Hello."
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ def main(argv=None) -> None:
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--model", default="audex", help="audex (CPU repository) or ensemble (GPU repository)")
+    parser.add_argument("--stream", action="store_true", help="stream from <model>_stream (gRPC, GPU ensemble)")
     sub = parser.add_subparsers(dest="task", required=True)
     asr = sub.add_parser("asr", help="transcribe a WAV file")
     asr.add_argument("--wav", required=True)
@@ -34,8 +41,21 @@ def main(argv=None) -> None:
     chat.add_argument("text")
     args = parser.parse_args(argv)
 
-    client = AudexTritonClient(args.url, protocol=args.protocol)
+    client = AudexTritonClient(args.url, protocol=args.protocol, model_name=args.model)
     common = {"seed": args.seed, "max_new_tokens": args.max_new_tokens}
+    if args.stream:
+        import numpy as np
+
+        audio = load_audio(args.wav).numpy() if args.task == "asr" else None
+        chunks = list(client.stream(args.task, model_name=f"{args.model}_stream", text=getattr(args, "text", None),
+                                    audio=audio, **common))
+        if args.task in ("tts", "tta"):
+            wav = np.concatenate([c.audio for c in chunks]) if chunks else np.zeros(0, np.float32)
+            path = write_wav(args.out, wav)
+            print(f"wrote {path} ({wav.size / 16000:.2f} s in {len(chunks)} chunks)")
+        else:
+            print("".join(c.text for c in chunks))
+        return
     if args.task == "asr":
         reply = client.asr(load_audio(args.wav).numpy(), **common)
         print(reply.text)

@@ -38,21 +38,58 @@ def test_gpu_ensemble_is_filled_from_the_model_and_wired(tiny_model, tmp_path):
     summary = ModelSummary.of(tiny_model)
     assert (summary.hidden_size, summary.vocab_size, summary.frames_per_window) == (128, 1536, 250)
     repo = write_gpu_repository(tmp_path / "repo", tmp_path / "export", summary, max_batch_size=64)
-    assert validate_repository(repo) == ["ensemble", "ensemble_stream", "postprocessing", "preprocessing",
-                                         "tensorrt_llm", "tensorrt_llm_stream"]
+    assert validate_repository(repo) == ["ensemble", "ensemble_stream", "postprocessing", "postprocessing_stream",
+                                         "preprocessing", "tensorrt_llm", "tensorrt_llm_stream"]
     llm = read_config(repo / "tensorrt_llm" / "config.pbtxt")
-    assert llm.backend == "tensorrtllm" and not llm.model_transaction_policy.decoupled
+    # Audex's python LLM model: TensorRT-LLM's executor with the CFG pairing post-processor
+    assert llm.backend == "python" and not llm.model_transaction_policy.decoupled
+    assert llm.parameters["executor"].string_value == "tensorrt_llm"
     assert llm.parameters["batch_scheduler_policy"].string_value == "guaranteed_no_evict"
+    assert llm.parameters["enable_chunked_context"].string_value == "false"
+    assert {"uncond_input_ids", "uncond_input_lengths", "guidance_scale", "output_kind"} <= {i.name for i in llm.input}
+    assert "StepModel" in (repo / "tensorrt_llm" / "1" / "model.py").read_text()
     table = next(i for i in llm.input if i.name == "prompt_embedding_table")
     assert list(table.dims) == [-1, 128]
+    pre = read_config(repo / "preprocessing" / "config.pbtxt")
+    assert pre.parameters["max_audio_seconds"].string_value == "30.0"      # the same limits as the CPU engine
+    assert (repo / "preprocessing" / "1" / "presets.yaml").exists()
     stream = read_config(repo / "ensemble_stream" / "config.pbtxt")
     assert stream.model_transaction_policy.decoupled            # TTS streaming
     assert read_config(repo / "tensorrt_llm_stream" / "config.pbtxt").model_transaction_policy.decoupled
+    assert read_config(repo / "postprocessing_stream" / "config.pbtxt").parameters["partial"].string_value == "true"
     ens = read_config(repo / "ensemble" / "config.pbtxt")
+    assert [o.name for o in ens.output] == ["text_output", "audio_output"]
     ens.ensemble_scheduling.step[1].model_name = "tensorrt_llm_stream"
     (repo / "ensemble" / "config.pbtxt").write_text(str(ens))
     with pytest.raises(RepositoryError, match="not decoupled"):
         validate_repository(repo)
+
+
+def test_gpu_ensemble_rules_triton_enforces_at_load_time(tiny_model, tmp_path):
+    """Two mistakes Triton only reports when it loads (or answers): an ensemble output named like an input (answered
+    twice), and a step fed from different decoupled sources (refused) -- both now caught when the repo is written."""
+    summary = ModelSummary.of(tiny_model)
+    repo = write_gpu_repository(tmp_path / "repo", tmp_path / "export", summary)
+    ens = read_config(repo / "ensemble" / "config.pbtxt")
+    ens.output[0].name = "text"
+    ens.ensemble_scheduling.step[2].output_map["text"] = "text"
+    (repo / "ensemble" / "config.pbtxt").write_text(str(ens))
+    with pytest.raises(RepositoryError, match="both an input and an output"):
+        validate_repository(repo)
+    repo = write_gpu_repository(tmp_path / "repo2", tmp_path / "export", summary)
+    stream = read_config(repo / "ensemble_stream" / "config.pbtxt")
+    post = stream.ensemble_scheduling.step[2]
+    post.input_map["output_kind"] = "_output_kind"         # from preprocessing, i.e. before the decoupled LLM
+    (repo / "ensemble_stream" / "config.pbtxt").write_text(str(stream))
+    with pytest.raises(RepositoryError, match="different decoupled sources"):
+        validate_repository(repo)
+    # TensorRT-LLM's C++ backend: no Python post-processor, so no CFG inputs (documented: TTS/TTA unguided)
+    cpp = write_gpu_repository(tmp_path / "cpp", tmp_path / "export", summary, llm_backend="tensorrtllm")
+    validate_repository(cpp)
+    llm = read_config(cpp / "tensorrt_llm" / "config.pbtxt")
+    assert llm.backend == "tensorrtllm" and "uncond_input_ids" not in {i.name for i in llm.input}
+    with pytest.raises(ValueError, match="executor must be one of"):
+        write_gpu_repository(tmp_path / "bad", tmp_path / "export", summary, executor="onnx")
 
 
 def test_engine_steps_write_the_pipeline_prompts_and_decode_codes(tiny_model, tmp_path):
@@ -69,9 +106,14 @@ def test_engine_steps_write_the_pipeline_prompts_and_decode_codes(tiny_model, tm
     builder = EngineInputBuilder(tmp_path / "export", 250, 10.0)
     pipe = AudexPipeline(tiny_model)
     tts = builder.build("tts", text="Hello there.")
-    cond, _ = pipe._generation_prompts(tts_user_content, ["Hello there."], tiny_model.vocab.speechgen_start, False)
+    cond, uncond = pipe._generation_prompts(tts_user_content, ["Hello there."], tiny_model.vocab.speechgen_start, False)
     assert tts["input_ids"][0].tolist() == cond[0]
     assert tts["runtime_top_k"][0, 0] == 80 and abs(tts["temperature"][0, 0] - 0.1) < 1e-6   # the TTS preset
+    assert tts["uncond_input_ids"][0].tolist() == uncond[0] and tts["guidance_scale"][0, 0] == 1.5   # CFG twin, lambda
+    assert tts["output_kind"][0, 0] == b"speech"
+    plain = builder.build("tts", text="Hello there.", guidance_scale=1.0)
+    assert plain["uncond_input_lengths"][0, 0] == 0 and plain["uncond_input_ids"].shape == (1, 0)
+    assert builder.build("tta", text="A dog barks.")["guidance_scale"][0, 0] == 3.0
     wav = (0.2 * np.sin(np.arange(8000) / 16000 * 2 * np.pi * 300)).astype(np.float32)
     asr = builder.build("asr", audio=wav)
     expected = pipe._with_audio(pipe.prompt_ids(pipe.formatter.audio_content("Transcribe the speech in the input audio")),
@@ -80,8 +122,14 @@ def test_engine_steps_write_the_pipeline_prompts_and_decode_codes(tiny_model, tm
     fake = ids >= 1536
     assert fake.sum() == 250 and asr["prompt_embedding_table"].shape == (1, 250, 128)
     assert np.where(fake, tiny_model.tokenizer.so_embedding, ids).tolist() == expected
-    with pytest.raises(ValueError, match="unknown task"):
+    from audex.export.serving import BadRequest
+
+    with pytest.raises(BadRequest, match="unknown task"):
         builder.build("sing", text="x")
+    with pytest.raises(BadRequest, match="over the server's limit"):        # the CPU engine's validation
+        builder.build("asr", audio=np.zeros(16000 * 31, np.float32))
+    with pytest.raises(BadRequest, match="NaN"):
+        builder.build("asr", audio=np.full(1600, np.nan, np.float32))
     decoder = EngineOutputDecoder(tmp_path / "export")
     codes = torch.tensor([3, 9, 27, 81, 200])
     ids = [tiny_model.vocab.speechgen_start] + tiny_model.vocab.speech_codes_to_ids(codes).tolist() + \

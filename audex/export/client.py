@@ -7,13 +7,22 @@ Example::
     >>> wav = client.tts("Hello there.", seed=0).audio          # numpy float32, 16 kHz
     >>> client.chat("What is the capital of France?").text
 
+The same client talks to the GPU ensemble (``model_name="ensemble"``, outputs ``text_output`` / ``audio_output``)
+and streams from its decoupled twin over gRPC::
+
+    >>> client = AudexTritonClient("127.0.0.1:8001", protocol="grpc", model_name="ensemble")
+    >>> for chunk in client.stream("tts", text="Hello there.", model_name="ensemble_stream"):
+    ...     play(chunk.audio)                                   # about one second of 16 kHz audio per chunk
+
 Errors the server returns (bad input) raise ``tritonclient.utils.InferenceServerException`` with the server's
 message, e.g. ``unknown task 'x'; this server runs [...]``.
 """
 
 from __future__ import annotations
 
+import queue
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -26,7 +35,9 @@ class AudexReply:
 
 
 class AudexTritonClient:
-    """Talks to the ``audex`` model of a repository from :func:`audex.export.triton_repo.write_cpu_repository`."""
+    """Talks to the ``audex`` model of a repository from :func:`audex.export.triton_repo.write_cpu_repository`, or to
+    the ``ensemble`` of :func:`~audex.export.triton_repo.write_gpu_repository` (``model_name`` starting with
+    ``ensemble``: TensorRT-LLM's ``*_output`` names, a UINT64 seed, no ``finish_reason``)."""
 
     def __init__(self, url: str, protocol: str = "http", model_name: str = "audex", timeout_s: float = 300.0):
         if protocol == "http":
@@ -43,6 +54,7 @@ class AudexTritonClient:
         self.protocol = protocol
         self.model_name = model_name
         self.timeout_s = timeout_s
+        self.ensemble = model_name.startswith("ensemble")
 
     def _input(self, name: str, array: np.ndarray, datatype: str):
         tensor = self.module.InferInput(name, list(array.shape), datatype)
@@ -59,18 +71,48 @@ class AudexTritonClient:
             inputs.append(self._input("audio", np.asarray(audio, dtype=np.float32).reshape(1, -1), "FP32"))
         for name, value, dtype, np_dtype in (("sample_rate", sample_rate, "INT32", np.int32),
                                              ("max_new_tokens", max_new_tokens, "INT32", np.int32),
-                                             ("seed", seed, "INT64", np.int64),
+                                             ("seed", seed, *(("UINT64", np.uint64) if self.ensemble
+                                                              else ("INT64", np.int64))),
                                              ("guidance_scale", guidance_scale, "FP32", np.float32)):
             if value is not None:
                 inputs.append(self._input(name, np.array([[value]], dtype=np_dtype), dtype))
         return inputs
 
-    def infer_inputs(self, inputs: list) -> AudexReply:
-        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        result = self.client.infer(self.model_name, inputs, **kwargs)
+    def _reply(self, result) -> AudexReply:
+        if self.ensemble:
+            return AudexReply(text=result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
+                              audio=result.as_numpy("audio_output").reshape(-1), finish_reason="")
         return AudexReply(text=result.as_numpy("text").reshape(-1)[0].decode("utf-8"),
                           audio=result.as_numpy("audio").reshape(-1),
                           finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"))
+
+    def infer_inputs(self, inputs: list) -> AudexReply:
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        return self._reply(self.client.infer(self.model_name, inputs, **kwargs))
+
+    def stream(self, task: str, model_name: str = "ensemble_stream", **kwargs) -> Iterator[AudexReply]:
+        """The chunks of a decoupled (streaming) model over gRPC, in order, until its final response."""
+        if self.protocol != "grpc":
+            raise ValueError("streaming needs protocol='grpc' (Triton's HTTP endpoint answers once per request)")
+        replies: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: replies.put((result, error)))
+        try:
+            self.client.async_stream_infer(model_name, self.build_inputs(task, **kwargs),
+                                           enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = replies.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise TimeoutError(f"no streamed response from {model_name!r} within {self.timeout_s:g} s") from None
+                if error is not None:
+                    raise error
+                response = result.get_response()
+                if response.outputs:
+                    yield self._reply(result)
+                if response.parameters["triton_final_response"].bool_param:
+                    return
+        finally:
+            self.client.stop_stream()
 
     def infer(self, task: str, **kwargs) -> AudexReply:
         return self.infer_inputs(self.build_inputs(task, **kwargs))
@@ -89,6 +131,16 @@ class AudexTritonClient:
 
     def chat(self, message: str, **kw) -> AudexReply:
         return self.infer("chat", text=message, **kw)
+
+    def close(self) -> None:
+        """Close the connection (an idle HTTP keep-alive connection delays the server's shutdown by its exit timeout)."""
+        self.client.close()
+
+    def __enter__(self) -> "AudexTritonClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def is_ready(self) -> bool:
         return bool(self.client.is_server_ready()) and bool(self.client.is_model_ready(self.model_name))

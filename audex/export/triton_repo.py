@@ -273,6 +273,7 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
         params.update({"executor": executor, "engine_dir": engine_dir, "export_dir": export_dir or "",
                        "max_batch_size": max_batch_size, "max_lag_steps": 4, "stream_chunk_seconds": 1.0,
                        "prompt_table_dtype": prompt_table_dtype, "python": sys.executable,
+                       "presets": "../../preprocessing/1/presets.yaml",
                        **_limit_params(limits or ServeLimits())})
     _params(c, params)
     return c

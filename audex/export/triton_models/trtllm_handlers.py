@@ -129,8 +129,13 @@ class LlmHandler:
         if kind == "torch":
             config.max_batch_size = int(params.get("max_batch_size", "8"))
         model_path = params.get("engine_dir") if kind == "tensorrt_llm" else str(export_dir / "hf")
-        self.guided = GuidedExecutor.create(trtllm, model_path, self.tokenizer, config, audio_seconds=limits.tta_seconds,
-                                            max_speech_seconds=limits.max_speech_seconds,
+        # the grammar of the presets, as the CPU engine applies it (the limits cap the token budget per request)
+        from audex.export.serving import serving_presets
+
+        presets = serving_presets(self.vocab, limits, _presets_path(params))
+        self.guided = GuidedExecutor.create(trtllm, model_path, self.tokenizer, config,
+                                            audio_seconds=presets["tta"].audio_seconds or limits.tta_seconds,
+                                            max_speech_seconds=presets["tts"].max_speech_seconds,
                                             max_lag_steps=int(params.get("max_lag_steps", "4")))
         # TensorRT-LLM wants the prompt table in the engine's dtype; the reference executor computes in float32
         import torch
