@@ -9,8 +9,8 @@ import torch
 
 import audex.export.torch_executor as trtllm
 from audex.data.prompts import tts_user_content
-from audex.export.guided_executor import GuidedExecutor, LlmJob
 from audex.export.frontend_onnx import prompt_tuning_inputs
+from audex.export.guided_executor import GuidedExecutor, LlmJob
 from audex.inference.constraints import CodecConstraint
 from audex.inference.decoding import AudexDecoder
 from audex.inference.pipelines import AudexPipeline
@@ -177,5 +177,34 @@ def test_audio_through_the_prompt_table_equals_the_engine(tiny_model, tone):
         ref = AudexDecoder.for_model(tiny_model).generate([prompt], SamplingParams(do_sample=False, max_new_tokens=8),
                                                           audio_embeds=[embeds])
         assert got.wait(job)[-1].tokens == ref.token_ids[0]
+    finally:
+        guided.shutdown()
+
+
+@pytest.mark.gpu
+def test_cfg_pairs_on_the_tensorrt_llm_executor_equal_the_engine(tiny_model, prompts, tmp_path):
+    """On a GPU host: the same GuidedExecutor over TensorRT-LLM's own executor (the tiny engine, float32) decodes
+    greedy CFG pairs equal to the PyTorch engine's, with every pair guided (both twins admitted in one step)."""
+    pytest.importorskip("tensorrt_llm", reason="TensorRT-LLM is not installed (it installs only on CUDA hosts)")
+    import subprocess
+
+    import tensorrt_llm.bindings.executor as real
+
+    from audex.export.trtllm import trtllm_build_command, write_trtllm_checkpoint
+
+    ckpt = write_trtllm_checkpoint(tiny_model.backbone, tmp_path / "ckpt", dtype="float32")
+    subprocess.run(trtllm_build_command(ckpt, tmp_path / "engine", {"max_batch_size": 8, "max_input_len": 256,
+                                                                     "max_seq_len": 320,
+                                                                     "max_prompt_embedding_table_size": 512}),
+                   check=True)
+    config = real.ExecutorConfig(1, scheduler_config=real.SchedulerConfig(
+        real.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT), enable_chunked_context=False)
+    guided = GuidedExecutor.create(real, str(tmp_path / "engine"), tiny_model.tokenizer, config)
+    got = Collector()
+    cond, uncond = prompts
+    try:
+        ids = [guided.submit(speech_job(tiny_model, c, u), got) for c, u in zip(cond, uncond)]
+        assert [got.wait(i)[-1].tokens for i in ids] == engine_cfg(tiny_model, cond, uncond)
+        assert guided.stats["unguided"] == 0 and guided.stats["guided"] > 0
     finally:
         guided.shutdown()
