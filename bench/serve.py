@@ -7,6 +7,10 @@ serves). Prints requests/s and p50/p95 latency side by side; the last line is JS
 (direct req/s over Triton req/s, minus 1), ``p50_ms``/``p95_ms`` (Triton) and ``failures``.
 
     python bench/serve.py --requests 200 --concurrency 8
+
+``--layout gpu`` measures the GPU ensemble instead (preprocessing -> LLM with CFG pairs -> postprocessing, the
+PyTorch reference executor standing in for TensorRT-LLM's) against the same three step handlers chained in this
+process, built from the very ``config.pbtxt`` parameters the server reads.
 """
 
 from __future__ import annotations
@@ -73,11 +77,62 @@ def run_load(call, requests, concurrency: int) -> tuple[list[float], int, float]
     return latencies, failures[0], time.perf_counter() - t0
 
 
+def gpu_ensemble(model, work: Path):
+    """The GPU repository over an export of ``model`` (reference executor), and the direct chain of its handlers."""
+    from omegaconf import OmegaConf
+
+    from audex.export.bundle import export_bundle
+    from audex.export.triton_models.trtllm_handlers import LlmHandler, PostprocessingHandler, PreprocessingHandler
+    from audex.export.triton_repo import ModelSummary, read_config, write_gpu_repository
+
+    cfg = OmegaConf.load(ROOT / "conf" / "export.yaml")
+    cfg.trtllm.dtype = "float32"
+    export_bundle(model, work / "export", cfg)
+    repo = write_gpu_repository(work / "repo", work / "export", ModelSummary.from_export(work / "export"),
+                                executor="torch", max_batch_size=8, limits=LIMITS)
+
+    def params(name):
+        out = {k: v.string_value for k, v in read_config(repo / name / "config.pbtxt").parameters.items()}
+        return out | {"model_dir": str(repo / name / "1"), "decoupled": "false"}
+
+    pre, llm, post = (PreprocessingHandler(params("preprocessing")), LlmHandler(params("tensorrt_llm")),
+                      PostprocessingHandler(params("postprocessing")))
+
+    def run(handler, inputs):
+        done, box = threading.Event(), {}
+
+        def emit(rid, outputs, error=None, final=True, invalid=False):
+            box.update(outputs=outputs, error=error)
+            if final:
+                done.set()
+        handler.submit(0, inputs, emit)
+        done.wait()
+        if box["error"]:
+            raise RuntimeError(box["error"])
+        return box["outputs"]
+
+    def direct(req):
+        inputs = {"task": np.array([[req.task.encode()]], dtype=np.object_)}
+        if req.text is not None:
+            inputs["text"] = np.array([[req.text.encode()]], dtype=np.object_)
+        if req.audio is not None:
+            inputs["audio"] = req.audio.numpy().reshape(1, -1)
+        for name, value, dtype in (("max_new_tokens", req.max_new_tokens, np.int32), ("seed", req.seed, np.uint64)):
+            if value is not None:
+                inputs[name] = np.array([[value]], dtype)
+        generated = run(llm, run(pre, inputs))
+        run(post, {k: generated[k] for k in ("output_ids", "sequence_length", "output_kind")})
+
+    return repo, direct, llm.close
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--model", default=str(ROOT / "conf" / "model" / "tiny.yaml"), help=".nemo, folder or YAML")
+    parser.add_argument("--layout", choices=["cpu", "gpu"], default="cpu",
+                        help="cpu: the one-model CPU repository; gpu: the ensemble with CFG pairs (reference executor)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from audex.export.loading import load_audex_model
@@ -93,19 +148,24 @@ def main() -> None:
 
     engine, engine_lock = AudexServingEngine(model, LIMITS), threading.Lock()
 
-    def direct(req):
+    def direct(req):  # the CPU layout's direct path: one engine call at a time, as one model instance serves
         with engine_lock:
             [res] = engine.run([req])
         if res.error:
             raise RuntimeError(res.error)
 
-    repo = write_cpu_repository(work / "repo", model_path, limits=LIMITS)
+    if args.layout == "gpu":
+        repo, direct, close = gpu_ensemble(model, work)
+        model_name = "ensemble"
+    else:
+        repo = write_cpu_repository(work / "repo", model_path, limits=LIMITS)
+        model_name, close = "audex", (lambda: None)
     with TritonServer(repo, workdir=work / "server") as server:
         clients = threading.local()
 
         def through_triton(req):
             if not hasattr(clients, "c"):
-                clients.c = AudexTritonClient(server.http_url, "http")
+                clients.c = AudexTritonClient(server.http_url, "http", model_name=model_name)
             clients.c.infer(req.task, text=req.text, audio=None if req.audio is None else req.audio.numpy(),
                             max_new_tokens=req.max_new_tokens, seed=req.seed)
 
@@ -113,6 +173,7 @@ def main() -> None:
         t_lat, t_fail, t_wall = run_load(through_triton, requests, args.concurrency)
     run_load(direct, requests[:8], 4)
     d_lat, d_fail, d_wall = run_load(direct, requests, args.concurrency)
+    close()
 
     def stats(lat, wall):
         ms = np.array(lat) * 1000
@@ -126,7 +187,7 @@ def main() -> None:
     print(json.dumps({"triton_overhead": round(d_rps / t_rps - 1.0, 4), "p50_ms": round(t_p50, 2),
                       "p95_ms": round(t_p95, 2), "failures": t_fail + d_fail, "requests": args.requests,
                       "concurrency": args.concurrency, "direct_p50_ms": round(d_p50, 2), "direct_rps": round(d_rps, 3),
-                      "triton_rps": round(t_rps, 3)}))
+                      "triton_rps": round(t_rps, 3), "layout": args.layout}))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -2,6 +2,8 @@
 
     python scripts/serve_triton.py model_path=tiny.nemo            # writes triton_repo/, serves until Ctrl-C
     python scripts/serve_triton.py repo=triton_repo serve.http_port=8100
+    python scripts/serve_triton.py repo=gpu_repo      # any written repository, e.g. the GPU ensemble of
+                                                      # scripts/make_triton_repo.py layout=gpu executor=torch
 
 Then: ``python examples/triton_client.py --url 127.0.0.1:8000 chat "Hello"``. Stops cleanly on SIGTERM/Ctrl-C.
 """
@@ -27,7 +29,7 @@ def main(argv=None) -> None:
     cfg = OmegaConf.merge(OmegaConf.load(CONF), {"repo": "triton_repo"}, OmegaConf.from_dotlist(args))
     OmegaConf.set_struct(cfg, False)
     repo = Path(cfg.repo)
-    if not (repo / "audex" / "config.pbtxt").exists():
+    if not any(repo.glob("*/config.pbtxt")):
         if OmegaConf.is_missing(cfg, "model_path"):
             raise SystemExit(f"{repo} holds no Audex repository: pass model_path=... to write one, or repo=...")
         s = cfg.serve

@@ -3,6 +3,7 @@ audex.export.torch_executor on CPU) equals the generation engine's CFG, token fo
 scheduler splits, cancelled jobs, streaming, bad requests and audio through the prompt table."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -31,6 +32,32 @@ def guided_executor(model, max_batch_size=8, max_lag_steps=4):
                                    scheduler_config=trtllm.SchedulerConfig(
                                        trtllm.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT))
     return GuidedExecutor.create(trtllm, model.backbone, model.tokenizer, config, max_lag_steps=max_lag_steps)
+
+
+def wait_until(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def assert_drained(guided):
+    """Nothing left behind: every job answered, every pair forgotten by the tracker."""
+    wait_until(lambda: guided.pending() == 0)
+    assert guided.tracker.pairs == {}
+
+
+@pytest.fixture
+def start(tiny_model):
+    """``start(max_batch_size=8) -> (GuidedExecutor, Collector)``; every executor started is shut down afterwards."""
+    started = []
+
+    def make(max_batch_size=8):
+        started.append(guided_executor(tiny_model, max_batch_size=max_batch_size))
+        return started[-1], Collector()
+    yield make
+    for guided in started:
+        guided.shutdown()
 
 
 class Collector:
@@ -63,105 +90,79 @@ def engine_cfg(model, cond, uncond, lam=LAMBDA):
         constraint=CodecConstraint.for_task(model.tokenizer, "speech", max_speech_seconds=None)).token_ids
 
 
-def test_twins_in_one_batch_equal_the_engine_cfg(tiny_model, prompts):
+def test_twins_in_one_batch_equal_the_engine_cfg(tiny_model, prompts, start):
     cond, uncond = prompts
-    guided, got = guided_executor(tiny_model), Collector()
-    try:
-        ids = [guided.submit(speech_job(tiny_model, c, u), got) for c, u in zip(cond, uncond)]
-        results = [got.wait(i)[-1] for i in ids]
-        assert [r.tokens for r in results] == engine_cfg(tiny_model, cond, uncond)
-        assert all(r.error is None and r.finish_reason in ("stop", "length") for r in results)
-        assert guided.stats["guided"] > 0 and guided.stats["unguided"] == 0
-        assert guided.pending() == 0 and guided.tracker.pairs == {}          # nothing left behind
-        assert max(guided.executor.batch_sizes) == 6                       # the three pairs shared the steps
-    finally:
-        guided.shutdown()
+    guided, got = start()
+    ids = [guided.submit(speech_job(tiny_model, c, u), got) for c, u in zip(cond, uncond)]
+    results = [got.wait(i)[-1] for i in ids]
+    assert [r.tokens for r in results] == engine_cfg(tiny_model, cond, uncond)
+    assert all(r.error is None and r.finish_reason in ("stop", "length") for r in results)
+    assert guided.stats["guided"] > 0 and guided.stats["unguided"] == 0
+    assert_drained(guided)
+    assert max(guided.executor.batch_sizes) == 6                       # the three pairs shared the steps
 
 
-def test_a_split_pair_decides_unguided_and_every_job_finishes(tiny_model, prompts):
+def test_a_split_pair_decides_unguided_and_every_job_finishes(tiny_model, prompts, start):
     """max_batch_size=3: pair 0 (2 rows) and pair 1's conditional row fill the batch; pair 1's twin waits. Pair 0
     is guided exactly, pair 1 decides with lambda = 1 (counted), the plain text job after them still runs."""
     cond, uncond = prompts
     tok = tiny_model.tokenizer
-    guided, got = guided_executor(tiny_model, max_batch_size=3), Collector()
-    try:
-        a = guided.submit(speech_job(tiny_model, cond[0], uncond[0]), got)
-        b = guided.submit(speech_job(tiny_model, cond[1], uncond[1]), got)
-        text = guided.submit(LlmJob(cond[2][:-1], 6, tok.im_end, tok.pad_id, SamplingParams(do_sample=False)), got)
-        assert got.wait(a)[-1].tokens == engine_cfg(tiny_model, cond[:1], uncond[:1])[0]
-        assert got.wait(b)[-1].tokens == engine_cfg(tiny_model, cond[1:2], uncond[1:2], lam=1.0)[0]
-        plain = AudexDecoder.for_model(tiny_model).generate([cond[2][:-1]], SamplingParams(do_sample=False,
-                                                                                           max_new_tokens=6))
-        assert got.wait(text)[-1].tokens == plain.token_ids[0]
-        assert guided.stats["unguided"] > 0
-        assert max(guided.executor.batch_sizes) <= 3
-        assert guided.pending() == 0 and guided.tracker.pairs == {}
-    finally:
-        guided.shutdown()
+    guided, got = start(max_batch_size=3)
+    a = guided.submit(speech_job(tiny_model, cond[0], uncond[0]), got)
+    b = guided.submit(speech_job(tiny_model, cond[1], uncond[1]), got)
+    text = guided.submit(LlmJob(cond[2][:-1], 6, tok.im_end, tok.pad_id, SamplingParams(do_sample=False)), got)
+    assert got.wait(a)[-1].tokens == engine_cfg(tiny_model, cond[:1], uncond[:1])[0]
+    assert got.wait(b)[-1].tokens == engine_cfg(tiny_model, cond[1:2], uncond[1:2], lam=1.0)[0]
+    plain = AudexDecoder.for_model(tiny_model).generate([cond[2][:-1]], SamplingParams(do_sample=False,
+                                                                                       max_new_tokens=6))
+    assert got.wait(text)[-1].tokens == plain.token_ids[0]
+    assert guided.stats["unguided"] > 0
+    assert max(guided.executor.batch_sizes) <= 3
+    assert_drained(guided)
 
 
-def test_cancel_streaming_and_seeded_sampling(tiny_model, prompts):
+def test_cancel_streaming_and_seeded_sampling(tiny_model, prompts, start):
     cond, uncond = prompts
     tok = tiny_model.tokenizer
-    guided, got = guided_executor(tiny_model), Collector()
-    try:
-        # streaming: the chunks add up to the non-streamed answer
-        streamed = guided.submit(speech_job(tiny_model, cond[1], uncond[1], streaming=True), got)
-        events = got.wait(streamed)
-        assert len(events) > 1 and events[-1].final
-        assert [t for e in events for t in e.tokens] == engine_cfg(tiny_model, cond[1:2], uncond[1:2])[0]
-        # seeded sampling through the engine's own sampler (text) and through the pair's sampler (speech)
-        params = SamplingParams(do_sample=True, temperature=1.0, top_k=80, guidance_scale=1.5, seed=7)
-        twice = [guided.submit(LlmJob(cond[0], MAX_NEW, tok.im_end, tok.pad_id, params, uncond_input_ids=uncond[0],
-                                      output="speech"), got) for _ in range(2)]
-        assert got.wait(twice[0])[-1].tokens == got.wait(twice[1])[-1].tokens
-        # cancellation: a long job is cancelled after its first chunk; both twins leave the executor
-        long = speech_job(tiny_model, cond[0], uncond[0], streaming=True)
-        long.max_new_tokens = 400
-        first = threading.Event()
-        events = []
-
-        def on_event(e):
-            events.append(e)
-            first.set()
-        job = guided.submit(long, on_event)
-        assert first.wait(60)
-        guided.cancel(job)
-        deadline = threading.Event()
-        for _ in range(600):
-            if events and events[-1].final:
-                break
-            deadline.wait(0.05)
-        assert events[-1].final and events[-1].finish_reason == "cancelled"
-        assert sum(len(e.tokens) for e in events) < 400
-        for _ in range(100):
-            if guided.pending() == 0:
-                break
-            deadline.wait(0.05)
-        assert guided.pending() == 0 and guided.tracker.pairs == {}
-    finally:
-        guided.shutdown()
+    guided, got = start()
+    # streaming: the chunks add up to the non-streamed answer
+    streamed = guided.submit(speech_job(tiny_model, cond[1], uncond[1], streaming=True), got)
+    events = got.wait(streamed)
+    assert len(events) > 1 and events[-1].final
+    assert [t for e in events for t in e.tokens] == engine_cfg(tiny_model, cond[1:2], uncond[1:2])[0]
+    # seeded sampling through the engine's own sampler (text) and through the pair's sampler (speech)
+    params = SamplingParams(do_sample=True, temperature=1.0, top_k=80, guidance_scale=1.5, seed=7)
+    twice = [guided.submit(LlmJob(cond[0], MAX_NEW, tok.im_end, tok.pad_id, params, uncond_input_ids=uncond[0],
+                                  output="speech"), got) for _ in range(2)]
+    assert got.wait(twice[0])[-1].tokens == got.wait(twice[1])[-1].tokens
+    # cancellation: a long job is cancelled after its first chunk; both twins leave the executor
+    long = speech_job(tiny_model, cond[0], uncond[0], streaming=True)
+    long.max_new_tokens = 400
+    job = guided.submit(long, got)
+    wait_until(lambda: job in got.events)                     # its first chunk has arrived
+    guided.cancel(job)
+    events = got.wait(job)
+    assert events[-1].final and events[-1].finish_reason == "cancelled"
+    assert sum(len(e.tokens) for e in events) < 400
+    assert_drained(guided)
 
 
-def test_bad_requests_get_errors_and_the_executor_keeps_serving(tiny_model, prompts):
+def test_bad_requests_get_errors_and_the_executor_keeps_serving(tiny_model, prompts, start):
     cond, uncond = prompts
     tok = tiny_model.tokenizer
-    guided, got = guided_executor(tiny_model), Collector()
-    try:
-        bad = guided.submit(LlmJob([1, 2, 10 ** 6], 4, tok.im_end, tok.pad_id, SamplingParams()), got)
-        [event] = got.wait(bad)
-        assert event.error and "outside the vocabulary" in event.error and event.finish_reason == "error"
-        ok = guided.submit(speech_job(tiny_model, cond[2], uncond[2]), got)
-        assert got.wait(ok)[-1].tokens == engine_cfg(tiny_model, cond[2:], uncond[2:])[0]
-        with pytest.raises(ValueError, match="guidance is for speech/audio"):
-            LlmJob([1], 4, tok.im_end, tok.pad_id, SamplingParams(guidance_scale=2.0))
-        with pytest.raises(ValueError, match="output must be one of"):
-            LlmJob([1], 4, tok.im_end, tok.pad_id, SamplingParams(), output="video")
-    finally:
-        guided.shutdown()
+    guided, got = start()
+    bad = guided.submit(LlmJob([1, 2, 10 ** 6], 4, tok.im_end, tok.pad_id, SamplingParams()), got)
+    [event] = got.wait(bad)
+    assert event.error and "outside the vocabulary" in event.error and event.finish_reason == "error"
+    ok = guided.submit(speech_job(tiny_model, cond[2], uncond[2]), got)
+    assert got.wait(ok)[-1].tokens == engine_cfg(tiny_model, cond[2:], uncond[2:])[0]
+    with pytest.raises(ValueError, match="guidance is for speech/audio"):
+        LlmJob([1], 4, tok.im_end, tok.pad_id, SamplingParams(guidance_scale=2.0))
+    with pytest.raises(ValueError, match="output must be one of"):
+        LlmJob([1], 4, tok.im_end, tok.pad_id, SamplingParams(), output="video")
 
 
-def test_audio_through_the_prompt_table_equals_the_engine(tiny_model, tone):
+def test_audio_through_the_prompt_table_equals_the_engine(tiny_model, tone, start):
     """ASR: audio frames enter as ids >= vocab_size indexing the prompt table (the TensorRT-LLM convention)."""
     pipe = AudexPipeline(tiny_model)
     wav = tone(1.0)
@@ -171,14 +172,11 @@ def test_audio_through_the_prompt_table_equals_the_engine(tiny_model, tone):
         embeds = tiny_model.encode_audio([wav])
     ids, table = prompt_tuning_inputs(prompt, tiny_model.tokenizer.so_embedding, tiny_model.vocab.size, embeds)
     tok = tiny_model.tokenizer
-    guided, got = guided_executor(tiny_model), Collector()
-    try:
-        job = guided.submit(LlmJob(ids, 8, tok.im_end, tok.pad_id, SamplingParams(do_sample=False), prompt_table=table), got)
-        ref = AudexDecoder.for_model(tiny_model).generate([prompt], SamplingParams(do_sample=False, max_new_tokens=8),
-                                                          audio_embeds=[embeds])
-        assert got.wait(job)[-1].tokens == ref.token_ids[0]
-    finally:
-        guided.shutdown()
+    guided, got = start()
+    job = guided.submit(LlmJob(ids, 8, tok.im_end, tok.pad_id, SamplingParams(do_sample=False), prompt_table=table), got)
+    ref = AudexDecoder.for_model(tiny_model).generate([prompt], SamplingParams(do_sample=False, max_new_tokens=8),
+                                                      audio_embeds=[embeds])
+    assert got.wait(job)[-1].tokens == ref.token_ids[0]
 
 
 @pytest.mark.gpu

@@ -2,8 +2,6 @@
 loopback: the four tasks over HTTP and gRPC, equal to in-process calls of the same engine; every class of malformed
 request refused with a message while the server keeps serving; a bounded mixed load test; clean SIGTERM shutdown."""
 
-import threading
-import time
 import urllib.request
 
 import numpy as np
@@ -14,6 +12,7 @@ import torch
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
 
+from serving_checks import MALFORMED, malformed_inputs, run_mixed_load, tone  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from audex.export.client import AudexTritonClient  # noqa: E402
@@ -46,12 +45,9 @@ def served(tiny_model, tmp_path_factory):
 @pytest.fixture(params=["http", "grpc"])
 def client(served, request):
     server, _ = served
-    return AudexTritonClient(server.http_url if request.param == "http" else server.grpc_url, protocol=request.param)
+    with AudexTritonClient(server.http_url if request.param == "http" else server.grpc_url, protocol=request.param) as c:
+        yield c
 
-
-def tone(seconds, freq=440.0):
-    t = np.arange(int(seconds * 16000)) / 16000
-    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
 def test_health_and_readiness_endpoints(served):
@@ -92,94 +88,24 @@ def test_chat_returns_the_engine_text(served, client):
     assert reply.text == direct.text and reply.audio.size == 0
 
 
-def _raw_infer(client, inputs):
-    return client.client.infer("audex", inputs)
-
-
-@pytest.mark.parametrize("case, expected", [
-    ("unknown_task", "unknown task 'sing'"),
-    ("empty_audio", "empty"),
-    ("nan_audio", "NaN"),
-    ("long_audio", "over the server's limit of 12 s"),
-    ("over_context", "over the model's context of 400 tokens"),
-    ("missing_text", "needs a non-empty 'text'"),
-    ("wrong_dtype", "data-type is 'INT32', but model 'audex' expects 'FP32'"),
-    ("wrong_shape", "shape"),
-    ("batch_of_two", "one input per request"),
-])
+@pytest.mark.parametrize("case, expected", MALFORMED)
 def test_malformed_requests_get_a_named_error_and_the_server_keeps_serving(served, client, case, expected):
-    c = client
-    if case == "unknown_task":
-        inputs = c.build_inputs("sing", text="la la")
-    elif case == "empty_audio":
-        inputs = c.build_inputs("asr", audio=np.zeros(0, np.float32))
-    elif case == "nan_audio":
-        inputs = c.build_inputs("asr", audio=np.full(1600, np.nan, np.float32))
-    elif case == "long_audio":
-        inputs = c.build_inputs("asr", audio=tone(13.0))
-    elif case == "over_context":
-        inputs = c.build_inputs("chat", text="tell me more " * 300)
-    elif case == "missing_text":
-        inputs = c.build_inputs("tts")
-    elif case == "wrong_dtype":
-        bad = c.module.InferInput("audio", [1, 16], "INT32")
-        bad.set_data_from_numpy(np.zeros((1, 16), np.int32))
-        inputs = c.build_inputs("asr")[:1] + [bad]
-    elif case == "wrong_shape":
-        bad = c.module.InferInput("audio", [1, 4, 16], "FP32")
-        bad.set_data_from_numpy(np.zeros((1, 4, 16), np.float32))
-        inputs = c.build_inputs("asr")[:1] + [bad]
-    else:
-        task = c.module.InferInput("task", [2, 1], "BYTES")
-        task.set_data_from_numpy(np.array([[b"chat"], [b"chat"]], dtype=np.object_))
-        text = c.module.InferInput("text", [2, 1], "BYTES")
-        text.set_data_from_numpy(np.array([[b"hi"], [b"yo"]], dtype=np.object_))
-        inputs = [task, text]
     with pytest.raises(InferenceServerException) as err:
-        _raw_infer(c, inputs)
-    assert expected.lower() in str(err.value).lower()
-    assert c.chat("Still there?", max_new_tokens=2).finish_reason in ("stop", "length")
+        client.infer_inputs(malformed_inputs(client, case))
+    assert expected.format(model="audex").lower() in str(err.value).lower()
+    assert client.chat("Still there?", max_new_tokens=2).text is not None
 
 
 def test_bounded_mixed_load_has_no_failures(served):
     server, _ = served
-    n_requests, concurrency, budget_s = 64, 8, 240.0   # bench/serve.py runs the full 200-request version
-    tasks = ["asr", "chat", "tts", "tta"]
-    failures, done, lock = [], [], threading.Lock()
-    jobs = list(range(n_requests))
+    n = 64                             # bench/serve.py runs the full 200-request version
 
-    def worker(protocol):
-        c = AudexTritonClient(server.http_url if protocol == "http" else server.grpc_url, protocol=protocol)
-        while True:
-            with lock:
-                if not jobs:
-                    return
-                i = jobs.pop()
-            task = tasks[i % len(tasks)]
-            try:
-                if task == "asr":
-                    reply = c.asr(tone(0.5 + 0.1 * (i % 5)))
-                elif task == "chat":
-                    reply = c.chat(f"question {i}", max_new_tokens=4)
-                else:
-                    reply = getattr(c, task)(f"sentence number {i}", seed=i)
-                    assert reply.audio.size > 0
-                with lock:
-                    done.append(i)
-            except Exception as e:  # noqa: BLE001 - every failure is counted and reported
-                with lock:
-                    failures.append((i, task, repr(e)))
+    def make(protocol):
+        return AudexTritonClient(server.http_url if protocol == "http" else server.grpc_url, protocol=protocol)
 
-    start = time.monotonic()
-    threads = [threading.Thread(target=worker, args=("http" if k % 2 else "grpc",)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=budget_s)
-    assert not any(t.is_alive() for t in threads), f"load test exceeded {budget_s} s"
+    done, failures = run_mixed_load(make, n_requests=n, concurrency=8, budget_s=300.0)
     assert failures == []
-    assert sorted(done) == list(range(n_requests))      # no request lost
-    assert time.monotonic() - start < budget_s
+    assert done == list(range(n))                               # no request lost
 
 
 def test_sigterm_shuts_the_server_down_cleanly(served):

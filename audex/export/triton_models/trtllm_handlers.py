@@ -50,7 +50,7 @@ def _one_request(inputs: dict, name: str) -> None:
     if array is None:
         raise ValueError(f"input {name!r} is required")
     if array.ndim == 0 or array.shape[0] != 1:
-        raise ValueError(f"send one item per request (input {name!r} has a batch of {array.shape[:1]}); the server "
+        raise ValueError(f"send one input per request (input {name!r} has a batch of {array.shape[0] if array.ndim else 0}); the server "
                          "batches requests itself")
 
 
