@@ -6,6 +6,8 @@ lambda from the preset or the request), TTS streamed from the decoupled ensemble
 refused by name while the server keeps serving, a bounded mixed load with nothing failed or lost, clean shutdown."""
 
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -119,6 +121,39 @@ def test_bounded_mixed_load_has_no_failures(served):
     done, failures = run_mixed_load(make, n_requests=n, concurrency=8, budget_s=300.0)
     assert failures == []
     assert done == list(range(n))                               # no request lost
+
+
+def test_a_client_cancelling_a_stream_cancels_both_twins(served):
+    """gRPC stream cancelled after the first chunk: Triton marks the request cancelled, the step model tells the LLM
+    handler, which cancels the job (conditional row and twin); the server keeps serving."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    server, _ = served
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    with AudexTritonClient(server.grpc_url, protocol="grpc", model_name="ensemble") as audex:
+        pre = c.infer("preprocessing", audex.build_inputs("tts", text="Speak for a long while, please."))
+        inputs = []
+        for out in pre.get_response().outputs:
+            array = pre.as_numpy(out.name)
+            if out.name == "request_output_len":
+                array = np.array([[3000]], np.int32)                 # far beyond the preprocessing limit
+            tensor = grpcclient.InferInput(out.name, list(array.shape), out.datatype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        chunks: queue.Queue = queue.Queue()
+        c.start_stream(callback=lambda result, error: chunks.put((result, error)))
+        c.async_stream_infer("tensorrt_llm_stream", inputs)
+        result, error = chunks.get(timeout=60)
+        assert error is None and result.as_numpy("output_ids").shape[-1] == 50    # the first second of speech
+        c.stop_stream(cancel_requests=True)
+        deadline = time.monotonic() + 30
+        while "was cancelled by its client" not in server.log_tail(200000):
+            assert time.monotonic() < deadline, "the LLM step never heard of the cancellation"
+            time.sleep(0.1)
+        assert audex.tts("Still serving.", seed=1).audio.size > 0
+    c.close()
 
 
 def test_sigterm_shuts_the_ensemble_down_cleanly(served):

@@ -136,3 +136,31 @@ def test_engine_steps_write_the_pipeline_prompts_and_decode_codes(tiny_model, tm
         [tiny_model.vocab.speechgen_end, tiny_model.tokenizer.im_end]
     _, audio = decoder.decode("tts", ids)
     np.testing.assert_allclose(audio, tiny_model.speech_codec.decode(codes).numpy(), atol=1e-5)
+
+
+def test_make_triton_repo_cli_writes_both_layouts(tiny_model, tmp_path, capsys):
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from audex.export.bundle import export_bundle
+
+    spec = importlib.util.spec_from_file_location("make_triton_repo", "scripts/make_triton_repo.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    nemo = tmp_path / "tiny.nemo"
+    tiny_model.save_to(str(nemo))
+    cli.main([f"model_path={nemo}", f"repo={tmp_path / 'cpu'}"])
+    assert "models ['audex']" in capsys.readouterr().out
+    cfg = OmegaConf.load("conf/export.yaml")
+    cfg.trtllm.dtype = "float32"
+    export_bundle(tiny_model, tmp_path / "export", cfg)
+    cli.main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu'}", "executor=torch",
+              "serve.max_audio_seconds=20"])
+    assert "'ensemble', 'ensemble_stream'" in capsys.readouterr().out
+    llm = read_config(tmp_path / "gpu" / "tensorrt_llm" / "config.pbtxt")
+    assert llm.parameters["executor"].string_value == "torch"
+    pre = read_config(tmp_path / "gpu" / "preprocessing" / "config.pbtxt")
+    assert float(pre.parameters["max_audio_seconds"].string_value) == 20.0
+    with pytest.raises(FileNotFoundError, match="not an export folder|no audex_export.json"):
+        cli.main(["layout=gpu", f"export_dir={tmp_path / 'nowhere'}", f"repo={tmp_path / 'gpu2'}"])

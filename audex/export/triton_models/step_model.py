@@ -97,7 +97,10 @@ class StepModel:
         else:
             response = pb.InferenceResponse([pb.Tensor(name, np.ascontiguousarray(value) if value.dtype != np.object_
                                                        else value) for name, value in outputs.items()])
-        sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+        try:
+            sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+        except Exception as e:  # noqa: BLE001 - e.g. the client cancelled or went away: the other requests go on
+            pb.Logger.log_warn(f"could not deliver the response of request {rid}: {e}")
 
     def _read_worker(self) -> None:
         while self._running:

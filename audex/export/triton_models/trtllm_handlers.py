@@ -20,10 +20,13 @@ Each is run by :class:`~audex.export.triton_models.step_model.StepModel` (``subm
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 LIMIT_FIELDS = {"max_audio_seconds": float, "max_new_tokens": int, "max_speech_seconds": float,
                 "max_context_tokens": int, "tta_seconds": float, "max_text_chars": int}
@@ -217,6 +220,7 @@ class LlmHandler:
         with self._lock:
             job_id = self._jobs.get(rid)
         if job_id is not None:
+            log.info("request %d was cancelled by its client: cancelling job %d (both CFG twins)", rid, job_id)
             self.guided.cancel(job_id)
 
     def close(self) -> None:
