@@ -42,8 +42,7 @@ def main(argv=None) -> None:
     elif cfg.layout == "gpu":
         summary = ModelSummary.from_export(cfg.export_dir)
         repo = write_gpu_repository(cfg.repo, cfg.export_dir, summary, max_batch_size=cfg.trtllm.build.max_batch_size,
-                                    llm_backend=cfg.get("llm_backend", "python"),
-                                    executor=cfg.get("executor", "tensorrt_llm"), limits=limits,
+                                    llm_backend=cfg.llm_backend, executor=cfg.executor, limits=limits,
                                     prompt_table_dtype=cfg.trtllm.dtype)
     else:
         raise SystemExit(f"layout must be 'cpu' or 'gpu', got {cfg.layout!r}")

@@ -63,6 +63,19 @@ def direct(engine, **kw):
     return res
 
 
+def test_health_and_readiness_of_every_model(served):
+    import urllib.request
+
+    server, _ = served
+    models = ["ensemble", "ensemble_stream", "preprocessing", "tensorrt_llm", "tensorrt_llm_stream", "postprocessing",
+              "postprocessing_stream"]
+    for path in ["/v2/health/live", "/v2/health/ready"] + [f"/v2/models/{m}/ready" for m in models]:
+        with urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=5) as resp:
+            assert resp.status == 200, path
+    with AudexTritonClient(server.grpc_url, protocol="grpc", model_name="ensemble") as c:
+        assert c.is_ready()
+
+
 def test_tts_and_tta_decode_as_cfg_pairs_equal_to_the_engine(served, client):
     """lambda from the preset (TTS 1.5, TTA 3) and from the request; lambda = 1 sends no twin."""
     _, engine = served
