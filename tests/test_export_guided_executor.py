@@ -27,11 +27,12 @@ def prompts(tiny_model):
     return pipe._generation_prompts(tts_user_content, texts, tiny_model.vocab.speechgen_start, False)
 
 
-def guided_executor(model, max_batch_size=8, max_lag_steps=4):
+def guided_executor(model, max_batch_size=8, max_lag_steps=4, max_inflight=None):
     config = trtllm.ExecutorConfig(1, max_batch_size=max_batch_size,
                                    scheduler_config=trtllm.SchedulerConfig(
                                        trtllm.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT))
-    return GuidedExecutor.create(trtllm, model.backbone, model.tokenizer, config, max_lag_steps=max_lag_steps)
+    return GuidedExecutor.create(trtllm, model.backbone, model.tokenizer, config, max_lag_steps=max_lag_steps,
+                                 max_inflight=max_inflight)
 
 
 def wait_until(condition, timeout=60.0):
@@ -52,8 +53,8 @@ def start(tiny_model):
     """``start(max_batch_size=8) -> (GuidedExecutor, Collector)``; every executor started is shut down afterwards."""
     started = []
 
-    def make(max_batch_size=8):
-        started.append(guided_executor(tiny_model, max_batch_size=max_batch_size))
+    def make(max_batch_size=8, max_inflight=None):
+        started.append(guided_executor(tiny_model, max_batch_size=max_batch_size, max_inflight=max_inflight))
         return started[-1], Collector()
     yield make
     for guided in started:
@@ -102,9 +103,40 @@ def test_twins_in_one_batch_equal_the_engine_cfg(tiny_model, prompts, start):
     assert max(guided.executor.batch_sizes) == 6                       # the three pairs shared the steps
 
 
+def test_pair_aware_admission_keeps_every_pair_guided_in_a_full_batch(tiny_model, prompts, start):
+    """max_batch_size=3 and max_inflight=3: pair 1 (2 rows) waits until both twins fit instead of being split; the
+    text job behind it waits its turn (first come first served). Every pair equals the engine's CFG."""
+    cond, uncond = prompts
+    tok = tiny_model.tokenizer
+    guided, got = start(max_batch_size=3, max_inflight=3)
+    a = guided.submit(speech_job(tiny_model, cond[0], uncond[0]), got)
+    b = guided.submit(speech_job(tiny_model, cond[1], uncond[1]), got)
+    text = guided.submit(LlmJob(cond[2][:-1], 6, tok.im_end, tok.pad_id, SamplingParams(do_sample=False)), got)
+    c = guided.submit(speech_job(tiny_model, cond[2], uncond[2]), got)
+    assert [got.wait(j)[-1].tokens for j in (a, b, c)] == engine_cfg(tiny_model, cond, uncond)
+    assert got.wait(text)[-1].error is None
+    assert guided.stats["unguided"] == 0 and guided.stats["retire"] == 0
+    assert max(guided.executor.batch_sizes) <= 3
+    # a job cancelled while it waits for admission never reaches the executor
+    busy = speech_job(tiny_model, cond[0], uncond[0])
+    busy.max_new_tokens = 200
+    first = guided.submit(busy, got)                                      # 2 of the 3 slots for a while
+    queued = guided.submit(speech_job(tiny_model, cond[1], uncond[1]), got)
+    requests_before = len(guided._by_req)
+    guided.cancel(queued)
+    [event] = got.wait(queued)
+    assert (event.tokens, event.final, event.finish_reason) == ([], True, "cancelled")
+    assert len(guided._by_req) <= requests_before                        # nothing was enqueued for it
+    got.wait(first)
+    assert_drained(guided)
+    with pytest.raises(ValueError, match="max_inflight must be >= 2"):
+        GuidedExecutor(trtllm, guided.executor, guided.processor, max_inflight=1)
+
+
 def test_a_split_pair_decides_unguided_and_every_job_finishes(tiny_model, prompts, start):
-    """max_batch_size=3: pair 0 (2 rows) and pair 1's conditional row fill the batch; pair 1's twin waits. Pair 0
-    is guided exactly, pair 1 decides with lambda = 1 (counted), the plain text job after them still runs."""
+    """Without admission control (max_inflight=None), max_batch_size=3: pair 0 (2 rows) and pair 1's conditional row
+    fill the batch; pair 1's twin waits in the engine. Pair 0 is guided exactly, pair 1 decides with lambda = 1
+    (counted), the plain text job after them still runs."""
     cond, uncond = prompts
     tok = tiny_model.tokenizer
     guided, got = start(max_batch_size=3)

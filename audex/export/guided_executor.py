@@ -16,7 +16,14 @@ into one event stream per job:
   greedy (``top_k=1``) in the engine, which then can only pick the forced token. With lambda = 1 the job is one
   request that decides *solo* (the grammar still applies).
 
-Pairs that the in-flight batcher splits are handled by the tracker (a lone conditional row decides unguided and
+**Admission.** TensorRT-LLM's batcher admits first come first served while the batch has room, so two twins
+enqueued together are admitted in one step unless the batch has exactly one free slot. With ``max_inflight`` set to
+the engine's batch size, :class:`GuidedExecutor` keeps the queue itself and hands a pair over only when both twins
+fit (first come first served, a pair never overtaken): under the guaranteed-no-evict scheduler both then start in
+the same step and the pair is guided from its first token to its last, however full the server is. (A KV cache too
+small for both twins' reservations can still admit one alone; that is what the fallback below is for.)
+
+Pairs that the in-flight batcher splits all the same are handled by the tracker (a lone conditional row decides unguided and
 its twin replays, a twin that lags ``max_lag_steps`` is retired, counted in :attr:`stats`); see
 :mod:`audex.export.cfg_pairing` for why TensorRT-LLM cannot hold a row. The unconditional twin is internal: its
 tokens are never returned; when the conditional one ends (end token, length, error or cancellation) the twin is
@@ -35,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import datetime
 import itertools
 import logging
@@ -117,7 +125,10 @@ class GuidedExecutor:
     """
 
     def __init__(self, executor_module, executor, processor: CfgLogitsPostProcessor,
-                 constraint_factory: Callable | None = None, poll_ms: int = 20):
+                 constraint_factory: Callable | None = None, poll_ms: int = 20, max_inflight: int | None = None):
+        if max_inflight is not None and max_inflight < 2:
+            raise ValueError(f"max_inflight must be >= 2 (a CFG pair is two requests) or None, got {max_inflight}")
+        self.max_inflight = max_inflight
         self.trtllm = executor_module
         self.executor = executor
         self.processor = processor
@@ -129,13 +140,16 @@ class GuidedExecutor:
         self._by_req: dict[int, tuple[int, int | None]] = {}      # executor request id -> (job id, role or None)
         self._job_ids = itertools.count(1)
         self._pair_ids = itertools.count(0)
+        self._waiting: collections.deque = collections.deque()  # jobs not yet handed to the executor (admission)
+        self._inflight = 0                                          # executor requests handed over and not ended
         self._running = True
         self._thread = threading.Thread(target=self._await_loop, name="audex-guided-executor", daemon=True)
         self._thread.start()
 
     @classmethod
     def create(cls, executor_module, model_path, tokenizer, executor_config=None, *, audio_seconds: float = 10.0,
-               max_speech_seconds: float | None = None, max_lag_steps: int = 4) -> "GuidedExecutor":
+               max_speech_seconds: float | None = None, max_lag_steps: int = 4,
+               max_inflight: int | None = None) -> "GuidedExecutor":
         """Build the tracker, the post-processor, the executor (with the processor installed) and the router."""
         from audex.inference.constraints import CodecConstraint
 
@@ -148,7 +162,8 @@ class GuidedExecutor:
         executor = executor_module.Executor(model_path, executor_module.ModelType.DECODER_ONLY, config)
         grammars = {kind: CodecConstraint.for_task(tokenizer, kind, audio_seconds=audio_seconds,
                                                    max_speech_seconds=max_speech_seconds) for kind in ("speech", "audio")}
-        return cls(executor_module, executor, processor, lambda output, prompt: grammars[output].begin([prompt]))
+        return cls(executor_module, executor, processor, lambda output, prompt: grammars[output].begin([prompt]),
+                   max_inflight=max_inflight)
 
     @property
     def stats(self) -> dict:
@@ -176,46 +191,81 @@ class GuidedExecutor:
         return request
 
     def submit(self, job: LlmJob, on_event: Callable[[JobEvent], None]) -> int:
-        """Enqueue ``job``; ``on_event`` gets its :class:`JobEvent` s from the executor's response thread."""
+        """Queue ``job``; ``on_event`` gets its :class:`JobEvent` s from the executor's response thread.
+
+        With ``max_inflight`` (the engine's batch size), jobs reach the executor first come first served and a CFG
+        pair only when both twins fit: the in-flight batcher then has room for both, admits them in one step, and
+        the pair is guided from its first token. Without it, everything is handed over at once and the tracker
+        copes with pairs the batcher splits (see the module docstring)."""
         job_id = next(self._job_ids)
-        state = _Job(job, on_event)
         with self._lock:
             if not self._running:
                 raise RuntimeError("the guided executor was shut down")
-            if job.output == "text":
-                requests = [self._request(job.input_ids, job, forced=False)]
-                roles = [None]
-            else:
-                pair = next(self._pair_ids)
-                state.pair_id = pair
-                constraint = self.constraint_factory(job.output, job.input_ids) if self.constraint_factory else None
-                with self.processor.lock:
-                    self.tracker.register(pair, guidance_scale=job.sampling.guidance_scale, sampling=job.sampling,
-                                          constraint=constraint)
-                    if not job.guided:
-                        self.tracker.cancel(pair, UNCOND)          # lambda = 1: the conditional row decides alone
-                requests = [self._request(job.input_ids, job, client_id=pair_client_id(pair, COND), forced=True)]
-                roles = [COND]
-                if job.guided:
-                    requests.append(self._request(job.uncond_input_ids, job, client_id=pair_client_id(pair, UNCOND),
-                                                  forced=True))
-                    roles.append(UNCOND)
-            req_ids = self.executor.enqueue_requests(requests)
-            for req_id, role in zip(req_ids, roles):
-                self._by_req[req_id] = (job_id, role)
-                state.open_reqs.add(req_id)
-                if role == UNCOND:
-                    state.uncond_req = req_id
-                else:
-                    state.cond_req = req_id
-            self._jobs[job_id] = state
+            self._jobs[job_id] = _Job(job, on_event)
+            self._waiting.append(job_id)
+            self._admit()
         return job_id
+
+    @staticmethod
+    def _slots(job: LlmJob) -> int:
+        return 2 if job.guided else 1
+
+    def _admit(self) -> None:
+        """Hand waiting jobs to the executor while they fit (caller holds the lock)."""
+        while self._waiting:
+            state = self._jobs[self._waiting[0]]
+            need = self._slots(state.job)
+            if self.max_inflight is not None and self._inflight and self._inflight + need > self.max_inflight:
+                return
+            self._enqueue(self._waiting.popleft(), state)
+            self._inflight += need
+
+    def _enqueue(self, job_id: int, state: _Job) -> None:
+        job = state.job
+        if job.output == "text":
+            requests = [self._request(job.input_ids, job, forced=False)]
+            roles = [None]
+        else:
+            pair = next(self._pair_ids)
+            state.pair_id = pair
+            constraint = self.constraint_factory(job.output, job.input_ids) if self.constraint_factory else None
+            with self.processor.lock:
+                self.tracker.register(pair, guidance_scale=job.sampling.guidance_scale, sampling=job.sampling,
+                                      constraint=constraint)
+                if not job.guided:
+                    self.tracker.cancel(pair, UNCOND)          # lambda = 1: the conditional row decides alone
+            requests = [self._request(job.input_ids, job, client_id=pair_client_id(pair, COND), forced=True)]
+            roles = [COND]
+            if job.guided:
+                requests.append(self._request(job.uncond_input_ids, job, client_id=pair_client_id(pair, UNCOND),
+                                              forced=True))
+                roles.append(UNCOND)
+        req_ids = self.executor.enqueue_requests(requests)       # both twins in one call, conditional first
+        for req_id, role in zip(req_ids, roles):
+            self._by_req[req_id] = (job_id, role)
+            state.open_reqs.add(req_id)
+            if role == UNCOND:
+                state.uncond_req = req_id
+            else:
+                state.cond_req = req_id
 
     def cancel(self, job_id: int) -> None:
         """Cancel a job (client gone, timeout): both twins; the final event says ``cancelled``."""
         with self._lock:
             state = self._jobs.get(job_id)
             if state is None:
+                return
+            if job_id in self._waiting:                            # never reached the executor
+                self._waiting.remove(job_id)
+                self._jobs.pop(job_id)
+                callback = state.on_event
+            else:
+                callback = None
+        if callback is not None:
+            callback(JobEvent(job_id, [], True, "cancelled"))
+            return
+        with self._lock:
+            if job_id not in self._jobs:
                 return
             if state.pair_id is not None:
                 with self.processor.lock:
@@ -236,6 +286,7 @@ class GuidedExecutor:
     def _close_request(self, state: _Job, req_id: int) -> None:
         state.open_reqs.discard(req_id)
         self._by_req.pop(req_id, None)
+        self._inflight -= 1
         with self.processor.lock:
             self.processor.release(req_id)
             if state.pair_id is not None and not state.open_reqs:
@@ -290,6 +341,7 @@ class GuidedExecutor:
             for response in responses:
                 with self._lock:
                     handled = self._handle(response)
+                    self._admit()                                  # slots freed by finished requests
                 if handled is None:
                     continue
                 event, callback = handled
@@ -299,6 +351,7 @@ class GuidedExecutor:
                     log.exception("on_event of job %d failed", event.job_id)
 
     def pending(self) -> int:
+        """Jobs not answered yet (waiting for admission or in the executor)."""
         with self._lock:
             return len(self._jobs)
 

@@ -139,7 +139,9 @@ class LlmHandler:
         self.guided = GuidedExecutor.create(trtllm, model_path, self.tokenizer, config,
                                             audio_seconds=presets["tta"].audio_seconds or limits.tta_seconds,
                                             max_speech_seconds=presets["tts"].max_speech_seconds,
-                                            max_lag_steps=int(params.get("max_lag_steps", "4")))
+                                            max_lag_steps=int(params.get("max_lag_steps", "4")),
+                                            # pairs reach the engine only when both twins fit in its batch
+                                            max_inflight=max(2, int(params.get("max_batch_size", "8"))))
         # TensorRT-LLM wants the prompt table in the engine's dtype; the reference executor computes in float32
         import torch
 
