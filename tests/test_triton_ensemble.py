@@ -176,3 +176,7 @@ def test_sigterm_shuts_the_ensemble_down_cleanly(served):
     assert code == 0, log[-3000:]
     for model in ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble"):
         assert f"successfully unloaded '{model}'" in log
+    import re
+
+    unguided = re.findall(r"CFG pairing over this instance's life: \d+ guided, (\d+) unguided", log)
+    assert len(unguided) == 2 and set(unguided) == {"0"}      # both LLM instances: pair-aware admission, no split pair

@@ -226,6 +226,9 @@ class LlmHandler:
             self.guided.cancel(job_id)
 
     def close(self) -> None:
+        stats = self.guided.stats
+        log.info("CFG pairing over this instance's life: %d guided, %d unguided, %d replayed, %d solo, %d retired "
+                 "tokens", stats["guided"], stats["unguided"], stats["replay"], stats["solo"], stats["retire"])
         self.guided.shutdown()
 
 
