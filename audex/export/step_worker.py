@@ -58,6 +58,10 @@ def serve(address: str, authkey: bytes, handler_path: str, params: dict) -> None
             conn.send(message)
 
     try:
+        import torch
+
+        # small per-request work in several processes on few cores: one thread each beats oversubscription
+        torch.set_num_threads(int(params.get("num_threads", "1")))
         handler = load_handler(handler_path)(params)
     except Exception as e:  # report why loading failed, then exit: the model turns this into a load error
         send({"ready": False, "error": f"{type(e).__name__}: {e}"})

@@ -359,7 +359,8 @@ HANDLERS = {
 def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: ModelSummary, *,
                          engine_dir: str | Path | None = None, max_batch_size: int = 64, llm_backend: str = "python",
                          executor: str = "tensorrt_llm", limits: ServeLimits | None = None,
-                         prompt_table_dtype: str = "bfloat16", step_process: str | None = None) -> Path:
+                         prompt_table_dtype: str = "bfloat16", step_process: str | None = None,
+                         num_threads: int = 1) -> Path:
     """The GPU ensemble (see the module docstring) over an export folder written by ``scripts/export_trtllm.py``.
 
     ``llm_backend``/``executor``: see :func:`tensorrt_llm_config` (``executor="torch"`` serves the same ensemble on a
@@ -385,8 +386,11 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
                         postprocessing="postprocessing_stream"),
     ]
     for config in configs:
-        if step_process and config.backend == "python":
-            config.parameters["step_process"].string_value = step_process
+        if config.backend == "python":
+            # torch threads of a step run in a worker process (on this kind of stub): one each, several run at once
+            config.parameters["num_threads"].string_value = str(num_threads)
+            if step_process:
+                config.parameters["step_process"].string_value = step_process
         write_config(config, out / config.name)
         version = out / config.name / "1"
         version.mkdir(parents=True, exist_ok=True)
