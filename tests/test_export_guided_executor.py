@@ -133,6 +133,24 @@ def test_pair_aware_admission_keeps_every_pair_guided_in_a_full_batch(tiny_model
         GuidedExecutor(trtllm, guided.executor, guided.processor, max_inflight=1)
 
 
+def test_hybrid_mamba_backbone_pairs_equal_the_engine_cfg():
+    """Nemotron-H (the 30B-A3B's family): the same pairing over a hybrid Mamba/attention cache."""
+    from audex.models.audex_model import AudexModel
+
+    torch.manual_seed(0)
+    model = AudexModel.from_config_file("conf/model/tiny_hybrid.yaml").eval()
+    pipe = AudexPipeline(model)
+    cond, uncond = pipe._generation_prompts(tts_user_content, ["Hello there.", "A longer sentence to speak aloud."],
+                                            model.vocab.speechgen_start, False)
+    guided, got = guided_executor(model), Collector()
+    try:
+        ids = [guided.submit(speech_job(model, c, u), got) for c, u in zip(cond, uncond)]
+        assert [got.wait(i)[-1].tokens for i in ids] == engine_cfg(model, cond, uncond)
+        assert guided.stats["unguided"] == 0
+    finally:
+        guided.shutdown()
+
+
 def test_a_split_pair_decides_unguided_and_every_job_finishes(tiny_model, prompts, start):
     """Without admission control (max_inflight=None), max_batch_size=3: pair 0 (2 rows) and pair 1's conditional row
     fill the batch; pair 1's twin waits in the engine. Pair 0 is guided exactly, pair 1 decides with lambda = 1
