@@ -5,6 +5,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 # (case, words the error must contain); {model} is the model the request was sent to
 MALFORMED = [
@@ -18,6 +19,24 @@ MALFORMED = [
     ("wrong_shape", "shape"),
     ("batch_of_two", "one input per request"),
 ]
+
+
+def start_server(repo, workdir):
+    """A started :class:`TritonServer` on ``repo``, or a skip when the Triton wheel is not installed."""
+    from audex.export.serve import TritonNotInstalledError, TritonServer
+
+    try:
+        return TritonServer(repo, workdir=workdir, startup_timeout=600).start()
+    except TritonNotInstalledError as e:
+        pytest.skip(str(e))
+
+
+def open_client(server, protocol: str, model_name: str = "audex"):
+    """An :class:`AudexTritonClient` on the server's HTTP or gRPC port (a context manager: it closes itself)."""
+    from audex.export.client import AudexTritonClient
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    return AudexTritonClient(url, protocol=protocol, model_name=model_name)
 
 
 def tone(seconds, freq=440.0):

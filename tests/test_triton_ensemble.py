@@ -15,11 +15,10 @@ import torch
 pytest.importorskip("tritonclient.grpc")
 
 from omegaconf import OmegaConf  # noqa: E402
-from serving_checks import MALFORMED, malformed_inputs, run_mixed_load, tone  # noqa: E402
+from serving_checks import MALFORMED, malformed_inputs, open_client, run_mixed_load, start_server, tone  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from audex.export.client import AudexTritonClient  # noqa: E402
-from audex.export.serve import TritonNotInstalledError, TritonServer  # noqa: E402
 from audex.export.serving import AudexServingEngine, ServeLimits, ServeRequest  # noqa: E402
 from audex.export.triton_repo import ModelSummary, validate_repository, write_gpu_repository  # noqa: E402
 
@@ -40,10 +39,7 @@ def served(tiny_model, tmp_path_factory):
     repo = write_gpu_repository(root / "repo", root / "export", summary, executor="torch", max_batch_size=8,
                                 limits=LIMITS)
     validate_repository(repo)
-    try:
-        server = TritonServer(repo, workdir=root / "server", startup_timeout=600).start()
-    except TritonNotInstalledError as e:
-        pytest.skip(str(e))
+    server = start_server(repo, root / "server")
     yield server, AudexServingEngine(tiny_model, LIMITS)
     server.stop()
 
@@ -51,8 +47,7 @@ def served(tiny_model, tmp_path_factory):
 @pytest.fixture(params=["http", "grpc"])
 def client(served, request):
     server, _ = served
-    url = server.http_url if request.param == "http" else server.grpc_url
-    with AudexTritonClient(url, protocol=request.param, model_name="ensemble") as c:
+    with open_client(server, request.param, "ensemble") as c:
         yield c
 
 
@@ -128,8 +123,7 @@ def test_bounded_mixed_load_has_no_failures(served):
     n = 48                             # bench/serve.py runs the full 200-request version
 
     def make(protocol):
-        return AudexTritonClient(server.http_url if protocol == "http" else server.grpc_url, protocol=protocol,
-                                 model_name="ensemble")
+        return open_client(server, protocol, "ensemble")
 
     done, failures = run_mixed_load(make, n_requests=n, concurrency=8, budget_s=300.0)
     assert failures == []

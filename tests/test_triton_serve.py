@@ -12,11 +12,10 @@ import torch
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
 
-from serving_checks import MALFORMED, malformed_inputs, run_mixed_load, tone  # noqa: E402
+from serving_checks import MALFORMED, malformed_inputs, open_client, run_mixed_load, start_server, tone  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from audex.export.client import AudexTritonClient  # noqa: E402
-from audex.export.serve import TritonNotInstalledError, TritonServer  # noqa: E402
 from audex.export.serving import AudexServingEngine, ServeLimits, ServeRequest  # noqa: E402
 from audex.export.triton_repo import validate_repository, write_cpu_repository  # noqa: E402
 
@@ -31,10 +30,7 @@ def served(tiny_model, tmp_path_factory):
     tiny_model.save_to(str(nemo))
     repo = write_cpu_repository(root / "repo", nemo, limits=LIMITS, max_batch_size=8)
     assert validate_repository(repo) == ["audex"]
-    try:
-        server = TritonServer(repo, workdir=root / "server", startup_timeout=600).start()
-    except TritonNotInstalledError as e:
-        pytest.skip(str(e))
+    server = start_server(repo, root / "server")
     from audex.export.loading import load_audex_model
 
     engine = AudexServingEngine(load_audex_model(nemo), LIMITS)  # the same weights, in this process
@@ -45,7 +41,7 @@ def served(tiny_model, tmp_path_factory):
 @pytest.fixture(params=["http", "grpc"])
 def client(served, request):
     server, _ = served
-    with AudexTritonClient(server.http_url if request.param == "http" else server.grpc_url, protocol=request.param) as c:
+    with open_client(server, request.param) as c:
         yield c
 
 
@@ -101,7 +97,7 @@ def test_bounded_mixed_load_has_no_failures(served):
     n = 64                             # bench/serve.py runs the full 200-request version
 
     def make(protocol):
-        return AudexTritonClient(server.http_url if protocol == "http" else server.grpc_url, protocol=protocol)
+        return open_client(server, protocol)
 
     done, failures = run_mixed_load(make, n_requests=n, concurrency=8, budget_s=300.0)
     assert failures == []
