@@ -24,10 +24,15 @@ import os
 
 import numpy as np
 
+from audex.export.triton_models.model_params import (
+    config_parameters,
+    error_response,
+    limit_values,
+    model_file,
+    one_request,
+    one_value,
+)
 from audex.export.triton_models.worker_link import WorkerProcess, from_wire, project_python, to_wire
-
-LIMIT_FIELDS = {"max_audio_seconds": float, "max_new_tokens": int, "max_speech_seconds": float,
-                "max_context_tokens": int, "tta_seconds": float, "max_text_chars": int}
 
 
 class TritonPythonModel:
@@ -38,14 +43,12 @@ class TritonPythonModel:
 
         self.pb = pb_utils
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = config_parameters(config)
         model_path = params.get("model_path")
         if not model_path:
             raise ValueError("the audex model needs parameters.model_path (.nemo, pretrained folder or model YAML)")
-        presets = params.get("presets") or None
-        if presets and not os.path.isabs(presets):
-            presets = os.path.join(args["model_repository"], args["model_version"], presets)
-        limits = {k: cast(params[k]) for k, cast in LIMIT_FIELDS.items() if params.get(k) not in (None, "", "None")}
+        presets = model_file(params.get("presets"), os.path.join(args["model_repository"], args["model_version"]))
+        limits = limit_values(params)
         worker_config = {"model_path": model_path, "presets": presets, "limits": limits,
                          "num_threads": int(params.get("num_threads", "1"))}
         self.worker = WorkerProcess("audex.export.engine_worker", ["--config", json.dumps(worker_config)],
@@ -62,18 +65,10 @@ class TritonPythonModel:
         return None if tensor is None else tensor.as_numpy()
 
     def _to_wire(self, request) -> dict:
-        task = self._input(request, "task")
-        if task.shape[0] != 1:
-            raise ValueError(f"send one input per request (got a batch of {task.shape[0]}); the server batches requests itself")
+        one_request(self._input(request, "task"), "task")
 
         def scalar(name, cast):
-            value = self._input(request, name)
-            if value is None:
-                return None
-            if value.size != 1:
-                raise ValueError(f"input {name!r} must hold one value per request, got shape {list(value.shape)}")
-            value = value.reshape(-1)[0]
-            return cast(value.decode("utf-8") if isinstance(value, bytes) else value)
+            return one_value(self._input(request, name), name, cast)
 
         audio = self._input(request, "audio")
         return {"task": scalar("task", str), "text": scalar("text", str),
@@ -82,10 +77,7 @@ class TritonPythonModel:
                 "seed": scalar("seed", int), "guidance_scale": scalar("guidance_scale", float)}
 
     def _error(self, message: str):
-        # INVALID_ARG: the client sent something the server refuses (HTTP 400), not a server fault
-        code = getattr(self.pb.TritonError, "INVALID_ARG", None)
-        error = self.pb.TritonError(message, code) if code is not None else self.pb.TritonError(message)
-        return self.pb.InferenceResponse(output_tensors=[], error=error)
+        return error_response(self.pb, message)
 
     def _response(self, result: dict):
         if result.get("error"):

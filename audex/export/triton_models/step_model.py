@@ -24,6 +24,7 @@ import threading
 
 import numpy as np
 
+from audex.export.triton_models.model_params import config_parameters, error_response
 from audex.export.triton_models.worker_link import WorkerProcess, from_wire, project_python, to_wire
 
 
@@ -37,7 +38,7 @@ class StepModel:
 
         self.pb = pb_utils
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = config_parameters(config)
         params["decoupled"] = "true" if pb_utils.using_decoupled_model_transaction_policy(config) else "false"
         params["model_name"] = args.get("model_name", config.get("name", ""))
         if args.get("model_repository"):
@@ -91,9 +92,7 @@ class StepModel:
         if sender is None:
             return
         if error is not None:
-            code = getattr(pb.TritonError, "INVALID_ARG", None) if invalid else None
-            err = pb.TritonError(error, code) if code is not None else pb.TritonError(error)
-            response = pb.InferenceResponse(output_tensors=[], error=err)
+            response = error_response(pb, error, invalid)
         else:
             response = pb.InferenceResponse([pb.Tensor(name, np.ascontiguousarray(value) if value.dtype != np.object_
                                                        else value) for name, value in outputs.items()])

@@ -26,49 +26,26 @@ from pathlib import Path
 
 import numpy as np
 
+from audex.export.triton_models.model_params import limit_values, model_file, one_request, one_value
+
 log = logging.getLogger(__name__)
 
-LIMIT_FIELDS = {"max_audio_seconds": float, "max_new_tokens": int, "max_speech_seconds": float,
-                "max_context_tokens": int, "tta_seconds": float, "max_text_chars": int}
-
-
 def _value(inputs: dict, name: str, cast, default=None):
-    """One value per request: ``inputs[name]`` of shape ``[1, 1]`` (or ``[1]``) -> ``cast(value)``."""
-    array = inputs.get(name)
-    if array is None:
-        return default
-    if array.size != 1:
-        raise ValueError(f"input {name!r} must hold one value per request, got shape {list(array.shape)}")
-    value = array.reshape(-1)[0]
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"input {name!r} is not UTF-8 text") from None
-    return cast(value)
+    return one_value(inputs.get(name), name, cast, default)
 
 
 def _one_request(inputs: dict, name: str) -> None:
-    array = inputs.get(name)
-    if array is None:
-        raise ValueError(f"input {name!r} is required")
-    if array.ndim == 0 or array.shape[0] != 1:
-        raise ValueError(f"send one input per request (input {name!r} has a batch of {array.shape[0] if array.ndim else 0}); the server "
-                         "batches requests itself")
+    one_request(inputs.get(name), name)
 
 
 def _limits(params: dict):
     from audex.export.serving import ServeLimits
 
-    return ServeLimits(**{k: cast(params[k]) for k, cast in LIMIT_FIELDS.items()
-                          if params.get(k) not in (None, "", "None")})
+    return ServeLimits(**limit_values(params))
 
 
 def _presets_path(params: dict) -> str | None:
-    presets = params.get("presets") or None
-    if presets and not Path(presets).is_absolute() and params.get("model_dir"):
-        presets = str(Path(params["model_dir"]) / presets)
-    return presets
+    return model_file(params.get("presets"), params.get("model_dir"))
 
 
 class PreprocessingHandler:
