@@ -106,8 +106,6 @@ class JobEvent:
 class _Job:
     job: LlmJob
     on_event: Callable[[JobEvent], None]
-    cond_req: int | None = None
-    uncond_req: int | None = None
     pair_id: int | None = None
     open_reqs: set = field(default_factory=set)
     tokens: list[int] = field(default_factory=list)
@@ -244,10 +242,6 @@ class GuidedExecutor:
         for req_id, role in zip(req_ids, roles):
             self._by_req[req_id] = (job_id, role)
             state.open_reqs.add(req_id)
-            if role == UNCOND:
-                state.uncond_req = req_id
-            else:
-                state.cond_req = req_id
 
     def cancel(self, job_id: int) -> None:
         """Cancel a job (client gone, timeout): both twins; the final event says ``cancelled``."""
