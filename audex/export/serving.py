@@ -104,19 +104,21 @@ class RequestValidator:
     and the GPU ensemble's preprocessing step refuse the same requests with the same messages.
 
     Args:
+        tokenizer: the :class:`~audex.tokenizer.AudexTokenizer` (its vocabulary gives the token rates).
         prompt_ids: ``(content, thinking) -> ids`` of the chat prompt (the Audex prompt format).
         presets: the task presets (:func:`serving_presets`).
-        vocab: the :class:`~audex.vocab.AudexVocab` (token rates).
         limits: the :class:`ServeLimits`.
         context: prompt + generation budget in tokens.
         frames_for_samples: ``num_samples -> encoder frames`` (750 per 30 s window).
         audio_content: ``question -> user content`` with the ``<sound>`` placeholder.
     """
 
-    def __init__(self, prompt_ids, presets, vocab, limits: ServeLimits, context: int, frames_for_samples, audio_content):
+    def __init__(self, tokenizer, prompt_ids, presets, limits: ServeLimits, context: int, frames_for_samples,
+                 audio_content):
+        self.tokenizer = tokenizer
         self.prompt_ids = prompt_ids
         self.presets = presets
-        self.vocab = vocab
+        self.vocab = tokenizer.vocab
         self.limits = limits
         self.context = int(context)
         self.frames_for_samples = frames_for_samples
@@ -146,17 +148,28 @@ class RequestValidator:
                              f"{self.limits.max_audio_seconds:g} s: split it or raise serve.max_audio_seconds")
         return wav
 
-    def prompt_length(self, task: str, text: str | None, wav: torch.Tensor | None) -> int:
+    def prompts(self, task: str, text: str | None, n_frames: int = 0) -> tuple[list[int], list[int] | None]:
+        """The task's prompt ids (``<sound>`` expanded to ``<so_start>`` + ``n_frames`` x ``<so_embedding>`` +
+        ``<so_end>``) and, for TTS/TTA, the unconditional twin (condition -> ``<pad>`` tokens)."""
         from audex.data.prompts import AST_PROMPT, asr_question, tta_user_content, tts_user_content
+        from audex.inference.pipelines import generation_prompts
 
+        tok, thinking = self.tokenizer, self.presets[task].thinking
         if task in AUDIO_IN_TASKS:
             question = {"asr": asr_question(), "ast": AST_PROMPT}.get(task, text)
-            ids = self.prompt_ids(self.audio_content(question), self.presets[task].thinking)
-            return len(ids) - 1 + self.frames_for_samples(wav.numel()) + 2  # <sound> -> start + N + end
+            ids = self.prompt_ids(self.audio_content(question), thinking)
+            at = ids.index(tok.sound)
+            return ids[:at] + [tok.so_start] + [tok.so_embedding] * n_frames + [tok.so_end] + ids[at + 1:], None
         if task == "chat":
-            return len(self.prompt_ids(text, self.presets["chat"].thinking))
-        content = tts_user_content(text) if task == "tts" else tta_user_content(text)
-        return len(self.prompt_ids(content, False)) + 1
+            return self.prompt_ids(text, thinking), None
+        content_fn, opener = ((tts_user_content, self.vocab.speechgen_start) if task == "tts"
+                              else (tta_user_content, self.vocab.audiogen_start))
+        cond, uncond = generation_prompts(tok, self.prompt_ids, content_fn, [text], opener, thinking)
+        return cond[0], uncond[0]
+
+    def prompt_length(self, task: str, text: str | None, wav: torch.Tensor | None) -> int:
+        frames = self.frames_for_samples(wav.numel()) if task in AUDIO_IN_TASKS else 0
+        return len(self.prompts(task, text, frames)[0])
 
     def budget(self, req: ServeRequest, prompt_len: int) -> int:
         room = self.context - prompt_len
@@ -208,7 +221,7 @@ class AudexServingEngine:
         self.tokenizer = model.tokenizer
         self.vocab = model.vocab
         self.context = int(self.limits.max_context_tokens or model.backbone.config.max_position_embeddings)
-        self.validator = RequestValidator(self.pipeline.prompt_ids, self.pipeline.presets, self.vocab, self.limits,
+        self.validator = RequestValidator(self.tokenizer, self.pipeline.prompt_ids, self.pipeline.presets, self.limits,
                                           self.context, model.frames_for_samples, self.pipeline.formatter.audio_content)
 
     def validate(self, req: ServeRequest) -> tuple[str | None, torch.Tensor | None, int]:

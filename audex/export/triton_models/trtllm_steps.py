@@ -51,7 +51,7 @@ class EngineInputBuilder:
         self.window_samples = int(round(window_seconds * 16000))
         hf_config = json.loads((export_dir / "hf" / "config.json").read_text())
         context = int(self.limits.max_context_tokens or max_context_tokens or hf_config["max_position_embeddings"])
-        self.validator = RequestValidator(self.prompt_ids, self.presets, self.tokenizer.vocab, self.limits, context,
+        self.validator = RequestValidator(self.tokenizer, self.prompt_ids, self.presets, self.limits, context,
                                           self.frames_for_samples, self.formatter.audio_content)
         self.session = None
         onnx = export_dir / "frontend.onnx"
@@ -65,25 +65,6 @@ class EngineInputBuilder:
 
     def prompt_ids(self, content: str, thinking: bool) -> list[int]:
         return self.formatter.encode_dialog([{"role": "user", "content": content}], thinking=thinking)["input_ids"].tolist()
-
-    def prompts(self, task: str, text: str | None, n_frames: int) -> tuple[list[int], list[int] | None]:
-        """The prompt ids (``<so_embedding>`` x ``n_frames`` for the audio) and, for TTS/TTA, the unconditional twin."""
-        from audex.data.prompts import AST_PROMPT, asr_question, tta_user_content, tts_user_content
-        from audex.inference.pipelines import generation_prompts
-
-        tok = self.tokenizer
-        preset = self.presets[task]
-        if task in ("asr", "ast", "audio_qa"):
-            question = {"asr": asr_question(), "ast": AST_PROMPT}.get(task, text)
-            ids = self.prompt_ids(self.formatter.audio_content(question), preset.thinking)
-            at = ids.index(tok.sound)
-            return ids[:at] + [tok.so_start] + [tok.so_embedding] * n_frames + [tok.so_end] + ids[at + 1:], None
-        if task == "chat":
-            return self.prompt_ids(text, preset.thinking), None
-        content_fn, opener = ((tts_user_content, self.meta["speechgen_start"]) if task == "tts"
-                              else (tta_user_content, self.meta["audiogen_start"]))
-        cond, uncond = generation_prompts(tok, self.prompt_ids, content_fn, [text], opener, preset.thinking)
-        return cond[0], uncond[0]
 
     def build(self, task: str, text: str | None = None, audio: np.ndarray | None = None, sample_rate: int = 16000,
               max_new_tokens: int | None = None, seed: int | None = None,
@@ -102,7 +83,7 @@ class EngineInputBuilder:
                 raise BadRequest("this export has no frontend.onnx (the model has no audio encoder): it cannot take audio")
             embeds = [torch.from_numpy(self.session.run(None, {"audio": wav.numpy().astype(np.float32)})[0])]
         n_frames = sum(int(e.shape[0]) for e in embeds)
-        prompt, uncond = self.prompts(task, text, n_frames)
+        prompt, uncond = self.validator.prompts(task, text, n_frames)
         ids, table = prompt_tuning_inputs(prompt, self.tokenizer.so_embedding, int(self.meta["vocab_size"]), embeds)
         if not embeds:
             table = torch.zeros(1, int(self.meta["hidden_size"]))
