@@ -249,24 +249,19 @@ class GuidedExecutor:
             state = self._jobs.get(job_id)
             if state is None:
                 return
-            if job_id in self._waiting:                            # never reached the executor
+            queued = job_id in self._waiting
+            if queued:                                             # never reached the executor
                 self._waiting.remove(job_id)
                 self._jobs.pop(job_id)
-                callback = state.on_event
             else:
-                callback = None
-        if callback is not None:
-            callback(JobEvent(job_id, [], True, "cancelled"))
-            return
-        with self._lock:
-            if job_id not in self._jobs:
-                return
-            if state.pair_id is not None:
-                with self.processor.lock:
-                    self.tracker.cancel(state.pair_id, COND)
-                    self.tracker.cancel(state.pair_id, UNCOND)
-            for req_id in list(state.open_reqs):
-                self.executor.cancel_request(req_id)
+                if state.pair_id is not None:
+                    with self.processor.lock:
+                        self.tracker.cancel(state.pair_id, COND)
+                        self.tracker.cancel(state.pair_id, UNCOND)
+                for req_id in list(state.open_reqs):
+                    self.executor.cancel_request(req_id)
+        if queued:
+            state.on_event(JobEvent(job_id, [], True, "cancelled"))
 
     # ---- responses ----------------------------------------------------------------------------
     @staticmethod
@@ -277,7 +272,8 @@ class GuidedExecutor:
         name = getattr(reasons[0], "name", str(reasons[0])).split(".")[-1]
         return FINISH_NAMES.get(name, name.lower())
 
-    def _close_request(self, state: _Job, req_id: int) -> None:
+    def _close_request(self, job_id: int, state: _Job, req_id: int) -> None:
+        """One executor request ended; the job is forgotten once it has answered and all its requests ended."""
         state.open_reqs.discard(req_id)
         self._by_req.pop(req_id, None)
         self._inflight -= 1
@@ -285,6 +281,8 @@ class GuidedExecutor:
             self.processor.release(req_id)
             if state.pair_id is not None and not state.open_reqs:
                 self.tracker.finish(state.pair_id)
+        if state.finished and not state.open_reqs:
+            self._jobs.pop(job_id, None)
 
     def _handle(self, response) -> tuple[JobEvent, Callable] | None:
         key = self._by_req.get(response.request_id)
@@ -301,9 +299,7 @@ class GuidedExecutor:
                         log.warning("CFG twin of job %d failed (%s): the conditional row goes on unguided", job_id, error)
                     with self.processor.lock:
                         self.tracker.cancel(state.pair_id, UNCOND)
-                self._close_request(state, response.request_id)
-                if state.finished and not state.open_reqs:
-                    self._jobs.pop(job_id, None)
+                self._close_request(job_id, state, response.request_id)
             return None
         if error is not None:
             tokens, reason = [], "error"
@@ -312,14 +308,12 @@ class GuidedExecutor:
             reason = self._finish_reason(response.result) if final else ""
         if final:
             state.finished = True
-            self._close_request(state, response.request_id)
+            self._close_request(job_id, state, response.request_id)
             for other in list(state.open_reqs):                    # the twin has nothing left to guide
                 with self.processor.lock:
                     self.tracker.cancel(state.pair_id, UNCOND)
                 self.executor.cancel_request(other)
         state.tokens += tokens
-        if state.finished and not state.open_reqs:
-            self._jobs.pop(job_id, None)
         out = tokens if state.job.streaming else (list(state.tokens) if final else None)
         if out is None:
             return None
