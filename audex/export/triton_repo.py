@@ -211,7 +211,7 @@ def preprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size:
         _tensor(mc.ModelInput, "guidance_scale", "TYPE_FP32", [1], optional=True),
     ])
     outputs = []
-    _add(outputs, mc.ModelOutput, [spec for spec in _LLM_INPUTS + _CFG_INPUTS])
+    _add(outputs, mc.ModelOutput, _LLM_INPUTS + _CFG_INPUTS)
     outputs.append(_tensor(mc.ModelOutput, "prompt_embedding_table", "TYPE_FP16", [-1, summary.hidden_size]))
     c.output.extend(outputs)
     c.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
@@ -270,7 +270,7 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
         "decoding_mode": "top_k_top_p",
     }
     if backend == "python":
-        params.update({"executor": executor, "engine_dir": engine_dir, "export_dir": export_dir or "",
+        params.update({"executor": executor, "export_dir": export_dir or "",
                        "max_batch_size": max_batch_size, "max_lag_steps": 4, "stream_chunk_seconds": 1.0,
                        "prompt_table_dtype": prompt_table_dtype, "python": sys.executable,
                        "presets": "../../preprocessing/1/presets.yaml",

@@ -8,7 +8,7 @@ Each is run by :class:`~audex.export.triton_models.step_model.StepModel` (``subm
   ``guidance_scale`` -> the LLM inputs of :meth:`~audex.export.triton_models.trtllm_steps.EngineInputBuilder.build`;
 * :class:`LlmHandler`: those inputs -> ``output_ids [1, 1, L]`` and ``sequence_length [1, 1]`` (the layout of
   TensorRT-LLM's own Triton model), through :class:`~audex.export.guided_executor.GuidedExecutor` on
-  TensorRT-LLM's executor (``parameters.executor: tensorrt_llm``, the engine in ``engine_dir``) or on the PyTorch
+  TensorRT-LLM's executor (``parameters.executor: tensorrt_llm``, the engine in ``gpt_model_path``) or on the PyTorch
   reference executor (``executor: torch``, the export's ``hf/``; what runs on CPU machines). TTS/TTA requests with
   lambda != 1 decode as a token-synchronised CFG pair. A decoupled (streaming) instance sends one response per
   ``stream_chunk_seconds`` of audio (16 tokens of text) and the final flag with the last; ``output_kind`` is echoed;
@@ -108,7 +108,7 @@ class LlmHandler:
             enable_chunked_context=False)
         if kind == "torch":
             config.max_batch_size = int(params.get("max_batch_size", "8"))
-        model_path = params.get("engine_dir") if kind == "tensorrt_llm" else str(export_dir / "hf")
+        model_path = params.get("gpt_model_path") if kind == "tensorrt_llm" else str(export_dir / "hf")
         # the grammar of the presets, as the CPU engine applies it (the limits cap the token budget per request)
         from audex.export.serving import serving_presets
 
