@@ -200,7 +200,19 @@ class _Active:
     cache: object
     generated: list[int] = field(default_factory=list)
     streamed: int = 0
-    generator: torch.Generator | None = None
+    sampler: object = None
+
+
+def _sampler(sc: SamplingConfig):
+    """The engine's draw for a ``SamplingConfig``, with Audex's seeded sampler (transformers' warpers): greedy when
+    ``top_k == 1`` or no sampling field is set, else temperature / top-k / top-p with ``random_seed``."""
+    from audex.inference.sampling import SamplingParams, TokenSampler
+
+    sampling = (sc.top_k not in (None, 1)) or (sc.top_p not in (None, 0.0)) or (sc.temperature not in (None, 1.0))
+    if sc.top_k == 1 or not sampling:
+        return TokenSampler(SamplingParams(do_sample=False))
+    return TokenSampler(SamplingParams(do_sample=True, temperature=float(sc.temperature or 1.0), top_k=sc.top_k or None,
+                                       top_p=sc.top_p if sc.top_p not in (None, 0.0) else None, seed=sc.random_seed))
 
 
 class Executor:
@@ -336,10 +348,8 @@ class Executor:
             if problem:
                 self._error(req_id, request, problem)
                 continue
-            seed = request.sampling_config.random_seed
-            gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
             state = _Active(req_id, request, list(request.input_token_ids), DynamicCache(config=self.lm.config),
-                            generator=gen)
+                            sampler=_sampler(request.sampling_config))
             self._active[req_id] = state
             admitted.append(state)
         return admitted
@@ -382,24 +392,6 @@ class Executor:
         state.pending = []
         return out.logits[:, -1:, :].float()                     # [1, beam=1, vocab]
 
-    def _sample(self, state: _Active, logits: torch.Tensor) -> int:
-        sc = state.request.sampling_config
-        row = logits.reshape(-1)
-        sampling = (sc.top_k not in (None, 1)) or (sc.top_p not in (None, 0.0)) or (sc.temperature not in (None, 1.0))
-        if sc.top_k == 1 or not sampling:
-            return int(row.argmax())
-        if sc.temperature not in (None, 0.0):
-            row = row / float(sc.temperature)
-        if sc.top_k:
-            kth = torch.topk(row, min(int(sc.top_k), row.numel())).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if sc.top_p not in (None, 0.0) and sc.top_p < 1.0:
-            sorted_logits, order = torch.sort(row, descending=True)
-            probs = torch.softmax(sorted_logits, -1)
-            drop = probs.cumsum(-1) - probs > float(sc.top_p)
-            row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-        return int(torch.multinomial(torch.softmax(row, -1), 1, generator=state.generator))
-
     def _retire(self, state: _Active, reason: FinishReason) -> None:
         self._active.pop(state.req_id, None)
         self._respond(state, final=True, reason=reason)
@@ -441,7 +433,7 @@ class Executor:
                 if name is not None and name != Request.BATCHED_POST_PROCESSOR_NAME:
                     self.processor_map[name](s.req_id, lg, [s.request.input_token_ids + s.generated], None,
                                              s.request.client_id)
-            tokens = [self._sample(s, lg) for s, lg in zip(rows, logits)]
+            tokens = [int(s.sampler(lg.reshape(1, -1))[0]) for s, lg in zip(rows, logits)]
         except Exception as e:  # the engine reports a failed iteration on every request of it, then goes on
             with self._lock:
                 for s in rows:
