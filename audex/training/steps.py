@@ -4,8 +4,9 @@ A batch is the data pipeline's packed batch (``audex.data``): ``input_ids``, ``l
 ``position_ids`` (restart at every packed sample), ``sample_ids`` (-1 = padding) and ``audios`` (the clips whose
 frames fill the ``<so_embedding>`` runs, in order). Attribute or key access both work.
 
-The loss is ``model.loss.reduction`` (``square_averaged``: eq. 2 of the paper, the default; ``token_mean``:
-eq. 1) plus, for routed-expert backbones whose LLM trains, the load-balancing loss (coefficient 1e-6).
+The loss is ``model.loss.reduction`` (``square_averaged``: eq. 2 of the paper, the default, over the units of
+``model.loss.square_average_unit``: ``sample`` as the paper writes it or ``turn`` as Megatron computes it;
+``token_mean``: eq. 1) plus, for routed-expert backbones whose LLM trains, the load-balancing loss (coefficient 1e-6).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def batch_field(batch, name: str, default=None):
 def loss_reduction(model) -> str:
     loss_cfg = model.cfg.get("loss") if model.cfg is not None else None
     return str(loss_cfg.get("reduction", "square_averaged")) if loss_cfg is not None else "square_averaged"
+
+
+def loss_unit(model) -> str:
+    loss_cfg = model.cfg.get("loss") if model.cfg is not None else None
+    return str(loss_cfg.get("square_average_unit", "sample")) if loss_cfg is not None else "sample"
 
 
 def forward_batch(model, batch):
@@ -55,7 +61,7 @@ def compute_loss(model, batch, reduction: str | None = None, with_moe: bool = Tr
     with recording:
         out = forward_batch(model, batch)
     loss, stats = language_model_loss(out.logits, batch_field(batch, "labels"), sample_ids,
-                                      reduction=reduction or loss_reduction(model))
+                                      reduction=reduction or loss_reduction(model), unit=loss_unit(model))
     stats["real_tokens"] = valid.sum()
     if balancer is not None:
         aux = balancer.load_balancing_loss()
