@@ -43,6 +43,10 @@ multi-turn thinking chat, assistant turns before the last user turn lose their r
 thought retention, appendix A.5) and are rendered as context, untrained; in instruct mode every assistant
 turn is trained.
 
+Tool-calling chats (tool definitions, assistant ``tool_calls``, ``tool`` turns; :mod:`audex.tool_calls`) are
+rendered by the backbone tokenizer's own ``chat_template`` (Audex's Hermes-style template when it has none),
+with the same rule: assistant turns train, everything else is context.
+
 Why a subclass of NeMo's ``PromptFormatter``: the registry (``PromptFormatter.resolve("audex")``) and the
 ``encode_dialog`` contract (``input_ids``, ``context_ids``, ``answer_ids``, ``mask``) fit and make the format
 usable from NeMo's Lhotse dataloader (``prompt_format: audex``). NeMo's ``qwen3``/``nemotron-nano-v3``
@@ -70,6 +74,14 @@ from typing import Sequence
 import torch
 from nemo.collections.common.prompts.formatter import Modality, PromptFormatter
 
+from audex.tool_calls import (
+    AUDEX_TOOL_CHAT_TEMPLATE,
+    TOOLS_SYSTEM_PROMPT,
+    assistant_spans,
+    is_tool_chat,
+    render_chat,
+    to_template_messages,
+)
 from audex.vocab import IM_END, IM_START, PAD, SOUND, THINK_END, THINK_START
 
 SYSTEM_PROMPT = "You are a helpful and harmless assistant.\nYou are not allowed to use any tools"
@@ -212,9 +224,11 @@ class AudexPromptFormatter(PromptFormatter):
         OUTPUT_ROLE: {"template": f"{INFERENCE_PREFIX}|message|{IM_END}\n", "slots": {"message": Modality.Text}},
     }
 
-    def __init__(self, tokenizer, defaults: list[dict] | None = None, system_prompt: str | None = SYSTEM_PROMPT):
+    def __init__(self, tokenizer, defaults: list[dict] | None = None, system_prompt: str | None = SYSTEM_PROMPT,
+                 chat_template: str | None = None):
         super().__init__(tokenizer, defaults)
         self.system_prompt = system_prompt
+        self.chat_template = chat_template  # tool chats: None = the tokenizer's own, else Audex's built-in
         self._text_to_ids = getattr(tokenizer, "text_to_ids", None) or tokenizer.encode
 
     # ---- contents ------------------------------------------------------------------------------
@@ -228,9 +242,13 @@ class AudexPromptFormatter(PromptFormatter):
         head, tail = self.get_template(role).split("|message|")
         return head, tail
 
-    def pieces(self, turns: Sequence[dict], thinking: bool = False) -> list[PromptPiece]:
+    def pieces(self, turns: Sequence[dict], thinking: bool = False, tools: Sequence[dict] | None = None
+               ) -> list[PromptPiece]:
         """The dialog as :class:`PromptPiece` s. If it does not end with an assistant turn, the generation
-        prompt (assistant header + think prefix of the mode) is appended."""
+        prompt (assistant header + think prefix of the mode) is appended. A tool chat (``tools`` or tool turns)
+        goes through :meth:`tool_chat_pieces`."""
+        if is_tool_chat(turns, tools):
+            return self.tool_chat_pieces(turns, thinking, tools)
         turns = list(turns)
         roles = [t.get("role") for t in turns]
         unknown = [r for r in roles if r not in self.get_roles()]
@@ -268,6 +286,51 @@ class AudexPromptFormatter(PromptFormatter):
             out.append(PromptPiece(text=self.INFERENCE_PREFIX + (THINKING_OPEN if thinking else INSTRUCT_THINK)))
         return out
 
+    def tool_chat_template(self) -> str | None:
+        """The template of tool chats: the configured one, else the tokenizer's own (None lets transformers pick
+        it, a ``tool_use`` variant included), else :data:`~audex.tool_calls.AUDEX_TOOL_CHAT_TEMPLATE`."""
+        if self.chat_template is not None:
+            return self.chat_template
+        return None if getattr(getattr(self.tokenizer, "hf", self.tokenizer), "chat_template", None) \
+            else AUDEX_TOOL_CHAT_TEMPLATE
+
+    def tool_chat_messages(self, turns: Sequence[dict], thinking: bool = False) -> list[dict]:
+        """The turns as chat-template messages, with the default system turn (without Figure 2's "not allowed to
+        use any tools" line) when there is none."""
+        turns = list(turns)
+        for i, t in enumerate(turns):
+            if not isinstance(t.get("content", ""), str):
+                raise ValueError(f"{t.get('role')} turn {i} of a tool chat: content must be a string")
+            if t.get("thinking") and not thinking:
+                raise ValueError(f"assistant turn {i} carries reasoning but the dialog is in instruct mode")
+        if turns and turns[0].get("role") != "system" and self.system_prompt is not None:
+            system = TOOLS_SYSTEM_PROMPT if self.system_prompt == SYSTEM_PROMPT else self.system_prompt
+            turns.insert(0, {"role": "system", "content": system})
+        return to_template_messages(turns)
+
+    def render_tool_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None, add_generation_prompt: bool,
+                         thinking: bool = False) -> str:
+        hf = getattr(self.tokenizer, "hf", self.tokenizer)
+        return render_chat(hf, messages, tools, add_generation_prompt, thinking, self.tool_chat_template())
+
+    def tool_chat_pieces(self, turns: Sequence[dict], thinking: bool = False, tools: Sequence[dict] | None = None
+                         ) -> list[PromptPiece]:
+        """A tool chat rendered by the chat template, assistant turns trainable
+        (:func:`~audex.tool_calls.assistant_spans`)."""
+        if not turns:
+            raise ValueError("turns must be a non-empty list")
+        messages = self.tool_chat_messages(turns, thinking)
+        text, spans = assistant_spans(lambda m, gen: self.render_tool_chat(m, tools, gen, thinking), messages)
+        out, pos = [], 0
+        for start, end in spans:
+            if start > pos:
+                out.append(PromptPiece(text=text[pos:start]))
+            out.append(PromptPiece(text=text[start:end], trainable=True))
+            pos = end
+        if pos < len(text):
+            out.append(PromptPiece(text=text[pos:]))
+        return out
+
     def encode_pieces(self, pieces: Sequence[PromptPiece]) -> tuple[list[int], list[bool]]:
         ids: list[int] = []
         trainable: list[bool] = []
@@ -277,16 +340,17 @@ class AudexPromptFormatter(PromptFormatter):
             trainable.extend([p.trainable] * len(piece_ids))
         return ids, trainable
 
-    def render_text(self, turns: Sequence[dict], thinking: bool = False) -> str:
+    def render_text(self, turns: Sequence[dict], thinking: bool = False, tools: Sequence[dict] | None = None) -> str:
         """The dialog as one string (pre-tokenised ids are decoded with the tokenizer)."""
         return "".join(p.text if p.ids is None else self.tokenizer.decode(list(p.ids))
-                       for p in self.pieces(turns, thinking))
+                       for p in self.pieces(turns, thinking, tools))
 
-    def encode_dialog(self, turns: list[dict], thinking: bool = False) -> dict[str, torch.Tensor]:
+    def encode_dialog(self, turns: list[dict], thinking: bool = False, tools: Sequence[dict] | None = None
+                      ) -> dict[str, torch.Tensor]:
         """NeMo's contract: ``input_ids``; for a dialog ending with an assistant turn also ``mask`` (trainable
         tokens), ``answer_ids`` (the last turn's generated part) and ``context_ids`` (everything before it,
         which equals the generation prompt of the dialog without its last turn)."""
-        ids, trainable = self.encode_pieces(self.pieces(turns, thinking))
+        ids, trainable = self.encode_pieces(self.pieces(turns, thinking, tools))
         ans = {"input_ids": torch.tensor(ids, dtype=torch.long)}
         if turns[-1]["role"] == self.OUTPUT_ROLE:
             first = len(trainable)

@@ -19,8 +19,12 @@ caption                 ``cut.custom["caption"]``                   tta
 question / answer       ``cut.custom["question"]`` /                audio_qa (the question without ``<sound>``;
                         ``cut.custom["answer"]``                    the prompt format places the audio)
 chat                    ``cut.custom["messages"]``: list of         text
-                        ``{"role": "system"|"user"|"assistant",
-                        "content": str, "thinking": str}``
+                        ``{"role": "system"|"user"|"assistant"|
+                        "tool", "content": str, "thinking": str,
+                        "tool_calls": [...]}``
+tool definitions        ``cut.custom["tools"]``: list of            text (tool-calling chats,
+                        ``{"type": "function", "function":          :mod:`audex.tool_calls`)
+                        {"name", "description", "parameters"}}``
 reasoning mode          ``cut.custom["thinking"]``: bool            text (audio tasks: always instruct mode)
 speech codes            ``cut.custom["speech_codes"]``: base64      tts
 audio codes             ``cut.custom["audio_codes"]``: base64 +     tta
@@ -73,6 +77,7 @@ from audex.data.skips import (
     UNKNOWN_TASK,
     SkipSample,
 )
+from audex.tool_calls import validate_tool_calls, validate_tools
 
 ASR = "asr"
 AST = "ast"
@@ -89,7 +94,7 @@ GENERATION_TASKS: tuple[str, ...] = (TTS, TTA)
 CODES_DTYPE = np.dtype("<i4")
 CODEC_FRAME_RATE = 50
 SAMPLE_RATE = 16000
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 # ---- codec codes <-> base64 ---------------------------------------------------------------------
@@ -270,11 +275,18 @@ def make_tta_cut(caption: str, audio: Recording | Cut | None = None, audio_codes
     return cut
 
 
-def make_text_cut(cut_id: str, messages: list[dict], thinking: bool = False) -> DataCut:
-    """Text-only chat: a cut without recording. ``messages`` as in :func:`validate_messages`."""
+def make_text_cut(cut_id: str, messages: list[dict], thinking: bool = False, tools: list[dict] | None = None
+                  ) -> DataCut:
+    """Text-only chat: a cut without recording. ``messages`` as in :func:`validate_messages`; ``tools``: the tool
+    definitions of a tool-calling chat."""
     messages = validate_messages(messages, thinking, cut_id, error=ValueError)
-    return MonoCut(id=cut_id, start=0.0, duration=0.0, channel=0, recording=None, supervisions=[],
-                   custom={"task": TEXT, "messages": messages, "thinking": bool(thinking)})
+    custom = {"task": TEXT, "messages": messages, "thinking": bool(thinking)}
+    if tools is not None:
+        try:
+            custom["tools"] = validate_tools(tools, "tools")
+        except ValueError as e:
+            raise ValueError(f"chat {cut_id!r}: {e}") from None
+    return MonoCut(id=cut_id, start=0.0, duration=0.0, channel=0, recording=None, supervisions=[], custom=custom)
 
 
 # ---- accessors ----------------------------------------------------------------------------------
@@ -345,6 +357,17 @@ def get_messages(cut: Cut) -> list[dict]:
     return validate_messages(_require_custom(cut, "messages"), is_thinking(cut), cut.id)
 
 
+def get_tools(cut: Cut) -> list[dict] | None:
+    """The tool definitions of a tool-calling chat (``custom["tools"]``), None when it has none."""
+    tools = (cut.custom or {}).get("tools")
+    if tools is None:
+        return None
+    try:
+        return validate_tools(tools, "custom['tools']")
+    except ValueError as e:
+        raise SkipSample(INVALID_MESSAGES, str(e), cut.id) from None
+
+
 def get_cfg_uncond_pads(cut: Cut) -> int | None:
     """Number of ``<pad>`` tokens replacing the condition of a CFG-unconditional copy, else None."""
     n = (cut.custom or {}).get("cfg_uncond_pads")
@@ -356,9 +379,11 @@ def get_cfg_uncond_pads(cut: Cut) -> int | None:
 
 
 def validate_messages(messages: Any, thinking: bool, cut_id: str | None = None, error=None) -> list[dict]:
-    """Check a chat: a list of ``{"role", "content"[, "thinking"]}`` with at least one user and one assistant
-    turn, ending with an assistant turn; an optional system turn comes first; ``thinking`` (the reasoning
-    text) only on assistant turns, and only in thinking mode. Returns plain dicts (JSON-serialisable)."""
+    """Check a chat: a list of ``{"role", "content"[, "thinking", "tool_calls"]}`` with at least one user and one
+    assistant turn, ending with an assistant turn; an optional system turn comes first; ``thinking`` (the
+    reasoning text) only on assistant turns, and only in thinking mode; ``tool_calls`` only on assistant turns,
+    and ``tool`` turns (tool responses) only after an assistant turn with tool calls or another tool turn.
+    Returns plain dicts (JSON-serialisable)."""
 
     def fail(msg: str):
         if error is not None:
@@ -375,9 +400,18 @@ def validate_messages(messages: Any, thinking: bool, cut_id: str | None = None, 
             fail(f"turn {i} ({m['role']}) needs a string 'content'")
         if m["role"] == "system" and i != 0:
             fail(f"the system turn must come first, found it at turn {i}")
-        extra = set(m) - {"role", "content", "thinking"}
+        extra = set(m) - {"role", "content", "thinking", "tool_calls"}
         if extra:
-            fail(f"turn {i} has unknown keys {sorted(extra)}; allowed: role, content, thinking")
+            fail(f"turn {i} has unknown keys {sorted(extra)}; allowed: role, content, thinking, tool_calls")
+        if "tool_calls" in m:
+            if m["role"] != "assistant":
+                fail(f"turn {i}: only assistant turns carry tool_calls")
+            try:
+                calls = validate_tool_calls(m["tool_calls"], f"turn {i}")
+            except ValueError as e:
+                fail(str(e))
+        if m["role"] == "tool" and (not out or not (out[-1]["role"] == "tool" or out[-1].get("tool_calls"))):
+            fail(f"turn {i}: a tool response must follow an assistant turn with tool_calls")
         reasoning = m.get("thinking")
         if reasoning is not None:
             if m["role"] != "assistant" or not isinstance(reasoning, str):
@@ -385,6 +419,8 @@ def validate_messages(messages: Any, thinking: bool, cut_id: str | None = None, 
             if reasoning.strip() and not thinking:
                 fail(f"turn {i} has reasoning but the chat is in instruct mode (custom['thinking']=False)")
         out.append({k: m[k] for k in ("role", "content", "thinking") if k in m})
+        if "tool_calls" in m:
+            out[-1]["tool_calls"] = calls
     roles = [m["role"] for m in out]
     if "user" not in roles or roles[-1] != "assistant":
         fail(f"a chat needs a user turn and must end with an assistant turn, got roles {roles}")

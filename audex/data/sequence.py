@@ -13,6 +13,8 @@ For every task of :mod:`audex.data.schema` the builder writes the dialog of Figu
   10 s before encoding, so a short one means the manifest was not made by it;
 * emits ``<pad>`` x k in place of the transcript/caption of a CFG-unconditional copy
   (``custom["cfg_uncond_pads"] = k``, made by :mod:`audex.data.cfg_uncond`);
+* renders a tool-calling chat (``custom["tools"]``, assistant ``tool_calls``, ``tool`` turns) with the
+  backbone's chat template (:mod:`audex.tool_calls`);
 * sets ``labels`` = ``input_ids`` on trainable (assistant) tokens and -100 elsewhere, unshifted.
 
 Bad input raises :class:`~audex.data.skips.SkipSample` with its reason (missing/corrupt/empty audio, invalid
@@ -61,6 +63,7 @@ from audex.data.skips import (
     ZERO_LENGTH_AUDIO,
     SkipSample,
 )
+from audex.tool_calls import is_tool_chat
 
 IGNORE_INDEX = -100
 SAMPLE_RATE = 16000
@@ -256,13 +259,15 @@ class SequenceBuilder:
         turns, thinking = self.dialog(cut)
         task = schema.get_task(cut)
         audios, frames = self._audio_inputs(cut, task, load_audio)
+        tools = schema.get_tools(cut) if task == schema.TEXT else None
         try:
-            pieces = self.formatter.pieces(turns, thinking)
+            pieces = self.formatter.pieces(turns, thinking, tools)
         except ValueError as e:
             raise SkipSample(INVALID_MESSAGES, str(e), cut.id) from None
         ids, trainable = self.formatter.encode_pieces(pieces)
         n_turns = len(turns) + (turns[0]["role"] != "system" and self.formatter.system_prompt is not None)
-        if ids.count(self.tokenizer.im_start) != n_turns or ids.count(self.tokenizer.im_end) != n_turns:
+        tool_chat = is_tool_chat(turns, tools)  # its template groups tool turns; markers were refused in the text
+        if not tool_chat and (ids.count(self.tokenizer.im_start) != n_turns or ids.count(self.tokenizer.im_end) != n_turns):
             raise SkipSample(INVALID_MESSAGES, "a message contains <|im_start|> or <|im_end|> and would break the "
                              "turn structure", cut.id)
         ids, trainable = self._expand_sound(ids, trainable, frames, cut.id)

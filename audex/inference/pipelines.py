@@ -57,19 +57,24 @@ from audex.inference.waveform import (
     speech_tokens_to_codes,
     speech_tokens_to_waveform,
 )
+from audex.tool_calls import is_tool_chat, parse_tool_response
 
 
 # ---- results ------------------------------------------------------------------------------------
 @dataclass
 class TextResult:
     """A text answer; ``thinking`` holds the reasoning of a thinking-mode answer, ``fields`` the parsed
-    ASR/AST answer (``language``, ``transcription``, ``translation``)."""
+    ASR/AST answer (``language``, ``transcription``, ``translation``), ``tool_calls`` the parsed calls of a
+    tool chat (``[{"type": "function", "function": {"name", "arguments"}}]``; ``tool_call_error`` says why
+    an answer that tried to call a tool could not be parsed)."""
 
     text: str
     token_ids: list[int]
     finish_reason: str
     thinking: str | None = None
     fields: dict | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_error: str | None = None
 
 
 @dataclass
@@ -286,13 +291,43 @@ class AudexPipeline:
 
     # ---- text ---------------------------------------------------------------------------------
     def chat(self, conversations: Sequence[str | Sequence[dict]], thinking: bool | None = None,
-             preset: str = "chat", **overrides) -> list[TextResult]:
+             preset: str = "chat", tools: Sequence[dict] | None = None, **overrides) -> list[TextResult]:
         """Text chat (Figure 2a): each conversation is a user message or turns ending with a user turn.
-        ``thinking`` overrides the preset's mode (thinking: ``<think>\\n``; instruct: ``<think></think>``)."""
+        ``thinking`` overrides the preset's mode (thinking: ``<think>\\n``; instruct: ``<think></think>``).
+
+        With ``tools`` (transformers tool definitions, for every conversation) or tool turns, the prompt is the
+        backbone's chat template with the tools in the system turn (:mod:`audex.tool_calls`), a conversation may
+        end with ``tool`` responses, and each result carries the parsed ``tool_calls``::
+
+            >>> r = pipe.chat(["Weather in Paris?"], tools=[weather_tool])[0]
+            >>> r.tool_calls    # [{"type": "function", "function": {"name": "get_weather", "arguments": {...}}}]
+        """
         p = self._preset(preset)
         thinking = p.thinking if thinking is None else bool(thinking)
+        if tools or any(not isinstance(c, str) and is_tool_chat(c) for c in conversations):
+            return self._tool_chat(p, conversations, thinking, tools, overrides)
         prompts = [self.prompt_ids(c, thinking) for c in conversations]
         return self._text_results(self._decode(p, prompts, **overrides), thinking)
+
+    def _tool_chat(self, preset: TaskPreset, conversations, thinking: bool, tools, overrides) -> list[TextResult]:
+        dialogs = [[{"role": "user", "content": c}] if isinstance(c, str) else list(c) for c in conversations]
+        for i, turns in enumerate(dialogs):
+            if not turns or turns[-1].get("role") not in ("user", "tool"):
+                raise ValueError(f"conversation {i}: a tool-chat prompt must end with a user or tool turn")
+        prefixes = [self.formatter.render_text(t, thinking, tools) for t in dialogs]
+        prompts = [self.formatter.encode_dialog(t, thinking, tools)["input_ids"].tolist() for t in dialogs]
+        out = self._decode(preset, prompts, **overrides)
+        results = []
+        for prefix, ids, reason in zip(prefixes, out.token_ids, out.finish_reasons):
+            generated, error = self.tokenizer.decode(ids), None
+            try:
+                parsed = parse_tool_response(self.tokenizer.hf, generated, prefix, tools)
+            except ValueError as e:  # a malformed call is an answer to report, not a crash of the batch
+                parsed, error = {"content": generated}, str(e).splitlines()[0]
+            results.append(TextResult(text=(parsed.get("content") or "").strip(), token_ids=list(ids),
+                                      finish_reason=reason, thinking=parsed.get("thinking"),
+                                      tool_calls=parsed.get("tool_calls", []), tool_call_error=error))
+        return results
 
     # ---- generation ---------------------------------------------------------------------------
     def _generation_prompts(self, content_fn, conditions: Sequence[str], opener: int, thinking: bool):
