@@ -205,7 +205,8 @@ class AudexPromptFormatter(PromptFormatter):
 
     Turns are ``{"role": "system"|"user"|"assistant", "content": str | Sequence[int], "thinking": str}``;
     an assistant ``content`` given as ids is pre-tokenised (e.g. ``<speechgen_start>`` codes
-    ``<speechgen_end>``). A missing system turn is filled with :data:`SYSTEM_PROMPT`.
+    ``<speechgen_end>``); an assistant ``prefix`` (ids) opens the answer as untrained context (the
+    ``<speechgen_start>`` + reference codes of voice-prompted TTS, :mod:`audex.voice_prompt`). A missing system turn is filled with :data:`SYSTEM_PROMPT`.
 
     Example::
 
@@ -274,6 +275,8 @@ class AudexPromptFormatter(PromptFormatter):
             out.append(PromptPiece(text=head + (THINKING_OPEN if with_reasoning else INSTRUCT_THINK)))
             if with_reasoning:
                 out.append(PromptPiece(text=f"{reasoning or ''}\n{THINK_END}\n", trainable=True))
+            if turn.get("prefix"):  # a teacher-forced opening of the answer (a voice prompt's codes): context
+                out.append(PromptPiece(ids=tuple(int(x) for x in turn["prefix"])))
             if isinstance(content, str):
                 out.append(PromptPiece(text=content + IM_END, trainable=trainable))
             else:

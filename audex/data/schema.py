@@ -27,6 +27,8 @@ tool definitions        ``cut.custom["tools"]``: list of            text (tool-c
                         {"name", "description", "parameters"}}``
 reasoning mode          ``cut.custom["thinking"]``: bool            text (audio tasks: always instruct mode)
 speech codes            ``cut.custom["speech_codes"]``: base64      tts
+voice prompt            ``cut.custom["voice_codes"]``: base64 +     tts (optional: voice-prompted TTS,
+                        ``custom["voice_text"]`` (its transcript)   :mod:`audex.voice_prompt`)
 audio codes             ``cut.custom["audio_codes"]``: base64 +     tta
                         ``custom["audio_codes_n_q"]`` (4)
 CFG unconditional       ``cut.custom["cfg_uncond_pads"]``: int      tts, tta copies made by ``make_cfg_uncond``
@@ -151,6 +153,19 @@ def get_speech_codes(cut: Cut, codebook_size: int | None = None) -> torch.Tensor
     return torch.from_numpy(codes.copy())
 
 
+def get_voice_prompt(cut: Cut, codebook_size: int | None = None) -> tuple[torch.Tensor, str] | None:
+    """``(voice codes LongTensor[T], voice_text)`` of a voice-prompted TTS cut, None for a fixed-voice one."""
+    custom = cut.custom or {}
+    if custom.get("voice_codes") is None and custom.get("voice_text") is None:
+        return None
+    text = _text_custom(cut, "voice_text")
+    codes = decode_codes(_require_custom(cut, "voice_codes"), "voice_codes", cut.id)
+    if codes.size == 0:
+        raise SkipSample(INVALID_CODEC_CODES, "custom['voice_codes'] is empty", cut.id)
+    _check_range(codes, codebook_size, "voice_codes", cut.id)
+    return torch.from_numpy(codes.copy()), text
+
+
 def get_audio_codes(cut: Cut, codebook_size: int | None = None) -> torch.Tensor:
     """Audio codes ``LongTensor[n_q, T]`` (the codec's layout); checked against ``codebook_size`` when given."""
     flat = decode_codes(_require_custom(cut, "audio_codes"), "audio_codes", cut.id)
@@ -248,8 +263,13 @@ def _generation_cut(audio: Recording | Cut | None, cut_id: str | None, duration:
 
 
 def make_tts_cut(transcript: str, audio: Recording | Cut | None = None, speech_codes=None,
-                 language: str | None = None, cut_id: str | None = None) -> DataCut:
-    """TTS example: transcript in, speech codes out. Give ``audio`` (to pre-tokenise later), codes, or both."""
+                 language: str | None = None, cut_id: str | None = None, voice_codes=None,
+                 voice_text: str | None = None) -> DataCut:
+    """TTS example: transcript in, speech codes out. Give ``audio`` (to pre-tokenise later), codes, or both.
+    ``voice_codes`` + ``voice_text`` (the speech codes and transcript of a reference clip of the same speaker)
+    make it a voice-prompted example (:mod:`audex.voice_prompt`)."""
+    if (voice_codes is None) != (voice_text is None):
+        raise ValueError("a voice prompt needs both voice_codes (the reference's speech codes) and voice_text")
     if audio is None and speech_codes is None:
         raise ValueError("make_tts_cut needs the speech audio or its pre-tokenised speech_codes")
     n_frames = len(speech_codes) if speech_codes is not None else 0
@@ -258,6 +278,11 @@ def make_tts_cut(transcript: str, audio: Recording | Cut | None = None, speech_c
     cut.custom["task"] = TTS
     if speech_codes is not None:
         set_speech_codes(cut, speech_codes)
+    if voice_codes is not None:
+        if len(voice_codes) == 0:
+            raise ValueError("voice_codes is empty")
+        cut.custom["voice_codes"] = encode_speech_codes(voice_codes)
+        cut.custom["voice_text"] = _nonempty(voice_text, "voice_text")
     return cut
 
 

@@ -138,8 +138,13 @@ class EvalEngine:
         return [(float(token_nll[row].sum()), int(counts[row])) for row in range(len(encoded))]
 
     # ---- generation ----------------------------------------------------------------------------
-    def tts(self, texts: Sequence[str]) -> list[torch.Tensor]:
-        return [r.waveform for r in self.pipeline.tts(list(texts), **self.overrides("tts"))]
+    def tts(self, texts: Sequence[str], voices: Sequence[torch.Tensor] | None = None,
+            voice_texts: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """Waveforms; with ``voices`` and ``voice_texts`` (one reference clip and its transcript per text) the
+        voice-prompted form."""
+        return [r.waveform for r in self.pipeline.tts(list(texts), voice=None if voices is None else list(voices),
+                                                      voice_text=None if voice_texts is None else list(voice_texts),
+                                                      **self.overrides("tts"))]
 
     def tta(self, captions: Sequence[str]) -> list[torch.Tensor]:
         return [r.waveform for r in self.pipeline.tta(list(captions), **self.overrides("tta"))]

@@ -7,7 +7,13 @@ Seed-TTS-Eval uses for English) and scored with the English WER normalisation. S
 x100) needs a local x-vector model (``speaker_model``) and a reference voice: the sample's own audio (the prompt
 speaker) or one ``speaker_reference_audio`` for fixed-voice TTS; otherwise it is reported as not computed.
 
-Reference fields: ``text`` (what to say), ``language`` (optional), audio (optional: the reference voice).
+``mode: prompting`` (Table 6's "prompting" column, Seed-TTS-Eval's setting): every sample's audio is a voice
+prompt and its ``voice_text`` field the prompt's transcript; the speech is generated from them
+(:mod:`audex.voice_prompt`) and SIM compares it with that prompt. ``mode: fixed_voice`` (default) generates
+from the text alone.
+
+Reference fields: ``text`` (what to say), ``language`` (optional), audio (optional: the reference voice;
+required with ``voice_text`` in prompting mode).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from audex.eval.embeddings import SpeakerEmbedder
 from audex.eval.metrics import NotComputed, corpus_wer, cosine_similarity, word_errors
 from audex.eval.normalize import normalize_for_wer
 from audex.eval.report import Comparison, SuiteSummary
-from audex.eval.samples import EMPTY_HYPOTHESIS, EMPTY_REFERENCE, EvalSample, SampleError
+from audex.eval.samples import EMPTY_HYPOTHESIS, EMPTY_REFERENCE, MISSING_AUDIO, EvalSample, SampleError
 from audex.eval.suites.asr import counts_of
 from audex.eval.suites.base import Suite, safe_name
 
@@ -47,11 +53,25 @@ class TtsSuite(Suite):
             self._speaker = SpeakerEmbedder(self.cfg["speaker_model"])
         return self._speaker
 
+    @property
+    def prompting(self) -> bool:
+        mode = self.cfg.get("mode", "fixed_voice")
+        if mode not in ("fixed_voice", "prompting"):
+            raise ValueError(f"tts suite mode must be fixed_voice or prompting, got {mode!r}")
+        return mode == "prompting"
+
     def check(self, sample: EvalSample) -> dict:
-        return {"text": sample.text_field("text"), "language": str(sample.fields.get("language") or "en")}
+        ref = {"text": sample.text_field("text"), "language": str(sample.fields.get("language") or "en")}
+        if self.prompting:
+            ref["voice_text"] = sample.text_field("voice_text")
+            if not sample.has_audio:
+                raise SampleError(MISSING_AUDIO, "prompting mode needs the sample's audio (the voice prompt)")
+        return ref
 
     def prepare(self, sample: EvalSample, reference: dict):
         voice, problem = None, None
+        if self.prompting:  # the prompt is the generation's input and SIM's reference
+            return reference["text"], sample.load_audio(), None
         if self.speaker is not None:
             try:
                 if sample.has_audio:
@@ -69,7 +89,11 @@ class TtsSuite(Suite):
         return reference["text"], voice, problem
 
     def generate(self, inputs, references):
-        wavs = self.engine.tts([text for text, _, _ in inputs])
+        if self.prompting:
+            wavs = self.engine.tts([text for text, _, _ in inputs], voices=[voice for _, voice, _ in inputs],
+                                   voice_texts=[r["voice_text"] for r in references])
+        else:
+            wavs = self.engine.tts([text for text, _, _ in inputs])
         transcripts = self.transcriber(wavs, [r["language"] for r in references])
         sims: list[float | None] = [None] * len(inputs)
         with_voice = [i for i, (_, voice, _) in enumerate(inputs) if voice is not None]
