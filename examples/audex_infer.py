@@ -28,7 +28,7 @@ from audex.inference.runner import (
 def main(cfg: DictConfig) -> None:
     inputs = cfg.inputs
     fields = {k: OmegaConf.to_container(inputs[k]) if OmegaConf.is_config(inputs[k]) else inputs[k]
-              for k in ("language", "question", "choices", "description", "sound_event")}
+              for k in ("language", "question", "choices", "description", "sound_event", "voice", "voice_text")}
     records = records_from_wavs(list(inputs.wav), **fields) + records_from_texts(list(inputs.text), **fields)
     if inputs.manifest:
         records += records_from_manifest(inputs.manifest, cfg.task)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from audex.data import schema
 from audex.inference.pipelines import AudexPipeline
 from audex.inference.waveform import write_wav
 
@@ -98,6 +99,8 @@ def records_from_manifest(path: str | Path, task: str) -> list[dict]:
                 rec[key] = custom[key]
         if task in ("tts", "chat") and sup is not None and sup.text:
             rec["text"] = sup.text
+        if task == "tts" and custom.get("voice_codes") is not None:  # a voice-prompted TTS cut
+            rec["voice"], rec["voice_text"] = schema.get_voice_prompt(cut)
         if task == "chat" and custom.get("messages"):  # the chat up to its last user turn is the prompt
             messages = list(custom["messages"])
             rec["text"] = messages[:-1] if messages[-1].get("role") == "assistant" else messages
@@ -122,6 +125,12 @@ def prepare(record: dict, task: str) -> dict:
             rec["audio"] = load_audio(rec["audio_path"])
         else:
             raise ValueError(f"task {task!r} needs audio: give inputs.wav files or a manifest with recordings")
+    if task == "tts" and (rec.get("voice") is not None or rec.get("voice_text")):
+        if rec.get("voice") is None or not rec.get("voice_text"):
+            raise ValueError("a voice prompt needs both inputs.voice (a reference WAV) and inputs.voice_text (its "
+                             "transcript)")
+        if isinstance(rec["voice"], (str, Path)):
+            rec["voice"] = load_audio(rec["voice"])
     need = _NEEDS.get(task)
     if need is not None and not rec.get(need):
         raise ValueError(f"task {task!r} needs the field {need!r} (e.g. inputs.{need}=... or a manifest field)")
@@ -150,7 +159,7 @@ def _run_batch(pipe: AudexPipeline, task: str, recs: list[dict], sampling: dict,
     elif task == "chat":
         out = pipe.chat([r["text"] for r in recs], **sampling)
     elif task == "tts":
-        out = pipe.tts([r["text"] for r in recs], **sampling)
+        out = _tts(pipe, recs, sampling)
     elif task == "tta":
         out = pipe.tta([r["text"] for r in recs], **sampling)
     elif task == "s2s":
@@ -179,6 +188,19 @@ def _run_batch(pipe: AudexPipeline, task: str, recs: list[dict], sampling: dict,
             row["wav"] = str(write_wav(wav_dir / f"{rec['id']}.wav", wav))
         results.append(row)
     return results
+
+
+def _tts(pipe: AudexPipeline, recs: list[dict], sampling: dict) -> list:
+    """Fixed-voice and voice-prompted records of a batch, each kind decoded as one batch, in input order."""
+    prompted = [i for i, r in enumerate(recs) if r.get("voice") is not None]
+    fixed = [i for i in range(len(recs)) if i not in prompted]
+    out: dict[int, Any] = {}
+    if fixed:
+        out.update(zip(fixed, pipe.tts([recs[i]["text"] for i in fixed], **sampling)))
+    if prompted:
+        out.update(zip(prompted, pipe.tts([recs[i]["text"] for i in prompted], voice=[recs[i]["voice"] for i in prompted],
+                                          voice_text=[recs[i]["voice_text"] for i in prompted], **sampling)))
+    return [out[i] for i in range(len(recs))]
 
 
 def run_inference(pipe: AudexPipeline, task: str, records: Iterable[dict], output_jsonl: str | Path,
