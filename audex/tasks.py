@@ -64,7 +64,7 @@ class Task:
     def check_record(self, record: dict) -> None:
         """Raise ``ValueError`` naming what a record lacks for this task."""
         if self.audio_in and record.get("audio") is None:
-            raise ValueError(f"task {self.name!r} needs audio: give a WAV file or a manifest with recordings")
+            raise ValueError(f"task {self.name!r} needs audio: give inputs.wav files or a manifest with recordings")
         if self.field is not None and not record.get(self.field):
             raise ValueError(f"task {self.name!r} needs the field {self.field!r} (e.g. inputs.{self.field}=... or a "
                              "manifest field)")

@@ -413,7 +413,8 @@ def test_cli_config_runs_a_nemo_checkpoint(tiny_model, speech_folder, tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf" / "eval"), version_base="1.3"):
         cfg = compose("eval", overrides=[
             f"model={nemo}", "suite=asr", f"references={speech_folder / 'refs.jsonl'}", f"folder={speech_folder / 'audio'}",
-            f"output_dir={out}", "+generation.asr.max_new_tokens=6", "progress=false", "batch_size=4", "limit=3"])
+            f"output_dir={out}", "+generation.asr.max_new_tokens=6", "progress=false", "batch_size=4", "limit=3",
+            "suite.benchmark=openasr/librispeech_clean"])
     assert cfg.suite.benchmark == "openasr/librispeech_clean" and list(cfg.suite.keys())[0] == "name"
     summary = run_eval(cfg)
     assert summary.suite == "asr" and summary.model == str(nemo)

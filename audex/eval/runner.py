@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def _engine(cfg: DictConfig, model_path: str, device) -> EvalEngine:
-    generation = OmegaConf.to_container(cfg.get("generation") or {}, resolve=True)
+    generation = cfg.get("generation")  # an empty DictConfig is falsy: never `or {}` it into a plain dict
+    generation = OmegaConf.to_container(generation, resolve=True) if generation is not None else {}
     overrides = list(cfg.get("preset_overrides") or [])
     return EvalEngine(load_model(model_path, device), seed=int(cfg.get("seed", 0)), generation=generation,
                       preset_overrides=overrides, presets_path=cfg.get("presets_path"))

@@ -19,9 +19,10 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from audex import config_path
 from audex.inference.sampling import SamplingParams
 
-DEFAULT_PRESETS_PATH = Path(__file__).resolve().parents[2] / "conf" / "infer" / "presets.yaml"
+DEFAULT_PRESETS_PATH = config_path("infer", "presets.yaml")
 OUTPUTS = ("text", "speech", "audio")
 _TASK_KEYS = {"output", "thinking", "sampling", "max_speech_seconds", "long_form_max_chars", "audio_seconds"}
 
