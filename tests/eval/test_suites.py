@@ -396,7 +396,7 @@ def test_text_retention_loss_and_accuracy(tiny_model, engine, tiny_yaml, tmp_pat
 
 
 # ---- the command line -----------------------------------------------------------------------------
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cli_config_runs_a_nemo_checkpoint(tiny_model, speech_folder, tmp_path):

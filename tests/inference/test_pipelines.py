@@ -11,7 +11,7 @@ from audex.inference.decoding import GenerationOutput
 from audex.inference.pipelines import AudexPipeline, TextResult, split_long_text
 from audex.inference.presets import load_presets, presets_from_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from audex.inference.pipelines import AudexPipeline
 from audex.inference.runner import load_model, records_from_texts, records_from_wavs, run_inference
 from audex.inference.waveform import write_wav
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
