@@ -135,12 +135,12 @@ def main() -> None:
                         help="cpu: the one-model CPU repository; gpu: the ensemble with CFG pairs (reference executor)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from audex.export.loading import load_audex_model
+    from audex.models.checkpoint import load_model
 
     work = Path(tempfile.mkdtemp(prefix="audex_bench_serve_"))
     model_path = Path(args.model)
     torch.manual_seed(0)
-    model = load_audex_model(model_path)
+    model = load_model(model_path, device="cpu")
     if model_path.suffix in (".yaml", ".yml"):  # freeze the random weights so both sides share them
         model_path = work / "model.nemo"
         model.save_to(str(model_path))

@@ -25,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from audex.export.frontend_onnx import export_frontend_onnx
 from audex.export.hf_folder import export_hf_folder
-from audex.export.loading import load_audex_model
 from audex.export.trtllm import (
     LLAMA_FAMILY,
     build_engine,
@@ -33,6 +32,7 @@ from audex.export.trtllm import (
     trtllm_build_command,
     write_trtllm_checkpoint,
 )
+from audex.models.checkpoint import load_model
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "export.yaml"
 
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     cfg = OmegaConf.merge(OmegaConf.load(CONF), OmegaConf.from_dotlist(args))
     if OmegaConf.is_missing(cfg, "model_path"):
         raise SystemExit("give model_path=<.nemo | pretrained folder | model YAML> (and export_dir=...)")
-    model = load_audex_model(cfg.model_path)
+    model = load_model(cfg.model_path, device="cpu")
     manifest = export_bundle(model, cfg.export_dir, cfg)
     for key in ("hf", "trtllm_checkpoint", "frontend_onnx", "speech_codec", "audio_codec"):
         if manifest.get(key):

@@ -21,26 +21,30 @@ run of ``<so_embedding>`` rows (runs counted row-major over the batch).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import hydra
 import torch
 from lightning.pytorch import Trainer
 from nemo.core.classes import ModelPT
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from audex import register_nemo_targets
 from audex.data.packing import packed_segments
-from audex.tokenizer import AudexTokenizer
+from audex.models.artifacts import (
+    COMPONENTS,
+    build_tokenizer,
+    node_for_build,
+    read_pretrained_folder,
+    record_resolved_configs,
+    register_codec_config_artifacts,
+    write_pretrained_folder,
+)
 from audex.vocab import AudexVocab
 
 register_nemo_targets()
-
-_COMPONENTS = ("audio_encoder", "backbone", "adapter", "speech_codec", "audio_codec")
-
 
 def _instantiate(node: DictConfig | None, **kwargs):
     if node is None:
@@ -63,15 +67,15 @@ class AudexModel(ModelPT):
         cfg = self._cfg
 
         self.vocab = AudexVocab(**OmegaConf.to_container(cfg.vocab, resolve=True))
-        self.tokenizer = self._build_tokenizer(cfg)
+        self.tokenizer = build_tokenizer(self, cfg)
 
         parts = {}
-        for name in _COMPONENTS:
+        for name in COMPONENTS:
             node = cfg.get(name)
             if node is None:
                 parts[name] = None
                 continue
-            node = self._node_for_build(node, restoring)
+            node = node_for_build(node, restoring)
             if name == "backbone":
                 parts[name] = _instantiate(node, vocab_size=self.vocab.size, text_vocab_size=self.vocab.text_vocab_size)
             elif name == "adapter":
@@ -85,8 +89,8 @@ class AudexModel(ModelPT):
         self.speech_codec = parts["speech_codec"]
         self.audio_codec = parts["audio_codec"]
         self._check_consistency()
-        self._record_resolved_configs()
-        self._register_codec_config_artifacts(cfg)
+        record_resolved_configs(self)
+        register_codec_config_artifacts(self, cfg)
         self._mamba_segments = None
         if self.has_recurrent_layers:
             self._install_mamba_sample_resets()
@@ -106,97 +110,6 @@ class AudexModel(ModelPT):
         for key, value in overrides.items():
             OmegaConf.update(cfg, key, value, merge=True)
         return cls(cfg)
-
-    def _build_tokenizer(self, cfg: DictConfig) -> AudexTokenizer:
-        tcfg = cfg.tokenizer
-        artifacts = tcfg.get("artifacts")
-        if artifacts:  # restoring a .nemo: the tokenizer files were packed as artifacts
-            return self._load_tokenizer_folder(self._scratch_dir("tokenizer"), artifacts)
-        if tcfg.get("pretrained_path"):
-            tok = AudexTokenizer.from_pretrained(tcfg.pretrained_path, self.vocab, tcfg.get("special_token_map"))
-        elif tcfg.get("kind", "tiny_bpe") == "tiny_bpe":
-            tok = AudexTokenizer.build_tiny(self.vocab, bpe_size=self.vocab.text_vocab_size)
-        else:
-            raise ValueError(f"model.tokenizer needs pretrained_path or kind: tiny_bpe, got {OmegaConf.to_container(tcfg)}")
-        self._register_tokenizer_artifacts(tok)
-        return tok
-
-    def _register_tokenizer_artifacts(self, tok: AudexTokenizer) -> None:
-        folder = self._scratch_dir("tokenizer")
-        tok.save(folder)
-        files = {}
-        for f in sorted(folder.iterdir()):
-            key = f.name.replace(".", "_")
-            files[key] = self.register_artifact(f"tokenizer.artifacts.{key}", str(f))
-        with open_dict(self._cfg):
-            self._cfg.tokenizer.artifacts = {k: v for k, v in files.items()}
-            self._cfg.tokenizer.artifact_names = {f.name.replace(".", "_"): f.name for f in folder.iterdir()}
-
-    def _load_tokenizer_folder(self, folder: Path, artifacts) -> AudexTokenizer:
-        names = self._cfg.tokenizer.get("artifact_names", {})
-        for key in artifacts:
-            real = Path(self.register_artifact(f"tokenizer.artifacts.{key}", artifacts[key]))
-            shutil.copy(real, folder / names.get(key, real.name))
-        return AudexTokenizer.load(folder)
-
-    def _scratch_dir(self, name: str) -> Path:
-        """A folder for files that must outlive __init__ (artifacts are copied at save time); removed with the model."""
-        if getattr(self, "_scratch", None) is None:
-            self._scratch = tempfile.TemporaryDirectory(prefix="audex_model_")
-        folder = Path(self._scratch.name) / name
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    @staticmethod
-    def _node_for_build(node: DictConfig, restoring: bool) -> DictConfig:
-        """On restore, build from the recorded HF config instead of the (possibly absent) pretrained folder."""
-        node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
-        resolved = node.pop("resolved_config", None)
-        node.pop("config_file", None)  # an artifact of the .nemo, not a constructor argument
-        if restoring and resolved is not None and node.get("pretrained_path"):
-            node.pretrained_path = None
-            node.config = resolved.get("config")
-            if "model_type" in resolved:
-                node.model_type = resolved.model_type
-        return node
-
-    def _record_resolved_configs(self) -> None:
-        def hf_dict(module):
-            d = module.config.to_dict()
-            d.pop("transformers_version", None)
-            d.pop("architectures", None)
-            return d
-
-        with open_dict(self._cfg):
-            if self.llm is not None:
-                d = hf_dict(self.llm.lm)
-                model_type = d.pop("model_type")
-                d["vocab_size"] = self.llm.text_vocab_size
-                self._cfg.backbone.resolved_config = {"model_type": model_type, "config": d}
-            if self.audio_encoder is not None:
-                d = hf_dict(self.audio_encoder.encoder)
-                d.pop("model_type", None)
-                self._cfg.audio_encoder.resolved_config = {"config": d}
-            for name, codec in (("speech_codec", self.speech_codec), ("audio_codec", self.audio_codec)):
-                if codec is not None:
-                    d = hf_dict(codec.model)
-                    d.pop("model_type", None)
-                    self._cfg[name].resolved_config = {"config": d}
-
-    def _register_codec_config_artifacts(self, cfg: DictConfig) -> None:
-        """Pack each codec's Hugging Face ``config.json`` into the ``.nemo`` (``<codec>.config_file``), so that a
-        user can rebuild the codec alone (e.g. for the Triton post-processing step) from the archive."""
-        for name, codec in (("speech_codec", self.speech_codec), ("audio_codec", self.audio_codec)):
-            if codec is None:
-                continue
-            src = cfg[name].get("config_file")
-            if not src:
-                folder = self._scratch_dir(name)
-                src = str(folder / f"{name}_config.json")
-                Path(src).write_text(codec.model.config.to_json_string())
-            path = self.register_artifact(f"{name}.config_file", src)
-            with open_dict(self._cfg):
-                self._cfg[name].config_file = path
 
     def _check_consistency(self) -> None:
         if self.llm is None:
@@ -382,61 +295,16 @@ class AudexModel(ModelPT):
         return {"audio_encoder": n(self.audio_encoder), "adapter": n(self.adapter), "backbone": n(self.llm),
                 "speech_codec": n(self.speech_codec), "audio_codec": n(self.audio_codec)}
 
-    # ---- Hugging Face folder export --------------------------------------------------------------
+    # ---- Hugging Face folder ---------------------------------------------------------------------
     def save_pretrained(self, folder: str) -> Path:
-        """Write a Hugging Face-style folder: ``backbone/`` (safetensors + config, loads with
-        ``AutoModelForCausalLM``), ``tokenizer/``, ``audio_encoder/``, ``adapter.safetensors``, codec folders, and
-        ``audex_config.yaml`` (the full model config), as NeMo's newer speech collections do."""
-        from safetensors.torch import save_file
-
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out / "backbone", safe_serialization=True)
-        self.tokenizer.save(out / "tokenizer")
-        if self.audio_encoder is not None:
-            self.audio_encoder.encoder.save_pretrained(out / "audio_encoder", safe_serialization=True)
-            save_file({k: v.contiguous() for k, v in self.adapter.state_dict().items()}, str(out / "adapter.safetensors"))
-        for name, codec in (("speech_codec", self.speech_codec), ("audio_codec", self.audio_codec)):
-            if codec is not None:
-                codec.model.save_pretrained(out / name, safe_serialization=True)
-        cfg = OmegaConf.create(OmegaConf.to_container(self._cfg, resolve=True))
-        with open_dict(cfg):
-            cfg.tokenizer = {"pretrained_path": str(out / "tokenizer"), "special_token_map": cfg.tokenizer.get("special_token_map")}
-            cfg.backbone.pretrained_path = str(out / "backbone")
-            if self.audio_encoder is not None:
-                cfg.audio_encoder.pretrained_path = str(out / "audio_encoder")
-                cfg.adapter.pretrained_path = str(out / "adapter.safetensors")
-            for name in ("speech_codec", "audio_codec"):
-                if cfg.get(name) is not None:
-                    cfg[name].pretrained_path = str(out / name)
-            for name in _COMPONENTS:
-                if cfg.get(name) is not None:
-                    cfg[name].pop("resolved_config", None)
-            cfg.tokenizer.pop("artifacts", None)
-        OmegaConf.save(cfg, out / "audex_config.yaml")
-        (out / "README.txt").write_text("Audex model folder. Load with AudexModel.from_pretrained(folder).\n")
-        return out
+        """Write a Hugging Face-style folder (:func:`audex.models.artifacts.write_pretrained_folder`)."""
+        return write_pretrained_folder(self, folder)
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "AudexModel":
         """Load a folder written by :meth:`save_pretrained` (local only)."""
-        path = Path(folder)
-        if not (path / "audex_config.yaml").exists():
-            raise FileNotFoundError(f"{folder!r} is not an Audex pretrained folder (no audex_config.yaml)")
-        cfg = OmegaConf.load(path / "audex_config.yaml")
-        # the folder may have moved since it was written: re-anchor the paths to it
-        with open_dict(cfg):
-            cfg.tokenizer.pretrained_path = str(path / "tokenizer")
-            cfg.backbone.pretrained_path = str(path / "backbone")
-            for name in ("audio_encoder", "speech_codec", "audio_codec"):
-                if cfg.get(name) is not None:
-                    cfg[name].pretrained_path = str(path / name)
-            adapter_file = None
-            if cfg.get("adapter") is not None:
-                adapter_file = cfg.adapter.pop("pretrained_path", None)
+        cfg, adapter_file = read_pretrained_folder(folder)
         model = cls(cfg)
         if adapter_file is not None:
-            from safetensors.torch import load_file
-
-            model.adapter.load_state_dict(load_file(str(path / "adapter.safetensors")))
+            model.adapter.load_state_dict(load_file(str(adapter_file)))
         return model

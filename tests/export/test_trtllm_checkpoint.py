@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from audex.export.hf_folder import export_hf_folder
-from audex.export.loading import CorruptCheckpointError, check_nemo_archive, load_audex_model
 from audex.export.trtllm import convert_llama_weights, trtllm_build_command, trtllm_config, write_trtllm_checkpoint
+from audex.models.checkpoint import CorruptCheckpointError, check_nemo_archive, load_model
 
 PRETRAINED_CONFIG_FIELDS = {  # PretrainedConfig.__init__ (modeling_utils.py) + LLaMAConfig fields
     "architecture", "dtype", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
@@ -158,20 +158,20 @@ def test_nemo_roundtrip_and_corrupt_or_truncated_archives(tiny_model, tmp_path):
     nemo = tmp_path / "tiny.nemo"
     tiny_model.save_to(str(nemo))
     assert any(n.endswith("model_config.yaml") for n in check_nemo_archive(nemo))
-    restored = load_audex_model(nemo)
+    restored = load_model(nemo)
     ids = torch.tensor([[3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(restored(input_ids=ids).logits, tiny_model(input_ids=ids).logits)
     data = nemo.read_bytes()
     (tmp_path / "cut.nemo").write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptCheckpointError, match="cut.nemo.*truncated or corrupt"):
-        load_audex_model(tmp_path / "cut.nemo")
+        load_model(tmp_path / "cut.nemo")
     (tmp_path / "junk.nemo").write_bytes(b"not an archive at all" * 100)
     with pytest.raises(CorruptCheckpointError, match="junk.nemo"):
-        load_audex_model(tmp_path / "junk.nemo")
+        load_model(tmp_path / "junk.nemo")
     (tmp_path / "empty.nemo").write_bytes(b"")
     with pytest.raises(CorruptCheckpointError, match="empty"):
-        load_audex_model(tmp_path / "empty.nemo")
+        load_model(tmp_path / "empty.nemo")
 
 
 def test_export_cli_writes_the_whole_folder_and_explains_the_engine_build(tiny_model, tmp_path, capsys):

@@ -31,9 +31,9 @@ def served(tiny_model, tmp_path_factory):
     repo = write_cpu_repository(root / "repo", nemo, limits=LIMITS, max_batch_size=8)
     assert validate_repository(repo) == ["audex"]
     server = start_server(repo, root / "server")
-    from audex.export.loading import load_audex_model
+    from audex.models.checkpoint import load_model
 
-    engine = AudexServingEngine(load_audex_model(nemo), LIMITS)  # the same weights, in this process
+    engine = AudexServingEngine(load_model(nemo, device="cpu"), LIMITS)  # the same weights, in this process
     yield server, engine
     server.stop()
 
