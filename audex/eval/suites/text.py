@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 
-from audex.data.prompts import mcq_question
+from audex.prompts import mcq_question
+from audex.data.schema import validate_messages
 from audex.eval.answers import extract_choice, resolve_gold_choice
 from audex.eval.report import Comparison, SuiteSummary
 from audex.eval.samples import INVALID_REFERENCE, MISSING_REFERENCE, NO_ANSWER, EvalSample, SampleError
@@ -59,8 +60,6 @@ class TextRetentionSuite(Suite):
         if mode == "auto":
             mode = "loss" if "messages" in sample.fields else "accuracy"
         if mode == "loss":
-            from audex.data.schema import validate_messages
-
             messages = sample.fields.get("messages")
             if messages is None:
                 raise SampleError(MISSING_REFERENCE, f"sample {sample.id!r} has no 'messages' for loss mode")

@@ -19,6 +19,7 @@ from audex.eval.report import Comparison, SuiteSummary
 from audex.eval.samples import EMPTY_HYPOTHESIS, EMPTY_REFERENCE, EvalSample, SampleError
 from audex.eval.suites.asr import counts_of
 from audex.eval.suites.base import Suite, safe_name
+from audex.inference.waveform import write_wav
 
 NO_SPEAKER_REFERENCE = "speaker_reference_unavailable"
 
@@ -82,8 +83,6 @@ class TtsSuite(Suite):
                 for w, t, s, inp in zip(wavs, transcripts, sims, inputs)]
 
     def score(self, sample: EvalSample, reference: dict, output) -> dict:
-        from audex.inference.waveform import write_wav
-
         path = write_wav(self.out_dir / "audio" / f"{safe_name(sample.id)}.wav", output["wav"])
         ref_norm = normalize_for_wer(reference["text"], reference["language"])
         hyp_norm = normalize_for_wer(output["transcript"], reference["language"])
