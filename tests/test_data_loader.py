@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from audex.data import schema
 from audex.data.blend import blend_from_epochs
 from audex.data.datamodule import AudexDataModule, build_dataloader, plan_blend, split_config
-from audex.data.sequence import WindowedFrames
 from audex.data.skips import INVALID_BASE64, MISSING_AUDIO, TOO_LONG_FOR_CONTEXT, UNKNOWN_TASK, TooManySkipsError
+from audex.modules.audio_encoder import WindowedFrames
 from audex.tokenizer import AudexTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -68,8 +68,7 @@ from audex.data.collate import PackedBatch
 from audex.data.dataset import AudexDataset, PackedStream, SequenceDataset, SkipEvents, SkipRecord
 from audex.data.filters import PaperFilterConfig, PaperFilters
 from audex.data.packing import PAPER_CONTEXT_LENGTH, PAPER_PACKING_BUFFER, OnlinePacker
-from audex.data.prompts import SYSTEM_PROMPT
-from audex.data.sequence import SequenceBuilder, WindowedFrames
+from audex.data.sequence import SequenceBuilder
 from audex.data.skips import (
     AUDIO_TOO_LONG,
     AUDIO_TOO_SHORT,
@@ -78,6 +77,8 @@ from audex.data.skips import (
     SkipCounter,
     SkipSample,
 )
+from audex.modules.audio_encoder import WindowedFrames
+from audex.prompts import SYSTEM_PROMPT
 
 log = logging.getLogger("audex.data")
 

@@ -1,6 +1,6 @@
 """Task pipelines: ASR, AST, audio QA, chat, TTS, TTA and speech-to-speech, all with one Audex model.
 
-Each pipeline writes the paper's prompt (:mod:`audex.data.prompts`: Figure 2 templates, appendix A.6-A.10
+Each pipeline writes the paper's prompt (:mod:`audex.prompts`: Figure 2 templates, appendix A.6-A.10
 prompts), expands ``<sound>`` into the encoder's frames as training did (:class:`~audex.data.sequence.SequenceBuilder`),
 decodes with its preset (``conf/infer/presets.yaml``) under the task's token grammar, and turns the tokens into
 its result: text (with the ASR/AST fields parsed), or codec codes and a 16 kHz waveform.
@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from audex.data.prompts import (
+from audex.prompts import (
     AST_PROMPT,
     SYSTEM_PROMPT,
     asr_question,

@@ -151,7 +151,7 @@ class RequestValidator:
     def prompts(self, task: str, text: str | None, n_frames: int = 0) -> tuple[list[int], list[int] | None]:
         """The task's prompt ids (``<sound>`` expanded to ``<so_start>`` + ``n_frames`` x ``<so_embedding>`` +
         ``<so_end>``) and, for TTS/TTA, the unconditional twin (condition -> ``<pad>`` tokens)."""
-        from audex.data.prompts import AST_PROMPT, asr_question, tta_user_content, tts_user_content
+        from audex.prompts import AST_PROMPT, asr_question, tta_user_content, tts_user_content
         from audex.inference.pipelines import generation_prompts
 
         tok, thinking = self.tokenizer, self.presets[task].thinking

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from audex.data.prompts import tts_user_content
+from audex.prompts import tts_user_content
 from audex.export.cfg_pairing import (
     COND,
     UNCOND,

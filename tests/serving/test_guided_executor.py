@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import audex.export.torch_executor as trtllm
-from audex.data.prompts import tts_user_content
+from audex.prompts import tts_user_content
 from audex.export.frontend_onnx import prompt_tuning_inputs
 from audex.export.guided_executor import GuidedExecutor, LlmJob
 from audex.inference.constraints import CodecConstraint

@@ -95,7 +95,7 @@ def test_gpu_ensemble_rules_triton_enforces_at_load_time(tiny_model, tmp_path):
 def test_engine_steps_write_the_pipeline_prompts_and_decode_codes(tiny_model, tmp_path):
     from omegaconf import OmegaConf
 
-    from audex.data.prompts import tts_user_content
+    from audex.prompts import tts_user_content
     from audex.export.bundle import export_bundle
     from audex.export.triton_models.trtllm_steps import EngineInputBuilder, EngineOutputDecoder
     from audex.inference.pipelines import AudexPipeline

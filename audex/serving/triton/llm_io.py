@@ -14,11 +14,12 @@ streaming).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from audex.modules.audio_encoder import encoder_frames
 
 OUTPUT_OF = {"asr": "text", "ast": "text", "audio_qa": "text", "chat": "text", "tts": "speech", "tta": "audio"}
 
@@ -37,7 +38,7 @@ class EngineInputBuilder:
 
     def __init__(self, export_dir: str | Path, frames_per_window: int, window_seconds: float, presets_path=None,
                  limits=None, max_context_tokens: int | None = None):
-        from audex.data.prompts import get_prompt_formatter
+        from audex.prompts import get_prompt_formatter
         from audex.export.serving import RequestValidator, ServeLimits, serving_presets
         from audex.tokenizer import AudexTokenizer
 
@@ -61,7 +62,7 @@ class EngineInputBuilder:
             self.session = onnxruntime.InferenceSession(str(onnx), providers=onnxruntime.get_available_providers())
 
     def frames_for_samples(self, num_samples: int) -> int:
-        return frames_for(num_samples, self.window_samples, self.frames_per_window)
+        return encoder_frames(num_samples, self.window_samples, self.frames_per_window)
 
     def prompt_ids(self, content: str, thinking: bool) -> list[int]:
         return self.formatter.encode_dialog([{"role": "user", "content": content}], thinking=thinking)["input_ids"].tolist()
@@ -165,7 +166,3 @@ class EngineOutputDecoder:
             whole = ids if v.audiogen_end in ids else ids[: len(ids) - len(ids) % v.audio_rvq_used]
             wav = self._codec("audio_codec").decode(audio_tokens_to_codes(v, whole))
         return "", wav.numpy().astype(np.float32)
-
-
-def frames_for(num_samples: int, window_samples: int, frames_per_window: int) -> int:
-    return math.ceil(num_samples / window_samples) * frames_per_window
