@@ -243,9 +243,3 @@ def build_engine(checkpoint_dir: str | Path, engine_dir: str | Path, build: dict
     subprocess.run(cmd, check=True)
     return f"built the TensorRT-LLM engine in {engine_dir}"
 
-
-def main(argv=None) -> None:
-    """Console script ``audex-export-trtllm``: the whole export folder (see ``scripts/export_trtllm.py``)."""
-    from audex.export.bundle import main as export_main
-
-    export_main(argv)

@@ -35,8 +35,8 @@ class AudexReply:
 
 
 class AudexTritonClient:
-    """Talks to the ``audex`` model of a repository from :func:`audex.export.triton_repo.write_cpu_repository`, or to
-    the ``ensemble`` of :func:`~audex.export.triton_repo.write_gpu_repository` (``model_name`` starting with
+    """Talks to the ``audex`` model of a repository from :func:`audex.serving.triton.repository.write_cpu_repository`, or to
+    the ``ensemble`` of :func:`~audex.serving.triton.repository.write_gpu_repository` (``model_name`` starting with
     ``ensemble``: TensorRT-LLM's ``*_output`` names, a UINT64 seed, no ``finish_reason``)."""
 
     def __init__(self, url: str, protocol: str = "http", model_name: str = "audex", timeout_s: float = 300.0):

@@ -1,9 +1,9 @@
 """A CPU reference of the TensorRT-LLM executor API, over the PyTorch backbone: the serving code runs without a GPU.
 
 ``tensorrt_llm`` installs only on CUDA hosts, yet everything Audex wraps around its executor -- CFG twin requests,
-the batched logits post-processor (:mod:`audex.export.cfg_pairing`), streaming, cancellation, the Triton LLM model
+the batched logits post-processor (:mod:`audex.serving.cfg_pairing`), streaming, cancellation, the Triton LLM model
 -- has to be tested and run on CPU machines. This module has the names, constructors and call signatures of the
-subset of ``tensorrt_llm.bindings.executor`` that :mod:`audex.export.guided_executor` uses, so the same code takes
+subset of ``tensorrt_llm.bindings.executor`` that :mod:`audex.serving.guided_executor` uses, so the same code takes
 either module (``executor_module=tensorrt_llm.bindings.executor`` on a GPU host, this one elsewhere):
 
 * ``Executor(model_path, ModelType.DECODER_ONLY, ExecutorConfig)``, ``enqueue_request(s)``, ``await_responses``,
@@ -33,7 +33,7 @@ which passes here behaves the same under TensorRT-LLM. Real-engine equality is c
 
 Example::
 
-    >>> import audex.export.torch_executor as trtllm
+    >>> import audex.serving.reference_executor as trtllm
     >>> executor = trtllm.Executor("export/hf", trtllm.ModelType.DECODER_ONLY, trtllm.ExecutorConfig(max_batch_size=4))
     >>> rid = executor.enqueue_request(trtllm.Request(input_token_ids=[1, 2, 3], max_tokens=8, end_id=7))
     >>> [r.result.output_token_ids for r in executor.await_responses(rid)]

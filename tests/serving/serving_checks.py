@@ -23,7 +23,7 @@ MALFORMED = [
 
 def start_server(repo, workdir):
     """A started :class:`TritonServer` on ``repo``, or a skip when the Triton wheel is not installed."""
-    from audex.export.serve import TritonNotInstalledError, TritonServer
+    from audex.serving.triton.launcher import TritonNotInstalledError, TritonServer
 
     try:
         return TritonServer(repo, workdir=workdir, startup_timeout=600).start()
@@ -33,7 +33,7 @@ def start_server(repo, workdir):
 
 def open_client(server, protocol: str, model_name: str = "audex"):
     """An :class:`AudexTritonClient` on the server's HTTP or gRPC port (a context manager: it closes itself)."""
-    from audex.export.client import AudexTritonClient
+    from audex.serving.client import AudexTritonClient
 
     url = server.http_url if protocol == "http" else server.grpc_url
     return AudexTritonClient(url, protocol=protocol, model_name=model_name)

@@ -18,9 +18,12 @@ from omegaconf import OmegaConf  # noqa: E402
 from serving_checks import MALFORMED, malformed_inputs, open_client, run_mixed_load, start_server, tone  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from audex.export.client import AudexTritonClient  # noqa: E402
-from audex.export.serving import AudexServingEngine, ServeLimits, ServeRequest  # noqa: E402
-from audex.export.triton_repo import ModelSummary, validate_repository, write_gpu_repository  # noqa: E402
+from audex import config_path  # noqa: E402
+from audex.serving.client import AudexTritonClient  # noqa: E402
+from audex.serving.local_engine import LocalEngine  # noqa: E402
+from audex.serving.requests import ServeLimits, ServeRequest  # noqa: E402
+from audex.serving.triton.repository import ModelSummary, write_gpu_repository  # noqa: E402
+from audex.serving.triton.repository_check import validate_repository  # noqa: E402
 
 LIMITS = ServeLimits(max_audio_seconds=12.0, max_new_tokens=12, max_speech_seconds=1.2, max_context_tokens=400,
                      tta_seconds=0.2)
@@ -31,7 +34,7 @@ def served(tiny_model, tmp_path_factory):
     from audex.export.bundle import export_bundle
 
     root = tmp_path_factory.mktemp("ensemble")
-    cfg = OmegaConf.load("conf/export.yaml")
+    cfg = OmegaConf.load(config_path("export.yaml"))
     cfg.trtllm.dtype = "float32"
     export_bundle(tiny_model, root / "export", cfg)
     summary = ModelSummary.from_export(root / "export")
@@ -40,7 +43,7 @@ def served(tiny_model, tmp_path_factory):
                                 limits=LIMITS)
     validate_repository(repo)
     server = start_server(repo, root / "server")
-    yield server, AudexServingEngine(tiny_model, LIMITS)
+    yield server, LocalEngine(tiny_model, LIMITS)
     server.stop()
 
 

@@ -15,9 +15,11 @@ pytest.importorskip("tritonclient.grpc")
 from serving_checks import MALFORMED, malformed_inputs, open_client, run_mixed_load, start_server, tone  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from audex.export.client import AudexTritonClient  # noqa: E402
-from audex.export.serving import AudexServingEngine, ServeLimits, ServeRequest  # noqa: E402
-from audex.export.triton_repo import validate_repository, write_cpu_repository  # noqa: E402
+from audex.serving.client import AudexTritonClient  # noqa: E402
+from audex.serving.local_engine import LocalEngine  # noqa: E402
+from audex.serving.requests import ServeLimits, ServeRequest  # noqa: E402
+from audex.serving.triton.repository import write_cpu_repository  # noqa: E402
+from audex.serving.triton.repository_check import validate_repository  # noqa: E402
 
 LIMITS = ServeLimits(max_audio_seconds=12.0, max_new_tokens=12, max_speech_seconds=0.5, max_context_tokens=400,
                      tta_seconds=0.2)
@@ -33,7 +35,7 @@ def served(tiny_model, tmp_path_factory):
     server = start_server(repo, root / "server")
     from audex.models.checkpoint import load_model
 
-    engine = AudexServingEngine(load_model(nemo, device="cpu"), LIMITS)  # the same weights, in this process
+    engine = LocalEngine(load_model(nemo, device="cpu"), LIMITS)  # the same weights, in this process
     yield server, engine
     server.stop()
 
