@@ -88,6 +88,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "audex-train=audex.cli.train:main",
+            "audex-train-chain=audex.cli.train_chain:main",
+            "audex-infer=audex.cli.infer:main",
+            "audex-eval=audex.cli.eval:main",
             "audex-export-trtllm=audex.export.trtllm:main",
         ]
     },

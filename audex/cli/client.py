@@ -15,6 +15,7 @@ import numpy as np
 from nemo.core.config import hydra_runner
 from omegaconf import DictConfig
 
+from audex import CONF_DIR
 from audex.audio import load_audio
 from audex.inference.waveform import write_wav
 from audex.serving.client import AudexTritonClient
@@ -37,7 +38,7 @@ def _write(cfg: DictConfig, audio: np.ndarray, what: str) -> None:
     print(f"wrote {path} ({audio.size / 16000:.2f} s, {what})")
 
 
-@hydra_runner(config_path="../conf", config_name="client")
+@hydra_runner(config_path=str(CONF_DIR), config_name="client")
 def main(cfg: DictConfig) -> None:
     text, audio = _inputs(cfg)
     generates_audio = TASKS[cfg.task].output in ("speech", "audio")

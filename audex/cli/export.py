@@ -10,11 +10,12 @@ tensorrt_llm is importable, otherwise prints the trtllm-build command for a GPU 
 from nemo.core.config import hydra_runner
 from omegaconf import DictConfig, OmegaConf
 
+from audex import CONF_DIR
 from audex.export.bundle import export_bundle
 from audex.models.checkpoint import load_model
 
 
-@hydra_runner(config_path="../conf", config_name="export")
+@hydra_runner(config_path=str(CONF_DIR), config_name="export")
 def main(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "model_path"):
         raise SystemExit("give model_path=<.nemo | pretrained folder | model YAML> (and export_dir=...)")

@@ -16,11 +16,12 @@ from pathlib import Path
 from nemo.core.config import hydra_runner
 from omegaconf import DictConfig, OmegaConf
 
+from audex import CONF_DIR
 from audex.cli.triton_repo import write_repository
 from audex.serving.triton.launcher import TritonServer
 
 
-@hydra_runner(config_path="../conf", config_name="serve")
+@hydra_runner(config_path=str(CONF_DIR), config_name="serve")
 def main(cfg: DictConfig) -> None:
     repo = Path(cfg.repo)
     if not any(repo.glob("*/config.pbtxt")):

@@ -18,6 +18,7 @@ from pathlib import Path
 from nemo.core.config import hydra_runner
 from omegaconf import DictConfig, OmegaConf
 
+from audex import CONF_DIR
 from audex.serving.requests import ServeLimits
 from audex.serving.triton.repository import ModelSummary, write_cpu_repository, write_gpu_repository
 from audex.serving.triton.repository_check import validate_repository
@@ -42,7 +43,7 @@ def write_repository(cfg: DictConfig) -> Path:
     raise SystemExit(f"layout must be one of {LAYOUTS}, got {cfg.layout!r}")
 
 
-@hydra_runner(config_path="../conf", config_name="triton_repo")
+@hydra_runner(config_path=str(CONF_DIR), config_name="triton_repo")
 def main(cfg: DictConfig) -> Path:
     repo = write_repository(cfg)
     print(f"wrote {repo}: models {validate_repository(repo)}")
