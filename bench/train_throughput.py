@@ -39,9 +39,7 @@ sys.path.insert(0, str(ROOT))
 from audex.data.collate import collate_padded  # noqa: E402
 from audex.data.packing import OnlinePacker  # noqa: E402
 from audex.data.sequence import SequenceBuilder  # noqa: E402
-from audex.training.packed_attention import enable_varlen_attention  # noqa: E402
 from audex.training.stages import apply_stage  # noqa: E402
-from audex.training.steps import compute_loss  # noqa: E402
 
 TASKS = ("text", "asr", "audio_qa", "tts", "tta")
 
@@ -121,7 +119,7 @@ def run(model, batches, warmup: int) -> tuple[float, int, int, float]:
     for i, batch in enumerate(batches):
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        loss, _ = compute_loss(model, batch)
+        loss, _ = model.compute_loss(batch)
         loss.backward()
         if i >= warmup:
             seconds += time.perf_counter() - start
@@ -184,7 +182,7 @@ def main(argv=None) -> dict:
     assert sum(b.num_samples for b in packed) == sum(b.num_samples for b in padded) == len(sequences)
 
     if args.attention == "varlen":
-        enable_varlen_attention(model)  # what training uses (model.packed_attention: varlen)
+        model.use_packed_attention("varlen")  # what training uses (model.packed_attention: varlen)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     results = {}
     for name, batches in (("padded", padded), ("packed", packed)):

@@ -14,6 +14,10 @@ Example::
     model.save_to("tiny.nemo")
     same = ModelPT.restore_from("tiny.nemo")        # works without importing audex first
 
+Packed rows (``sample_ids``) run through :mod:`audex.modules.packed`; the training hooks (loss of eq. 2 and MoE
+balancing from :mod:`audex.parts`) are methods of the model, so that Lightning, the training run and the tests
+all go through :meth:`forward`.
+
 Audio in the prompt: a prompt holds ``<so_start>`` + N x ``<so_embedding>`` + ``<so_end>`` per clip
 (N = :meth:`frames_for_samples`); :meth:`embed_inputs` writes the adapter outputs of clip i over the i-th
 run of ``<so_embedding>`` rows (runs counted row-major over the batch).
@@ -21,6 +25,7 @@ run of ``<so_embedding>`` rows (runs counted row-major over the batch).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -32,7 +37,8 @@ from safetensors.torch import load_file
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from audex import register_nemo_targets
-from audex.data.packing import packed_segments
+from audex.data.collate import batch_field
+from audex.data.datamodule import build_dataloader
 from audex.models.artifacts import (
     COMPONENTS,
     build_tokenizer,
@@ -42,9 +48,20 @@ from audex.models.artifacts import (
     register_codec_config_artifacts,
     write_pretrained_folder,
 )
+from audex.modules.packed import (
+    MambaSpanReset,
+    enable_varlen_attention,
+    packed_attention_mask,
+    packed_segments,
+    uses_varlen_attention,
+)
+from audex.parts.losses import language_model_loss
+from audex.parts.moe import MoeBalancer
+from audex.parts.optim import build_optimizer_and_scheduler
 from audex.vocab import AudexVocab
 
 register_nemo_targets()
+
 
 def _instantiate(node: DictConfig | None, **kwargs):
     if node is None:
@@ -91,9 +108,8 @@ class AudexModel(ModelPT):
         self._check_consistency()
         record_resolved_configs(self)
         register_codec_config_artifacts(self, cfg)
-        self._mamba_segments = None
-        if self.has_recurrent_layers:
-            self._install_mamba_sample_resets()
+        self.mamba_reset = MambaSpanReset(self.backbone) if self.has_recurrent_layers else None
+        self.moe_balancer: MoeBalancer | None = None  # set by enable_moe_balancing (stages that train the LLM)
         if self.audio_encoder is not None:
             self.audio_encoder.requires_grad_(False)  # frozen in every stage (Table 3)
         for codec in (self.speech_codec, self.audio_codec):
@@ -193,19 +209,6 @@ class AudexModel(ModelPT):
         emb[is_so] = frames
         return emb
 
-    @staticmethod
-    def packed_attention_mask(sample_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[B, L] sample ids (-1 = padding) -> additive [B, 1, L, L] mask: causal within each sample only."""
-        L = sample_ids.shape[1]
-        same = sample_ids.unsqueeze(2) == sample_ids.unsqueeze(1)
-        causal = torch.ones(L, L, dtype=torch.bool, device=sample_ids.device).tril()
-        valid = (sample_ids >= 0).unsqueeze(2) & (sample_ids >= 0).unsqueeze(1)
-        allowed = same & causal & valid
-        allowed |= torch.eye(L, dtype=torch.bool, device=sample_ids.device)  # padding rows attend to themselves
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=sample_ids.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask.unsqueeze(1)
-
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, audios: list[torch.Tensor] | None = None,
                 audio_embeds: list[torch.Tensor] | None = None, sample_ids: torch.Tensor | None = None,
@@ -220,67 +223,121 @@ class AudexModel(ModelPT):
         if sample_ids is None:
             return self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
-        attention_mask = self.packed_attention_mask(sample_ids, inputs_embeds.dtype)
-        packed = self.has_recurrent_layers and bool((sample_ids.amax(dim=1) > 0).any())
+        # packed rows (audex.modules.packed): each sample attends to itself only, Mamba state restarts per sample
+        packed = self.mamba_reset is not None and bool((sample_ids.amax(dim=1) > 0).any())
         if packed and past_key_values is not None:
             raise ValueError("packed rows (several samples per row) cannot continue from a cache")
-        self._mamba_segments = packed_segments(sample_ids) if packed else None
-        try:
+        varlen = uses_varlen_attention(self.backbone)
+        spans = packed_segments(sample_ids) if packed or varlen else None
+        if varlen:
+            attention_mask, kwargs["audex_segments"] = None, spans
+        else:
+            attention_mask = packed_attention_mask(sample_ids, inputs_embeds.dtype)
+        with self.mamba_reset.spans(spans if packed else None) if self.mamba_reset is not None else nullcontext():
             return self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
-        finally:
-            self._mamba_segments = None
 
-    def _install_mamba_sample_resets(self) -> None:
-        """Make every Mamba mixer restart its recurrent (conv and SSM) state at packed-sample boundaries.
+    # ---- training ------------------------------------------------------------------------------
+    def use_packed_attention(self, kind: str = "varlen") -> bool:
+        """How packed rows attend: ``varlen`` (per-sample SDPA, cost sum n_j^2; SDPA backbones only) or ``dense``
+        (an ``[L, L]`` block-diagonal mask). Returns whether varlen attention is on."""
+        if kind not in ("varlen", "dense"):
+            raise ValueError(f"model.packed_attention must be 'varlen' or 'dense', got {kind!r}")
+        return enable_varlen_attention(self.backbone) if kind == "varlen" else uses_varlen_attention(self.backbone)
 
-        transformers' Nemotron-H mixer takes no per-token sequence ids (mamba-ssm's ``seq_idx``), so a packed row
-        would carry one sample's state into the next. While :meth:`forward` runs on a packed batch, each mixer
-        instead runs once per sample span of the row and the outputs are stitched back: exact, and the token
-        layout seen by attention, MoE routers and the loss is unchanged.
-        """
-        owner = self
-        for module in self.backbone.modules():
-            if type(module).__name__.endswith("Mamba2Mixer"):
-                original = module.forward
+    def enable_moe_balancing(self, bias_update_rate: float = 1e-3, aux_loss_coeff: float = 1e-6,
+                             routing_scale: float = 2.5, train_routers: bool = True) -> MoeBalancer | None:
+        """Balance the routed experts of a MoE backbone while training (section 4.3, :mod:`audex.parts.moe`).
 
-                def forward(hidden_states, cache_params=None, attention_mask=None, _orig=original, **kw):
-                    spans = owner._mamba_segments
-                    if spans is None or cache_params is not None:
-                        return _orig(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kw)
-                    out = torch.zeros_like(hidden_states)  # padding positions stay zero (masked everywhere)
-                    for b, row_spans in enumerate(spans):
-                        for s, e in row_spans:
-                            out[b:b + 1, s:e] = _orig(hidden_states[b:b + 1, s:e], **kw)
-                    return out
+        The routers' ``routed_scaling_factor`` is checked against ``routing_scale``. With ``train_routers`` (the
+        stage trains the LLM) the load-balancing loss joins the training loss and the routing bias moves after
+        every optimizer step; otherwise (stage1 keeps the LLM bit-identical) nothing is attached. Returns
+        :attr:`moe_balancer` (None for dense backbones)."""
+        balancer = MoeBalancer(self.backbone, bias_update_rate=bias_update_rate, aux_loss_coeff=aux_loss_coeff)
+        if balancer.active:
+            balancer.check_routing_scale(float(routing_scale))
+        if balancer.active and train_routers:
+            self.moe_balancer = balancer
+        else:
+            balancer.remove()
+            self.moe_balancer = None
+        return self.moe_balancer
 
-                module.forward = forward
+    @property
+    def loss_reduction(self) -> str:
+        """``model.loss.reduction``: ``square_averaged`` (eq. 2 of the paper, the default) or ``token_mean`` (eq. 1)."""
+        loss_cfg = self.cfg.get("loss") if self.cfg is not None else None
+        return str(loss_cfg.get("reduction", "square_averaged")) if loss_cfg is not None else "square_averaged"
 
-    # ---- training hooks (the logic lives in audex.training / audex.losses) ----------------------
+    def forward_batch(self, batch) -> CausalLMOutputWithPast:
+        """:meth:`forward` on a data-pipeline batch (:class:`~audex.data.collate.PackedBatch` or a dict)."""
+        return self(input_ids=batch_field(batch, "input_ids"), position_ids=batch_field(batch, "position_ids"),
+                    sample_ids=batch_field(batch, "sample_ids"), audios=batch_field(batch, "audios") or None)
+
+    def compute_loss(self, batch, reduction: str | None = None, with_moe: bool = True):
+        """Loss on a packed batch and detached statistics (``token_mean_loss``, ``token_accuracy``,
+        ``trainable_tokens``, ``real_tokens``, and ``moe_aux_loss`` for balanced MoE backbones).
+
+        The loss is :attr:`loss_reduction` plus, while :attr:`moe_balancer` is set, the load-balancing loss
+        (coefficient 1e-6)."""
+        sample_ids, input_ids = batch_field(batch, "sample_ids"), batch_field(batch, "input_ids")
+        balancer = self.moe_balancer if with_moe else None
+        valid = sample_ids >= 0 if sample_ids is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        with balancer.recording(valid) if balancer is not None else nullcontext():
+            out = self.forward_batch(batch)
+        loss, stats = language_model_loss(out.logits, batch_field(batch, "labels"), sample_ids,
+                                          reduction=reduction or self.loss_reduction)
+        stats["real_tokens"] = valid.sum()
+        if balancer is not None:
+            aux = balancer.load_balancing_loss()
+            if aux is not None:
+                loss = loss + aux
+                stats["moe_aux_loss"] = aux.detach()
+        return loss, stats
+
     def training_step(self, batch, batch_idx):
-        from audex.training.steps import training_step
-
-        return training_step(self, batch, batch_idx)
+        loss, stats = self.compute_loss(batch)
+        batch_size = int(batch_field(batch, "input_ids").shape[0])
+        self.log("train_loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train_token_accuracy", stats["token_accuracy"], batch_size=batch_size)
+        self.log("train_real_tokens", stats["real_tokens"].float(), batch_size=batch_size, reduce_fx="sum")
+        if "moe_aux_loss" in stats:
+            self.log("train_moe_aux_loss", stats["moe_aux_loss"], batch_size=batch_size)
+            for key, value in self.moe_balancer.last_update_stats.items():
+                self.log(f"train_{key}", value, batch_size=batch_size)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        return loss
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        from audex.training.steps import validation_step
-
-        return validation_step(self, batch, batch_idx, dataloader_idx)
+        with torch.no_grad():
+            _, stats = self.compute_loss(batch, with_moe=False)
+        n = max(int(stats["trainable_tokens"]), 1)
+        # token-weighted means over the whole validation set (Lightning weights by batch_size)
+        self.log("val_loss", stats["token_mean_loss"], prog_bar=True, batch_size=n, add_dataloader_idx=False)
+        self.log("val_token_accuracy", stats["token_accuracy"], batch_size=n, add_dataloader_idx=False)
+        return stats["token_mean_loss"]
 
     def configure_optimizers(self):
-        """AdamW + cosine schedule of the stage config, with row-masked weight decay and the MoE bias update."""
-        from audex.training.optim import configure_optimizers
+        """AdamW + cosine schedule of ``model.optim`` (:mod:`audex.parts.optim`), with row-masked weight decay and
+        the MoE bias update."""
+        if self.cfg.get("optim") is None:
+            raise ValueError("model.optim is missing: a stage config (conf/stage*.yaml) sets it")
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if (max_steps is None or max_steps < 0) and self.cfg.optim.get("sched") is not None:
+            max_steps = self.cfg.optim.sched.get("max_steps", -1)
+        optimizer, scheduler = build_optimizer_and_scheduler(self, self.cfg.optim, max_steps, self.moe_balancer)
+        return optimizer if scheduler is None else ([optimizer], [scheduler])
 
-        return configure_optimizers(self)
+    def attach_dataloaders(self, train=None, validation=None) -> None:
+        """Use these loaders for ``trainer.fit`` (the training run builds them: resumable, rank-aware)."""
+        self._train_dl = train
+        self._validation_dl = validation
 
     def setup_training_data(self, train_data_config):
-        from audex.data.datamodule import build_dataloader
-
         self._train_dl = build_dataloader(train_data_config, self.tokenizer, self.frames_for_samples, "train")
 
     def setup_validation_data(self, val_data_config):
-        from audex.data.datamodule import build_dataloader
-
         self._validation_dl = build_dataloader(val_data_config, self.tokenizer, self.frames_for_samples, "val")
 
     @classmethod

@@ -17,7 +17,7 @@ The AF-Whisper encoder and the codecs are frozen in every stage (Table 3); askin
 
 Text rows stay **bit-identical** under ``audio_token_rows`` (appendix C.1): a gradient hook zeroes their
 gradient, the row-masked tables sit in an optimizer group without weight decay, and the decoupled weight decay
-is applied to the trainable rows only (:func:`audex.training.optim.build_optimizer_and_scheduler`). AdamW then
+is applied to the trainable rows only (:func:`audex.parts.optim.build_optimizer_and_scheduler`). AdamW then
 moves a row with an all-zero gradient history by exactly ``-lr * 0 / (0 + eps) = 0``.
 
 Example::
