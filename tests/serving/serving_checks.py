@@ -1,11 +1,17 @@
 """Checks shared by the live Triton tests (the CPU repository and the GPU ensemble): the malformed-request classes
 every endpoint must refuse by name, and a bounded mixed load that must end with nothing failed or lost."""
 
+import contextlib
 import threading
 import time
 
 import numpy as np
 import pytest
+
+#: what an air-gapped host looks like to pip: no index, an unreachable index URL, no proxy
+OFFLINE_ENV = {"PIP_NO_INDEX": "1", "PIP_INDEX_URL": "http://127.0.0.1:9/", "PIP_EXTRA_INDEX_URL": "",
+               "PIP_FIND_LINKS": "", "NO_PROXY": "*"}
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "PIP_PROXY")
 
 # (case, words the error must contain); {model} is the model the request was sent to
 MALFORMED = [
@@ -21,12 +27,27 @@ MALFORMED = [
 ]
 
 
+@contextlib.contextmanager
+def offline(cache_dir):
+    """Package indexes unreachable and a fresh launcher cache (``AUDEX_CACHE_DIR``), so a server started inside
+    must make its stub environment from what setup installed: any pip download fails."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in PROXY_VARS:
+            mp.delenv(name, raising=False)
+        for name, value in OFFLINE_ENV.items():
+            mp.setenv(name, value)
+        mp.setenv("AUDEX_CACHE_DIR", str(cache_dir))
+        yield
+
+
 def start_server(repo, workdir):
-    """A started :class:`TritonServer` on ``repo``, or a skip when the Triton wheel is not installed."""
+    """A started :class:`TritonServer` on ``repo``, started with no network (:func:`offline`, cache under
+    ``workdir``), or a skip when the Triton wheel is not installed."""
     from audex.serving.triton.launcher import TritonNotInstalledError, TritonServer
 
     try:
-        return TritonServer(repo, workdir=workdir, startup_timeout=600).start()
+        with offline(workdir / "cache"):
+            return TritonServer(repo, workdir=workdir, startup_timeout=600).start()
     except TritonNotInstalledError as e:
         pytest.skip(str(e))
 

@@ -1,6 +1,7 @@
 """A real Triton server (the nvidia-pytriton wheel's tritonserver, python backend) serving the tiny Audex model on
-loopback: the four tasks over HTTP and gRPC, equal to in-process calls of the same engine; every class of malformed
-request refused with a message while the server keeps serving; a bounded mixed load test; clean SIGTERM shutdown."""
+loopback, started with package indexes unreachable: the four tasks over HTTP and gRPC, equal to in-process calls of
+the same engine; every class of malformed request refused with a message while the server keeps serving; a bounded
+mixed load test; clean SIGTERM shutdown."""
 
 import urllib.request
 
@@ -38,6 +39,24 @@ def served(tiny_model, tmp_path_factory):
     engine = LocalEngine(load_model(nemo, device="cpu"), LIMITS)  # the same weights, in this process
     yield server, engine
     server.stop()
+
+
+def test_the_server_started_offline_from_what_setup_installed(served, tmp_path, monkeypatch):
+    server, _ = served
+    from audex.serving.triton.launcher import STUB_NUMPY, stub_environment, stub_numpy_dir
+
+    # started by start_server under serving_checks.offline: a fresh cache, pip unable to reach any index
+    overlay = next((server.workdir / "cache").glob("triton-stub-env-py*/lib/python*/site-packages"))
+    assert not (overlay / "numpy").exists()                               # nothing was installed at start
+    assert (overlay / "aa_audex_stub_numpy.pth").read_text().strip() == str(stub_numpy_dir().resolve())
+    version = (stub_numpy_dir() / "numpy" / "version.py").read_text()
+    assert f'version = "{STUB_NUMPY.split("==")[1]}"' in version         # NumPy 1.26 from scripts/setup_env.sh
+    assert AudexTritonClient(server.http_url).chat("hi", max_new_tokens=2).finish_reason   # and it answers
+    # without the setup-time NumPy the launcher says how to install it, and never calls pip itself
+    monkeypatch.setenv("AUDEX_TRITON_NUMPY1", str(tmp_path / "none"))
+    with pytest.raises(RuntimeError, match="scripts/setup_env.sh.*--target"):
+        stub_environment(tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.fixture(params=["http", "grpc"])
