@@ -31,6 +31,17 @@ from typing import Callable, Sequence
 
 import torch
 
+from audex.data.sequence import SequenceBuilder
+from audex.data.skips import SkipSample
+from audex.inference.answers import extract_short_answer
+from audex.inference.constraints import CodecConstraint
+from audex.inference.decoding import AudexDecoder, GenerationOutput
+from audex.inference.presets import Presets, TaskPreset, load_presets
+from audex.inference.waveform import (
+    audio_tokens_to_codes,
+    speech_tokens_to_codes,
+    speech_tokens_to_waveform,
+)
 from audex.prompts import (
     AST_PROMPT,
     SYSTEM_PROMPT,
@@ -45,17 +56,6 @@ from audex.prompts import (
     speech_target_prefix,
     tta_user_content,
     tts_user_content,
-)
-from audex.data.sequence import SequenceBuilder
-from audex.data.skips import SkipSample
-from audex.inference.answers import extract_short_answer
-from audex.inference.constraints import CodecConstraint
-from audex.inference.decoding import AudexDecoder, GenerationOutput
-from audex.inference.presets import Presets, TaskPreset, load_presets
-from audex.inference.waveform import (
-    audio_tokens_to_codes,
-    speech_tokens_to_codes,
-    speech_tokens_to_waveform,
 )
 
 

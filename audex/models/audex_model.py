@@ -38,7 +38,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from audex import register_nemo_targets
 from audex.data.collate import batch_field
-from audex.data.datamodule import build_dataloader
+from audex.data.loader import build_dataloader
 from audex.models.artifacts import (
     COMPONENTS,
     build_tokenizer,

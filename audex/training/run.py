@@ -7,7 +7,7 @@ What is derived rather than configured:
 
 * ``trainer.max_steps = -1`` becomes the stage's length from the data blend: sum over sources of
   epochs x examples, as packed rows of ``data.max_length`` tokens (or samples, unpacked), divided by
-  ``data.global_batch_size`` (:meth:`audex.data.datamodule.BlendPlan.optimizer_steps`);
+  ``data.global_batch_size`` (:meth:`audex.data.blend.BlendPlan.optimizer_steps`);
 * ``trainer.accumulate_grad_batches`` = global batch / (rows per micro-batch x devices x nodes), so that Table 3's
   batch sizes hold on any number of GPUs;
 * the training loader is wrapped in a :class:`~audex.training.resumable.ResumableLoader`, so that a run killed
@@ -29,7 +29,7 @@ from lightning.pytorch import Trainer, seed_everything
 from nemo.utils.exp_manager import exp_manager
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from audex.data.datamodule import build_dataloader, plan_blend
+from audex.data.loader import build_dataloader, plan_blend
 from audex.models.audex_model import AudexModel
 from audex.training.resumable import ExactResume, ResumableLoader
 from audex.training.stages import apply_stage, load_init_weights

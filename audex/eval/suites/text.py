@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import math
 
-from audex.prompts import mcq_question
 from audex.data.schema import validate_messages
 from audex.eval.answers import extract_choice, resolve_gold_choice
 from audex.eval.report import Comparison, SuiteSummary
 from audex.eval.samples import INVALID_REFERENCE, MISSING_REFERENCE, NO_ANSWER, EvalSample, SampleError
 from audex.eval.suites.base import Suite
+from audex.prompts import mcq_question
 
 BACKBONE = "Nemotron-Cascade-2-30B-A3B"
 AUDEX = "Audex 30B-A3B"
