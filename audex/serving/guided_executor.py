@@ -52,6 +52,7 @@ from typing import Callable
 
 import torch
 
+from audex.inference.constraints import CodecConstraint
 from audex.inference.sampling import SamplingParams
 from audex.serving.cfg_pairing import COND, UNCOND, CfgLogitsPostProcessor, CfgPairTracker, pair_client_id
 
@@ -149,8 +150,6 @@ class GuidedExecutor:
                max_speech_seconds: float | None = None, max_lag_steps: int = 4,
                max_inflight: int | None = None) -> "GuidedExecutor":
         """Build the tracker, the post-processor, the executor (with the processor installed) and the router."""
-        from audex.inference.constraints import CodecConstraint
-
         tracker = CfgPairTracker(SamplingParams(), 1.0, [tokenizer.im_end], can_hold=False, max_lag_steps=max_lag_steps)
         processor = CfgLogitsPostProcessor(tracker)
         config = executor_config if executor_config is not None else executor_module.ExecutorConfig(1)

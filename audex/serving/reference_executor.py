@@ -31,6 +31,9 @@ What it is not: a fast engine. Every request runs alone with its own transformer
 executor's *contract* (admission order, step boundaries, the post-processor call, responses), so that pairing code
 which passes here behaves the same under TensorRT-LLM. Real-engine equality is checked by the ``gpu`` tests.
 
+One module that reads better whole (~470 lines): it mirrors one external module, ``tensorrt_llm.bindings.executor``,
+so that ``import audex.serving.reference_executor as trtllm`` stands in for it name for name.
+
 Example::
 
     >>> import audex.serving.reference_executor as trtllm
@@ -50,6 +53,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from audex.inference.sampling import SamplingParams, TokenSampler
 
 
 class ModelType(enum.Enum):
@@ -206,8 +212,6 @@ class _Active:
 def _sampler(sc: SamplingConfig):
     """The engine's draw for a ``SamplingConfig``, with Audex's seeded sampler (transformers' warpers): greedy when
     ``top_k == 1`` or no sampling field is set, else temperature / top-k / top-p with ``random_seed``."""
-    from audex.inference.sampling import SamplingParams, TokenSampler
-
     sampling = (sc.top_k not in (None, 1)) or (sc.top_p not in (None, 0.0)) or (sc.temperature not in (None, 1.0))
     if sc.top_k == 1 or not sampling:
         return TokenSampler(SamplingParams(do_sample=False))
@@ -234,8 +238,6 @@ class Executor:
         if isinstance(model_path, torch.nn.Module):
             self.lm = model_path
         else:
-            from transformers import AutoModelForCausalLM
-
             if not (Path(model_path) / "config.json").exists():
                 raise FileNotFoundError(f"{model_path!r} is not a Hugging Face model folder (no config.json): give the "
                                         "export's hf/ folder")
@@ -335,8 +337,6 @@ class Executor:
         self._emit(Response(req_id, None, message, request.client_id))
 
     def _admit(self) -> list[_Active]:
-        from transformers import DynamicCache
-
         admitted = []
         while self._waiting and len(self._active) < self.max_batch_size:
             req_id, request = self._waiting.popleft()
