@@ -12,6 +12,7 @@ Reference fields: ``text`` (what to say), ``language`` (optional), audio (option
 
 from __future__ import annotations
 
+from audex.audio import load_audio
 from audex.eval.embeddings import SpeakerEmbedder
 from audex.eval.metrics import NotComputed, corpus_wer, cosine_similarity, word_errors
 from audex.eval.normalize import normalize_for_wer
@@ -59,8 +60,6 @@ class TtsSuite(Suite):
                     voice = sample.load_audio()
                 elif self.cfg.get("speaker_reference_audio"):
                     if self._reference_voice is None:
-                        from audex.audio import load_audio
-
                         self._reference_voice = load_audio(self.cfg["speaker_reference_audio"])
                     voice = self._reference_voice
                 else:
