@@ -44,6 +44,7 @@ def main(cfg: DictConfig) -> None:
     generates_audio = TASKS[cfg.task].output in ("speech", "audio")
     common = {"seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens}
     with AudexTritonClient(cfg.url, protocol=cfg.protocol, model_name=cfg.model) as client:
+        client.wait_until_ready(float(cfg.wait_s))
         if cfg.stream:
             chunks = list(client.stream(cfg.task, model_name=f"{cfg.model}_stream", text=text, audio=audio, **common))
             if generates_audio:
