@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from audex.data.collate import collate_padded  # noqa: E402
 from audex.data.packing import OnlinePacker  # noqa: E402
 from audex.data.sequence import SequenceBuilder  # noqa: E402
+from audex.models.checkpoint import load_model  # noqa: E402
 from audex.training.stages import apply_stage  # noqa: E402
 
 TASKS = ("text", "asr", "audio_qa", "tts", "tta")
@@ -152,16 +153,9 @@ def main(argv=None) -> dict:
     tta_frames = args.tta_num_frames or (500 if args.mix == "paper" else 50)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from audex.models.audex_model import AudexModel
-
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
-    if args.model.exists():
-        from nemo.core.classes import ModelPT
-
-        model = ModelPT.restore_from(str(args.model), map_location="cpu")
-    else:
-        model = AudexModel.from_config_file(str(args.model_config))
+    model = load_model(args.model if args.model.exists() else args.model_config, device="cpu").train()
     builder = SequenceBuilder(model.tokenizer, model.frames_for_samples, max_length=max_length,
                               tta_num_frames=tta_frames)
     tmp = tempfile.TemporaryDirectory()

@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from audex.models.checkpoint import check_nemo_archive
+
 log = logging.getLogger(__name__)
 
 TRAINABLE_PARTS = ("adapter", "llm", "audio_token_rows")
@@ -160,7 +162,6 @@ def apply_stage(model, stage_cfg) -> StageReport:
             frozen += 0 if mask is None else int((~mask).sum()) * p[0].numel()
         else:
             frozen += p.numel()
-    model._audex_stage_name = name
     report = StageReport(name, parts, trainable, frozen, row_masked)
     log.info("%s", report)
     return report
@@ -169,6 +170,7 @@ def apply_stage(model, stage_cfg) -> StageReport:
 # ---- init_from ---------------------------------------------------------------------------------------
 def _state_dict_from_nemo(path: Path) -> dict[str, torch.Tensor]:
     # Only the weights member is extracted: restoring the whole model would build it a second time.
+    check_nemo_archive(path)  # a truncated or renamed file fails here, with the file named and the cure
     with tarfile.open(path, "r:*") as tar:
         member = next((m for m in tar.getmembers() if os.path.basename(m.name) == "model_weights.ckpt"), None)
         if member is None:
