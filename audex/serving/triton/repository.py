@@ -95,6 +95,18 @@ def _tensor(cls, name: str, dtype: str, dims, optional: bool = False, ragged: bo
     return t
 
 
+def request_inputs(seed_type: str, ragged_audio: bool) -> list:
+    """The inputs of a :class:`~audex.serving.requests.ServeRequest`, as every request-facing model declares them:
+    ``task`` and, optional, ``text``, ``audio``, ``sample_rate``, ``max_new_tokens``, ``seed``, ``guidance_scale``
+    (``seed`` is UINT64 where it meets TensorRT-LLM's ``random_seed``; an ensemble's own inputs are not ragged)."""
+    specs = [("task", "TYPE_STRING", [1], False), ("text", "TYPE_STRING", [1], True),
+             ("audio", "TYPE_FP32", [-1], True), ("sample_rate", "TYPE_INT32", [1], True),
+             ("max_new_tokens", "TYPE_INT32", [1], True), ("seed", seed_type, [1], True),
+             ("guidance_scale", "TYPE_FP32", [1], True)]
+    return [_tensor(mc.ModelInput, name, dtype, dims, optional=optional, ragged=ragged_audio and name == "audio")
+            for name, dtype, dims, optional in specs]
+
+
 def _params(config: mc.ModelConfig, values: dict) -> None:
     for key, value in values.items():
         config.parameters[key].string_value = str(value)
@@ -112,15 +124,7 @@ def audex_engine_config(model_path: str, limits: ServeLimits, *, max_batch_size:
                         max_queue_delay_us: int = 2000, instances: int = 1, num_threads: int = 1) -> mc.ModelConfig:
     """``audex``: the python-backend model running the PyTorch engine (all tasks)."""
     c = mc.ModelConfig(name="audex", backend="python", max_batch_size=max_batch_size)
-    c.input.extend([
-        _tensor(mc.ModelInput, "task", "TYPE_STRING", [1]),
-        _tensor(mc.ModelInput, "text", "TYPE_STRING", [1], optional=True),
-        _tensor(mc.ModelInput, "audio", "TYPE_FP32", [-1], optional=True, ragged=True),
-        _tensor(mc.ModelInput, "sample_rate", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "max_new_tokens", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "seed", "TYPE_INT64", [1], optional=True),
-        _tensor(mc.ModelInput, "guidance_scale", "TYPE_FP32", [1], optional=True),
-    ])
+    c.input.extend(request_inputs("TYPE_INT64", ragged_audio=True))
     c.output.extend([
         _tensor(mc.ModelOutput, "text", "TYPE_STRING", [1]),
         _tensor(mc.ModelOutput, "audio", "TYPE_FP32", [-1]),
@@ -194,15 +198,7 @@ def preprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size:
                          limits: ServeLimits | None = None, max_queue_delay_us: int = 1000) -> mc.ModelConfig:
     """``preprocessing``: request -> LLM inputs (validation, prompts, ONNX front end, the CFG twin)."""
     c = mc.ModelConfig(name="preprocessing", backend="python", max_batch_size=max_batch_size)
-    c.input.extend([
-        _tensor(mc.ModelInput, "task", "TYPE_STRING", [1]),
-        _tensor(mc.ModelInput, "text", "TYPE_STRING", [1], optional=True),
-        _tensor(mc.ModelInput, "audio", "TYPE_FP32", [-1], optional=True, ragged=True),
-        _tensor(mc.ModelInput, "sample_rate", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "max_new_tokens", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "seed", "TYPE_UINT64", [1], optional=True),
-        _tensor(mc.ModelInput, "guidance_scale", "TYPE_FP32", [1], optional=True),
-    ])
+    c.input.extend(request_inputs("TYPE_UINT64", ragged_audio=True))
     outputs = []
     _add(outputs, mc.ModelOutput, _LLM_INPUTS + _CFG_INPUTS)
     outputs.append(_tensor(mc.ModelOutput, "prompt_embedding_table", "TYPE_FP16", [-1, summary.hidden_size]))
@@ -301,22 +297,14 @@ def ensemble_config(name: str, max_batch_size: int, llm: str, decoupled: bool, *
     c = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
     if decoupled:
         c.model_transaction_policy.decoupled = True
-    c.input.extend([
-        _tensor(mc.ModelInput, "task", "TYPE_STRING", [1]),
-        _tensor(mc.ModelInput, "text", "TYPE_STRING", [1], optional=True),
-        _tensor(mc.ModelInput, "audio", "TYPE_FP32", [-1], optional=True),
-        _tensor(mc.ModelInput, "sample_rate", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "max_new_tokens", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "seed", "TYPE_UINT64", [1], optional=True),
-        _tensor(mc.ModelInput, "guidance_scale", "TYPE_FP32", [1], optional=True),
-    ])
+    c.input.extend(request_inputs("TYPE_UINT64", ragged_audio=False))
     # ensemble inputs and outputs share one tensor namespace: an output named like an input ("text") would be
     # answered twice (the input at once, the step's output later), hence TensorRT-LLM's "*_output" names
     c.output.extend([_tensor(mc.ModelOutput, "text_output", "TYPE_STRING", [1]),
                      _tensor(mc.ModelOutput, "audio_output", "TYPE_FP32", [-1])])
     to_llm = _PRE_TO_LLM_CFG if cfg else _PRE_TO_LLM
     pre = c.ensemble_scheduling.step.add(model_name="preprocessing", model_version=-1)
-    for key in ("task", "text", "audio", "sample_rate", "max_new_tokens", "seed", "guidance_scale"):
+    for key in (t.name for t in c.input):
         pre.input_map[key] = key
     for key in _PRE_TO_LLM_CFG:
         pre.output_map[key] = f"_{key}"
