@@ -4,21 +4,18 @@ wired consistently, and the python steps around the TensorRT-LLM engine write th
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-pytest.importorskip("tritonclient.grpc")
-
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from audex import config_path  # noqa: E402
-from audex.cli.triton_repo import main as triton_repo_main  # noqa: E402
-from audex.export.bundle import export_bundle  # noqa: E402
-from audex.inference.pipelines import AudexPipeline  # noqa: E402
-from audex.prompts import tts_user_content  # noqa: E402
-from audex.serving.requests import BadRequest, ServeLimits  # noqa: E402
-from audex.serving.triton.llm_io import LlmInputBuilder, LlmOutputDecoder  # noqa: E402
-from audex.serving.triton.repository import ModelSummary, write_cpu_repository, write_gpu_repository  # noqa: E402
-from audex.serving.triton.repository_check import RepositoryError, read_config, validate_repository  # noqa: E402
+from audex import config_path
+from audex.cli.triton_repo import main as triton_repo_main
+from audex.export.bundle import export_bundle
+from audex.inference.pipelines import AudexPipeline
+from audex.prompts import tts_user_content
+from audex.serving.requests import BadRequest, ServeLimits
+from audex.serving.triton.llm_io import LlmInputBuilder, LlmOutputDecoder
+from audex.serving.triton.repository import ModelSummary, write_cpu_repository, write_gpu_repository
+from audex.serving.triton.repository_check import RepositoryError, read_config, validate_repository
 
 
 def test_cpu_repository_config(tiny_model, tmp_path):

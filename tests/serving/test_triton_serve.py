@@ -9,21 +9,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from serving_checks import MALFORMED, malformed_inputs, open_client, run_mixed_load, served_limits, start_server, tone
+from tritonclient.utils import InferenceServerException
 
-pytest.importorskip("tritonclient.http")
-pytest.importorskip("tritonclient.grpc")
+from audex.models.checkpoint import load_model
+from audex.serving.client import AudexTritonClient
+from audex.serving.local_engine import LocalEngine
+from audex.serving.requests import ServeRequest
+from audex.serving.triton.launcher import STUB_NUMPY, stub_environment, stub_numpy_dir
+from audex.serving.triton.repository import write_cpu_repository
+from audex.serving.triton.repository_check import validate_repository
 
-from serving_checks import MALFORMED, malformed_inputs, open_client, run_mixed_load, start_server, tone  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
-
-from audex.serving.client import AudexTritonClient  # noqa: E402
-from audex.serving.local_engine import LocalEngine  # noqa: E402
-from audex.serving.requests import ServeLimits, ServeRequest  # noqa: E402
-from audex.serving.triton.repository import write_cpu_repository  # noqa: E402
-from audex.serving.triton.repository_check import validate_repository  # noqa: E402
-
-LIMITS = ServeLimits(max_audio_seconds=12.0, max_new_tokens=12, max_speech_seconds=0.5, max_context_tokens=400,
-                     tta_seconds=0.2)
+LIMITS = served_limits(max_speech_seconds=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +31,6 @@ def served(tiny_model, tmp_path_factory):
     repo = write_cpu_repository(root / "repo", nemo, limits=LIMITS, max_batch_size=8)
     assert validate_repository(repo) == ["audex"]
     server = start_server(repo, root / "server")
-    from audex.models.checkpoint import load_model
-
     engine = LocalEngine(load_model(nemo, device="cpu"), LIMITS)  # the same weights, in this process
     yield server, engine
     server.stop()
@@ -43,8 +38,6 @@ def served(tiny_model, tmp_path_factory):
 
 def test_the_server_started_offline_from_what_setup_installed(served, tmp_path, monkeypatch):
     server, _ = served
-    from audex.serving.triton.launcher import STUB_NUMPY, stub_environment, stub_numpy_dir
-
     # started by start_server under serving_checks.offline: a fresh cache, pip unable to reach any index
     overlay = next((server.workdir / "cache").glob("triton-stub-env-py*/lib/python*/site-packages"))
     assert not (overlay / "numpy").exists()                               # nothing was installed at start
