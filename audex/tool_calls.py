@@ -203,6 +203,46 @@ def assistant_spans(render: Callable[[Sequence[dict], bool], str], messages: Seq
     return full, spans
 
 
+def chat_template_for(hf_tokenizer, configured: str | None = None) -> str | None:
+    """The template of tool chats: ``configured``, else the tokenizer's own (None lets transformers pick it, a
+    ``tool_use`` variant included), else :data:`AUDEX_TOOL_CHAT_TEMPLATE`."""
+    if configured is not None:
+        return configured
+    return None if getattr(hf_tokenizer, "chat_template", None) else AUDEX_TOOL_CHAT_TEMPLATE
+
+
+def tool_chat_messages(turns: Sequence[dict], thinking: bool, default_system: str | None) -> list[dict]:
+    """Audex turns -> template messages, with ``default_system`` as the system turn when there is none."""
+    turns = list(turns)
+    if not turns:
+        raise ValueError("turns must be a non-empty list")
+    for i, t in enumerate(turns):
+        if not isinstance(t.get("content", ""), str):
+            raise ValueError(f"{t.get('role')} turn {i} of a tool chat: content must be a string")
+        if t.get("thinking") and not thinking:
+            raise ValueError(f"assistant turn {i} carries reasoning but the dialog is in instruct mode")
+    if turns[0].get("role") != "system" and default_system is not None:
+        turns.insert(0, {"role": "system", "content": default_system})
+    return to_template_messages(turns)
+
+
+def tool_chat_parts(hf_tokenizer, turns: Sequence[dict], thinking: bool, tools: Sequence[dict] | None,
+                    default_system: str | None, chat_template: str | None) -> list[tuple[str, bool]]:
+    """The tool chat as ``(text, trained)`` stretches, in order (:func:`assistant_spans`)."""
+    messages = tool_chat_messages(turns, thinking, default_system)
+    text, spans = assistant_spans(
+        lambda m, gen: render_chat(hf_tokenizer, m, tools, gen, thinking, chat_template), messages)
+    out, pos = [], 0
+    for start, end in spans:
+        if start > pos:
+            out.append((text[pos:start], False))
+        out.append((text[start:end], True))
+        pos = end
+    if pos < len(text):
+        out.append((text[pos:], False))
+    return out
+
+
 def parse_tool_response(hf_tokenizer, generated: str, prefix: str, tools: Sequence[dict] | None = None) -> dict:
     """A generated answer -> ``{"content", "thinking", "tool_calls"}`` (keys present when found), with the
     tokenizer's ``response_template`` or, lacking one, :data:`AUDEX_TOOL_RESPONSE_TEMPLATE`; ``prefix`` is the
@@ -210,3 +250,16 @@ def parse_tool_response(hf_tokenizer, generated: str, prefix: str, tools: Sequen
     Raises ``ValueError`` for a tool call that is not valid JSON."""
     schema = getattr(hf_tokenizer, "response_template", None) or AUDEX_TOOL_RESPONSE_TEMPLATE
     return parse_response(generated, schema, prefix=prefix, tools=list(tools) if tools else None)
+
+
+def parse_tool_responses(hf_tokenizer, generated: Sequence[str], prefixes: Sequence[str],
+                         tools: Sequence[dict] | None = None) -> list[tuple[dict, str | None]]:
+    """:func:`parse_tool_response` per answer, as ``(parsed, error)``: an answer whose tool call is not valid JSON
+    comes back whole as ``{"content": ...}`` with the reason, so one bad answer does not fail a batch."""
+    out = []
+    for text, prefix in zip(generated, prefixes):
+        try:
+            out.append((parse_tool_response(hf_tokenizer, text, prefix, tools), None))
+        except ValueError as e:
+            out.append(({"content": text}, str(e).splitlines()[0]))
+    return out

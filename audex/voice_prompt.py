@@ -38,7 +38,7 @@ from typing import Sequence
 
 import torch
 
-from audex.data.prompts import tts_user_content
+from audex.prompts import tts_user_content
 
 
 def prompted_transcript(voice_text: str, text: str) -> str:

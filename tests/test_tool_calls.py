@@ -5,13 +5,19 @@ import pytest
 import torch
 
 from audex.data import schema
-from audex.data.prompts import SYSTEM_PROMPT, AudexPromptFormatter
 from audex.data.sequence import IGNORE_INDEX, SequenceBuilder
 from audex.data.skips import INVALID_MESSAGES, SkipSample
 from audex.inference.decoding import GenerationOutput
 from audex.inference.pipelines import AudexPipeline
+from audex.prompts import SYSTEM_PROMPT, AudexPromptFormatter
 from audex.tokenizer import AudexTokenizer
-from audex.tool_calls import AUDEX_TOOL_CHAT_TEMPLATE, TOOLS_SYSTEM_PROMPT, parse_tool_response
+from audex.tool_calls import (
+    AUDEX_TOOL_CHAT_TEMPLATE,
+    TOOLS_SYSTEM_PROMPT,
+    parse_tool_response,
+    render_chat,
+    tool_chat_messages,
+)
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
@@ -103,9 +109,9 @@ def test_builtin_template_equals_figure_2_on_plain_chats():
         if not thinking:
             turns[-1].pop("thinking")
         for dialog in (turns, turns[:3]):
-            messages = fmt.tool_chat_messages(
-                [{"role": "system", "content": SYSTEM_PROMPT}] + dialog, thinking)
-            text = fmt.render_tool_chat(messages, None, dialog[-1]["role"] != "assistant", thinking)
+            messages = tool_chat_messages([{"role": "system", "content": SYSTEM_PROMPT}] + dialog, thinking, None)
+            text = render_chat(tok.hf, messages, None, dialog[-1]["role"] != "assistant", thinking,
+                               AUDEX_TOOL_CHAT_TEMPLATE)
             assert text == fmt.render_text(dialog, thinking)
             # and the trained tokens agree with the Figure 2 path
             a = fmt.encode_pieces(fmt.tool_chat_pieces([{"role": "system", "content": SYSTEM_PROMPT}] + dialog,

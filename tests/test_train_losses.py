@@ -8,16 +8,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from audex.losses import (
+from audex.parts.losses import (
     IGNORE_INDEX,
-    MoeBalancer,
     language_model_loss,
     mean_token_loss,
     square_averaged_loss,
     token_cross_entropy,
     turn_ids,
 )
-from audex.training.steps import loss_unit
+from audex.models.audex_model import AudexModel
+from audex.parts.moe import MoeBalancer
 
 V = 37
 
@@ -179,6 +179,7 @@ def test_turn_unit_equals_megatron_and_sample_unit_on_single_turn_samples(sample
 
 
 def test_loss_unit_is_read_from_the_model_config():
+    loss_unit = AudexModel.loss_unit.fget
     assert loss_unit(SimpleNamespace(cfg=OmegaConf.create({"loss": {"square_average_unit": "turn"}}))) == "turn"
     assert loss_unit(SimpleNamespace(cfg=OmegaConf.create({"loss": {"reduction": "square_averaged"}}))) == "sample"
 

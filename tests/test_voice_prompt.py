@@ -15,7 +15,6 @@ from audex.eval.suites import TtsSuite
 from audex.inference.pipelines import AudexPipeline
 from audex.models.audex_model import AudexModel
 from audex.tokenizer import AudexTokenizer
-from audex.training.steps import compute_loss
 from audex.voice_prompt import encode_voice_prompts, prompted_transcript
 
 VOICE_TEXT = "he hoped there would be stew"
@@ -122,7 +121,7 @@ def test_prompted_tts_end_to_end_train_generate_and_sim(tiny_yaml, tone, speaker
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
-        loss, _ = compute_loss(model, batch)
+        loss, _ = model.compute_loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

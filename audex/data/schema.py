@@ -70,6 +70,7 @@ from lhotse import MonoCut, Recording, SupervisionSegment
 from lhotse.cut import Cut
 from lhotse.cut.data import DataCut
 
+from audex.data.chats import ROLES, validate_messages  # noqa: F401  (ROLES: part of the schema's API)
 from audex.data.skips import (
     CODES_OUT_OF_RANGE,
     INVALID_BASE64,
@@ -79,7 +80,7 @@ from audex.data.skips import (
     UNKNOWN_TASK,
     SkipSample,
 )
-from audex.tool_calls import validate_tool_calls, validate_tools
+from audex.tool_calls import validate_tools
 
 ASR = "asr"
 AST = "ast"
@@ -96,7 +97,6 @@ GENERATION_TASKS: tuple[str, ...] = (TTS, TTA)
 CODES_DTYPE = np.dtype("<i4")
 CODEC_FRAME_RATE = 50
 SAMPLE_RATE = 16000
-ROLES = ("system", "user", "assistant", "tool")
 
 
 # ---- codec codes <-> base64 ---------------------------------------------------------------------
@@ -401,52 +401,3 @@ def get_cfg_uncond_pads(cut: Cut) -> int | None:
     if not isinstance(n, int) or n <= 0:
         raise SkipSample(MISSING_FIELD, f"custom['cfg_uncond_pads'] must be a positive int, got {n!r}", cut.id)
     return n
-
-
-def validate_messages(messages: Any, thinking: bool, cut_id: str | None = None, error=None) -> list[dict]:
-    """Check a chat: a list of ``{"role", "content"[, "thinking", "tool_calls"]}`` with at least one user and one
-    assistant turn, ending with an assistant turn; an optional system turn comes first; ``thinking`` (the
-    reasoning text) only on assistant turns, and only in thinking mode; ``tool_calls`` only on assistant turns,
-    and ``tool`` turns (tool responses) only after an assistant turn with tool calls or another tool turn.
-    Returns plain dicts (JSON-serialisable)."""
-
-    def fail(msg: str):
-        if error is not None:
-            raise error(f"chat {cut_id!r}: {msg}")
-        raise SkipSample(INVALID_MESSAGES, msg, cut_id)
-
-    if not isinstance(messages, (list, tuple)) or not messages:
-        fail(f"messages must be a non-empty list of turns, got {type(messages).__name__}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            fail(f"turn {i} must be a dict with role in {ROLES}, got {m!r:.80}")
-        if not isinstance(m.get("content"), str):
-            fail(f"turn {i} ({m['role']}) needs a string 'content'")
-        if m["role"] == "system" and i != 0:
-            fail(f"the system turn must come first, found it at turn {i}")
-        extra = set(m) - {"role", "content", "thinking", "tool_calls"}
-        if extra:
-            fail(f"turn {i} has unknown keys {sorted(extra)}; allowed: role, content, thinking, tool_calls")
-        if "tool_calls" in m:
-            if m["role"] != "assistant":
-                fail(f"turn {i}: only assistant turns carry tool_calls")
-            try:
-                calls = validate_tool_calls(m["tool_calls"], f"turn {i}")
-            except ValueError as e:
-                fail(str(e))
-        if m["role"] == "tool" and (not out or not (out[-1]["role"] == "tool" or out[-1].get("tool_calls"))):
-            fail(f"turn {i}: a tool response must follow an assistant turn with tool_calls")
-        reasoning = m.get("thinking")
-        if reasoning is not None:
-            if m["role"] != "assistant" or not isinstance(reasoning, str):
-                fail(f"turn {i}: only assistant turns carry a 'thinking' string")
-            if reasoning.strip() and not thinking:
-                fail(f"turn {i} has reasoning but the chat is in instruct mode (custom['thinking']=False)")
-        out.append({k: m[k] for k in ("role", "content", "thinking") if k in m})
-        if "tool_calls" in m:
-            out[-1]["tool_calls"] = calls
-    roles = [m["role"] for m in out]
-    if "user" not in roles or roles[-1] != "assistant":
-        fail(f"a chat needs a user turn and must end with an assistant turn, got roles {roles}")
-    return out

@@ -1,6 +1,6 @@
 """Task pipelines: ASR, AST, audio QA, chat, TTS, TTA and speech-to-speech, all with one Audex model.
 
-Each pipeline writes the paper's prompt (:mod:`audex.data.prompts`: Figure 2 templates, appendix A.6-A.10
+Each pipeline writes the paper's prompt (:mod:`audex.prompts`: Figure 2 templates, appendix A.6-A.10
 prompts), expands ``<sound>`` into the encoder's frames as training did (:class:`~audex.data.sequence.SequenceBuilder`),
 decodes with its preset (``conf/infer/presets.yaml``) under the task's token grammar, and turns the tokens into
 its result: text (with the ASR/AST fields parsed), or codec codes and a 16 kHz waveform.
@@ -31,7 +31,18 @@ from typing import Callable, Sequence
 
 import torch
 
-from audex.data.prompts import (
+from audex.data.sequence import SequenceBuilder
+from audex.data.skips import SkipSample
+from audex.inference.answers import extract_short_answer
+from audex.inference.constraints import CodecConstraint
+from audex.inference.decoding import AudexDecoder, GenerationOutput
+from audex.inference.presets import Presets, TaskPreset, load_presets
+from audex.inference.waveform import (
+    audio_tokens_to_codes,
+    speech_tokens_to_codes,
+    speech_tokens_to_waveform,
+)
+from audex.prompts import (
     AST_PROMPT,
     SYSTEM_PROMPT,
     asr_question,
@@ -46,18 +57,7 @@ from audex.data.prompts import (
     tta_user_content,
     tts_user_content,
 )
-from audex.data.sequence import SequenceBuilder
-from audex.data.skips import SkipSample
-from audex.inference.answers import extract_short_answer
-from audex.inference.constraints import CodecConstraint
-from audex.inference.decoding import AudexDecoder, GenerationOutput
-from audex.inference.presets import Presets, TaskPreset, load_presets
-from audex.inference.waveform import (
-    audio_tokens_to_codes,
-    speech_tokens_to_codes,
-    speech_tokens_to_waveform,
-)
-from audex.tool_calls import is_tool_chat, parse_tool_response
+from audex.tool_calls import is_tool_chat, parse_tool_responses
 from audex.voice_prompt import encode_voice_prompts, prompted_tts_content, voice_prefix_ids
 
 
@@ -323,17 +323,11 @@ class AudexPipeline:
         prefixes = [self.formatter.render_text(t, thinking, tools) for t in dialogs]
         prompts = [self.formatter.encode_dialog(t, thinking, tools)["input_ids"].tolist() for t in dialogs]
         out = self._decode(preset, prompts, **overrides)
-        results = []
-        for prefix, ids, reason in zip(prefixes, out.token_ids, out.finish_reasons):
-            generated, error = self.tokenizer.decode(ids), None
-            try:
-                parsed = parse_tool_response(self.tokenizer.hf, generated, prefix, tools)
-            except ValueError as e:  # a malformed call is an answer to report, not a crash of the batch
-                parsed, error = {"content": generated}, str(e).splitlines()[0]
-            results.append(TextResult(text=(parsed.get("content") or "").strip(), token_ids=list(ids),
-                                      finish_reason=reason, thinking=parsed.get("thinking"),
-                                      tool_calls=parsed.get("tool_calls", []), tool_call_error=error))
-        return results
+        parsed = parse_tool_responses(self.tokenizer.hf, [self.tokenizer.decode(ids) for ids in out.token_ids],
+                                      prefixes, tools)
+        return [TextResult(text=(p.get("content") or "").strip(), token_ids=list(ids), finish_reason=reason,
+                           thinking=p.get("thinking"), tool_calls=p.get("tool_calls", []), tool_call_error=error)
+                for (p, error), ids, reason in zip(parsed, out.token_ids, out.finish_reasons)]
 
     # ---- generation ---------------------------------------------------------------------------
     def _generation_prompts(self, content_fn, conditions: Sequence[str], opener: int, thinking: bool):

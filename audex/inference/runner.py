@@ -23,11 +23,10 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import torch
-
 from audex.data import schema
 from audex.inference.pipelines import AudexPipeline
 from audex.inference.waveform import write_wav
+from audex.tasks import task as find_task
 
 logger = logging.getLogger("audex.inference")
 
@@ -37,32 +36,6 @@ TASKS = AUDIO_TASKS + TEXT_TASKS
 #: the record field each task needs besides the audio
 _NEEDS = {"audio_qa": "question", "mcq": "question", "entailment": "description", "hallucination": "sound_event",
           "chat": "text", "tts": "text", "tta": "text"}
-
-
-# ---- the model ----------------------------------------------------------------------------------
-def load_model(path: str | Path, device: str = "auto", dtype: str | None = None):
-    """An AudexModel from a ``.nemo`` file, a pretrained folder (``save_pretrained``) or a model YAML
-    (random weights: for demos and tests)."""
-    from audex.models.audex_model import AudexModel
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model {str(path)!r} does not exist: give a .nemo file, a folder written by "
-                                "AudexModel.save_pretrained, or a model YAML such as conf/model/tiny.yaml")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if path.suffix == ".nemo":
-        model = AudexModel.restore_from(str(path), map_location=torch.device(device))
-    elif path.is_dir():
-        model = AudexModel.from_pretrained(str(path))
-    elif path.suffix in (".yaml", ".yml"):
-        logger.warning("building %s with random weights (a model YAML, not a checkpoint)", path)
-        model = AudexModel.from_config_file(str(path))
-    else:
-        raise ValueError(f"model {str(path)!r}: expected a .nemo file, a pretrained folder or a model YAML")
-    model = model.to(device)
-    if dtype:
-        model.llm.to(getattr(torch, dtype))
-    return model.eval()
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -159,7 +132,7 @@ def _run_batch(pipe: AudexPipeline, task: str, recs: list[dict], sampling: dict,
     elif task == "chat":
         out = pipe.chat([r["text"] for r in recs], **sampling)
     elif task == "tts":
-        out = _tts(pipe, recs, sampling)
+        out = find_task("tts").run(pipe, recs, **sampling)
     elif task == "tta":
         out = pipe.tta([r["text"] for r in recs], **sampling)
     elif task == "s2s":
@@ -188,19 +161,6 @@ def _run_batch(pipe: AudexPipeline, task: str, recs: list[dict], sampling: dict,
             row["wav"] = str(write_wav(wav_dir / f"{rec['id']}.wav", wav))
         results.append(row)
     return results
-
-
-def _tts(pipe: AudexPipeline, recs: list[dict], sampling: dict) -> list:
-    """Fixed-voice and voice-prompted records of a batch, each kind decoded as one batch, in input order."""
-    prompted = [i for i, r in enumerate(recs) if r.get("voice") is not None]
-    fixed = [i for i in range(len(recs)) if i not in prompted]
-    out: dict[int, Any] = {}
-    if fixed:
-        out.update(zip(fixed, pipe.tts([recs[i]["text"] for i in fixed], **sampling)))
-    if prompted:
-        out.update(zip(prompted, pipe.tts([recs[i]["text"] for i in prompted], voice=[recs[i]["voice"] for i in prompted],
-                                          voice_text=[recs[i]["voice_text"] for i in prompted], **sampling)))
-    return [out[i] for i in range(len(recs))]
 
 
 def run_inference(pipe: AudexPipeline, task: str, records: Iterable[dict], output_jsonl: str | Path,
