@@ -4,11 +4,16 @@ to end on the tiny model (a few training steps, generation with a reference, SIM
 
 import pytest
 import torch
+from data_scripts import load_script
+from hydra import compose, initialize_config_dir
+from lhotse import CutSet
 
+from audex import CONF_DIR
 from audex.data import schema
 from audex.data.cfg_uncond import make_uncond_copy
 from audex.data.collate import collate_padded
 from audex.data.sequence import IGNORE_INDEX, SequenceBuilder
+from audex.data.voice_release import RELEASE_SUFFIX, voice_release_copies
 from audex.eval.engine import EvalEngine
 from audex.eval.samples import EvalSample
 from audex.eval.suites import TtsSuite
@@ -137,10 +142,53 @@ def test_prompted_tts_end_to_end_train_generate_and_sim(tiny_yaml, tone, speaker
                EvalSample("s1", {"text": "three four", "voice_text": "a voice at 330"}, "v330.wav", audio[330.0]),
                EvalSample("s2", {"text": "five six"}, "v220.wav", audio[220.0])]          # no voice_text: an error
     engine = EvalEngine(model, seed=0, generation={"tts": {"max_new_tokens": 14}})
-    suite = TtsSuite({"mode": "prompting", "benchmark": "seed_tts_eval/en", "speaker_model": str(speaker_model_dir)},
-                     engine=engine)
+    suite = TtsSuite({"mode": "prompting", "benchmark": "seed_tts_eval/en", "speaker_model": str(speaker_model_dir),
+                      "compare_fixed_voice": True}, engine=engine)
     summary = suite.run(samples, tmp_path, "tiny", progress=False)
     assert summary.counts == {"total": 3, "scored": 2, "errors": 1}
-    sim = summary.metrics["speaker_similarity"]
-    assert isinstance(sim, float) and -100.0 <= sim <= 100.0
+    m = summary.metrics
+    assert isinstance(m["speaker_similarity"], float) and -100.0 <= m["speaker_similarity"] <= 100.0
+    # the release stage's check: prompted speech's SIM to its prompt against fixed-voice speech's SIM to it
+    assert m["prompting_sim_gain"] == pytest.approx(m["speaker_similarity"] - m["speaker_similarity_fixed_voice"])
     assert [c.metric for c in summary.comparisons][:1] == ["wer_prompting"]
+
+
+def _fixed_and_references():
+    fixed = [schema.make_tts_cut(f"fixed {i}", speech_codes=torch.arange(5) + i, cut_id=f"f{i}") for i in range(6)]
+    fixed.append(make_uncond_copy(fixed[0], num_pads=3))
+    refs = [schema.make_tts_cut(f"speaker {k} talks", speech_codes=torch.full((4,), 100 + k), cut_id=f"r{k}")
+            for k in range(3)]
+    return fixed, refs
+
+
+def test_voice_release_copies_keep_the_fixed_voice_target():
+    fixed, refs = _fixed_and_references()
+    copies = list(voice_release_copies(fixed, refs, seed=0))
+    assert [c.id for c in copies] == [f"f{i}{RELEASE_SUFFIX}" for i in range(6)]   # the CFG twin gets no copy
+    for i, c in enumerate(copies):
+        assert torch.equal(schema.get_speech_codes(c), schema.get_speech_codes(fixed[i]))  # still the fixed voice
+        codes, text = schema.get_voice_prompt(c)
+        k = int(codes[0]) - 100
+        assert codes.tolist() == [100 + k] * 4 and text == f"speaker {k} talks"
+    assert [c.custom["voice_text"] for c in copies] == [c.custom["voice_text"]
+                                                        for c in voice_release_copies(fixed, refs, seed=0)]
+    assert len({c.custom["voice_text"] for c in copies}) > 1                      # drawn among the speakers
+    with pytest.raises(ValueError, match="no reference cuts"):
+        list(voice_release_copies(fixed, [], seed=0))
+    with pytest.raises(ValueError, match="not a fixed-voice TTS cut"):
+        list(voice_release_copies(copies[:1], refs))
+
+
+def test_make_voice_release_script_and_stage_config(tmp_path):
+    fixed, refs = _fixed_and_references()
+    CutSet.from_cuts(fixed).to_file(tmp_path / "fixed.jsonl")
+    CutSet.from_cuts(refs).to_file(tmp_path / "refs.jsonl")
+    script = load_script("make_voice_release")
+    code = script.main([str(tmp_path / "fixed.jsonl"), str(tmp_path / "refs.jsonl"), "-o", str(tmp_path / "out.jsonl")])
+    ids = [c.id for c in CutSet.from_file(tmp_path / "out.jsonl")]
+    assert code == 0 and ids[:2] == ["f0", f"f0{RELEASE_SUFFIX}"] and ids[-1] == "f0_cfg_uncond"
+    assert len(ids) == 7 + 6 and ids[1::2][:6] == [f"f{i}{RELEASE_SUFFIX}" for i in range(6)]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="stage_release")
+    assert list(cfg.model.stage.trainable) == ["llm"] and cfg.data.blend_epochs.tts == 1.0
+    assert cfg.data.blend_epochs.text > 0 and cfg.model.optim.lr < 2e-5     # text kept; a gentle corrective pass

@@ -10,7 +10,9 @@ speaker) or one ``speaker_reference_audio`` for fixed-voice TTS; otherwise it is
 ``mode: prompting`` (Table 6's "prompting" column, Seed-TTS-Eval's setting): every sample's audio is a voice
 prompt and its ``voice_text`` field the prompt's transcript; the speech is generated from them
 (:mod:`audex.voice_prompt`) and SIM compares it with that prompt. ``mode: fixed_voice`` (default) generates
-from the text alone.
+from the text alone. ``compare_fixed_voice: true`` (prompting mode) also speaks every text in the fixed voice and
+reports ``speaker_similarity_fixed_voice`` (its SIM to the same prompts) and ``prompting_sim_gain`` (prompted minus
+fixed): the check of the release stage (:mod:`audex.data.voice_release`), after which the gain is near 0.
 
 Reference fields: ``text`` (what to say), ``language`` (optional), audio (optional: the reference voice;
 required with ``voice_text`` in prompting mode).
@@ -89,9 +91,14 @@ class TtsSuite(Suite):
         return reference["text"], voice, problem
 
     def generate(self, inputs, references):
+        fixed_sims: list[float | None] = [None] * len(inputs)
         if self.prompting:
             wavs = self.engine.tts([text for text, _, _ in inputs], voices=[voice for _, voice, _ in inputs],
                                    voice_texts=[r["voice_text"] for r in references])
+            if self.cfg.get("compare_fixed_voice") and self.speaker is not None:
+                fixed = self.speaker.embed_batch(self.engine.tts([text for text, _, _ in inputs]))
+                prompts = self.speaker.embed_batch([voice for _, voice, _ in inputs])
+                fixed_sims = [100.0 * cosine_similarity(f, p) for f, p in zip(fixed, prompts)]
         else:
             wavs = self.engine.tts([text for text, _, _ in inputs])
         transcripts = self.transcriber(wavs, [r["language"] for r in references])
@@ -102,8 +109,8 @@ class TtsSuite(Suite):
             voices = self.speaker.embed_batch([inputs[i][1] for i in with_voice])
             for k, i in enumerate(with_voice):
                 sims[i] = 100.0 * cosine_similarity(generated[k], voices[k])
-        return [{"wav": w, "transcript": t, "sim": s, "voice_problem": inp[2]}
-                for w, t, s, inp in zip(wavs, transcripts, sims, inputs)]
+        return [{"wav": w, "transcript": t, "sim": s, "sim_fixed_voice": f, "voice_problem": inp[2]}
+                for w, t, s, f, inp in zip(wavs, transcripts, sims, fixed_sims, inputs)]
 
     def score(self, sample: EvalSample, reference: dict, output) -> dict:
         path = write_wav(self.out_dir / "audio" / f"{safe_name(sample.id)}.wav", output["wav"])
@@ -119,6 +126,7 @@ class TtsSuite(Suite):
                 "seconds": round(output["wav"].numel() / 16000, 3), "transcript": output["transcript"],
                 "hypothesis_normalized": hyp_norm, "reference_normalized": ref_norm, "counts": counts.to_json(),
                 "wer": round(100 * counts.wer, 3), "speaker_similarity": output["sim"],
+                "speaker_similarity_fixed_voice": output["sim_fixed_voice"],
                 "speaker_reference_problem": output["voice_problem"], "flags": flags}
 
     def summarize(self, records: list[dict], summary: SuiteSummary) -> None:
@@ -127,6 +135,10 @@ class TtsSuite(Suite):
         sims = [r["speaker_similarity"] for r in scored if r.get("speaker_similarity") is not None]
         if sims:
             summary.metrics["speaker_similarity"] = sum(sims) / len(sims)
+            fixed = [r["speaker_similarity_fixed_voice"] for r in scored if r.get("speaker_similarity_fixed_voice") is not None]
+            if fixed:
+                summary.metrics["speaker_similarity_fixed_voice"] = sum(fixed) / len(fixed)
+                summary.metrics["prompting_sim_gain"] = summary.metrics["speaker_similarity"] - sum(fixed) / len(fixed)
         else:
             reason = ("no speaker_model configured (a local x-vector model folder)" if not self.cfg.get("speaker_model")
                       else "no sample had a usable reference voice")
