@@ -245,7 +245,8 @@ class AudexPromptFormatter(PromptFormatter):
     Turns are ``{"role": "system"|"user"|"assistant", "content": str | Sequence[int], "thinking": str}``;
     an assistant ``content`` given as ids is pre-tokenised (e.g. ``<speechgen_start>`` codes
     ``<speechgen_end>``); an assistant ``prefix`` (ids) opens the answer as untrained context (the
-    ``<speechgen_start>`` + reference codes of voice-prompted TTS, :mod:`audex.voice_prompt`). A missing system turn is filled with :data:`SYSTEM_PROMPT`.
+    ``<speechgen_start>`` + reference codes of voice-prompted TTS, :mod:`audex.voice_prompt`). A missing system
+    turn is filled with :data:`SYSTEM_PROMPT`.
 
     Example::
 
