@@ -44,10 +44,13 @@ from __future__ import annotations
 
 import collections
 import datetime
+import hashlib
 import itertools
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -112,6 +115,47 @@ class _Job:
     finished: bool = False
 
 
+@dataclass
+class EngineFacts:
+    """What the router needs to know of the engine: ``block_reuse`` (``KvCacheConfig.enable_block_reuse``),
+    ``max_num_tokens`` (the step's token budget), ``vocab_size`` (prompt ids from it on are prompt-table rows), and the
+    ``hidden_size`` / ``dtype`` of a prompt table (a CFG twin under block reuse gets a one-row table to carry its extra
+    ids)."""
+
+    vocab_size: int
+    block_reuse: bool = False
+    max_num_tokens: int | None = None
+    hidden_size: int | None = None
+    dtype: torch.dtype = torch.float32
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def engine_facts(executor, model_path, config, vocab_size: int) -> EngineFacts:
+    """:class:`EngineFacts` from the reference executor, or from a TensorRT-LLM engine folder's ``config.json``
+    (``pretrained_config.hidden_size`` / ``dtype``, ``build_config.max_num_tokens``)."""
+    kv = getattr(config, "kv_cache_config", None)
+    reuse = bool(getattr(kv, "enable_block_reuse", True))
+    budget = getattr(config, "max_num_tokens", None)
+    if hasattr(executor, "engine") and hasattr(executor, "lm"):                   # audex.export.torch_executor
+        return EngineFacts(vocab_size, reuse, budget or executor.max_num_tokens,
+                           int(executor.lm.config.hidden_size), executor.engine.dtype)
+    path = Path(str(model_path)) / "config.json"
+    if not path.exists():
+        return EngineFacts(vocab_size, reuse, budget)
+    engine = json.loads(path.read_text())
+    pretrained, build = engine.get("pretrained_config", engine), engine.get("build_config", {})
+    dtype = TORCH_DTYPES.get(str(pretrained.get("dtype") or pretrained.get("torch_dtype") or "float32"), torch.float32)
+    return EngineFacts(vocab_size, reuse, budget or build.get("max_num_tokens"), pretrained.get("hidden_size"), dtype)
+
+
+def content_id(table: torch.Tensor) -> int:
+    """A clip's extra id: a 56-bit hash of its prompt-table rows (never 0, the id of plain text positions)."""
+    data = table.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=7).digest(), "little") | 1
+
+
 class GuidedExecutor:
     """Runs :class:`LlmJob` s on an executor with the CFG pairing post-processor (see the module docstring).
 
@@ -120,13 +164,22 @@ class GuidedExecutor:
         executor: an ``Executor`` whose config carries ``processor`` as its batched logits post-processor.
         processor: the :class:`CfgLogitsPostProcessor` (its tracker holds the pairs).
         constraint_factory: ``(output, prompt) -> constraint rows`` for speech/audio jobs, or None for no grammar.
+        max_inflight: the engine's batch size (admission counts slots); None: hand everything over at once.
+        engine: :class:`EngineFacts` (block reuse, token budget, prompt-table shape); None: no reuse, no budget.
     """
 
     def __init__(self, executor_module, executor, processor: CfgLogitsPostProcessor,
-                 constraint_factory: Callable | None = None, poll_ms: int = 20, max_inflight: int | None = None):
+                 constraint_factory: Callable | None = None, poll_ms: int = 20, max_inflight: int | None = None,
+                 engine: EngineFacts | None = None):
         if max_inflight is not None and max_inflight < 2:
             raise ValueError(f"max_inflight must be >= 2 (a CFG pair is two requests) or None, got {max_inflight}")
         self.max_inflight = max_inflight
+        self.engine = engine
+        if engine is not None and engine.block_reuse and not engine.hidden_size:
+            raise ValueError("block reuse is on, so CFG twins need pair-unique extra ids, which TensorRT-LLM takes only "
+                             "with a prompt table: give EngineFacts.hidden_size, or turn KvCacheConfig."
+                             "enable_block_reuse off")
+        self._req_len: dict[int, int] = {}                         # executor request id -> prompt length
         self.trtllm = executor_module
         self.executor = executor
         self.processor = processor
@@ -161,32 +214,50 @@ class GuidedExecutor:
         grammars = {kind: CodecConstraint.for_task(tokenizer, kind, audio_seconds=audio_seconds,
                                                    max_speech_seconds=max_speech_seconds) for kind in ("speech", "audio")}
         return cls(executor_module, executor, processor, lambda output, prompt: grammars[output].begin([prompt]),
-                   max_inflight=max_inflight)
+                   max_inflight=max_inflight, engine=engine_facts(executor, model_path, config, tokenizer.vocab.size))
 
     @property
     def stats(self) -> dict:
         """The tracker's counts: ``guided`` tokens (both twins in the step), ``unguided`` (a lone conditional row),
         ``replay``, ``retire``, ``solo``."""
-        return dict(self.tracker.stats)
+        with self.processor.lock:
+            return dict(self.tracker.stats)
 
     # ---- submitting ---------------------------------------------------------------------------
+    def _prompt_tuning(self, ids, job: LlmJob, twin: int | None):
+        """The request's ``PromptTuningConfig``. Under block reuse the KV blocks are keyed by (id, extra id): a clip's
+        fake ids get its content hash (two clips never share blocks, text positions still do), and a CFG twin gets
+        ``twin`` on every position (its blocks are its own, so the scheduler never skips it for a block its partner is
+        filling, see :mod:`audex.export.executor_blocks`), with a one-row table when it has none."""
+        t, table = self.trtllm, job.prompt_table
+        has_table = table is not None and table.numel() > 0
+        reuse = self.engine is not None and self.engine.block_reuse
+        if not reuse:
+            return t.PromptTuningConfig(table) if has_table else None
+        if twin is not None:
+            if not has_table:
+                table = torch.zeros(1, self.engine.hidden_size, dtype=self.engine.dtype)
+            return t.PromptTuningConfig(table, [twin] * len(ids))
+        if not has_table:
+            return None
+        clip = content_id(table)
+        return t.PromptTuningConfig(table, [clip if i >= self.engine.vocab_size else 0 for i in ids])
+
     def _request(self, ids, job: LlmJob, *, client_id=None, forced: bool):
         t = self.trtllm
         s = job.sampling
         if forced or not s.do_sample:
             sampling = t.SamplingConfig(1, top_k=1)
         else:
-            sampling = t.SamplingConfig(1, top_k=s.top_k or None, top_p=s.top_p, temperature=s.temperature,
-                                        random_seed=s.seed)
-        request = t.Request(input_token_ids=list(ids), max_tokens=int(job.max_new_tokens), streaming=job.streaming,
-                            sampling_config=sampling, output_config=t.OutputConfig(exclude_input_from_output=True),
-                            end_id=int(job.end_id), pad_id=int(job.pad_id))
-        if job.prompt_table is not None and job.prompt_table.numel():
-            request.prompt_tuning_config = t.PromptTuningConfig(job.prompt_table)
-        if forced:
-            request.client_id = client_id
-            request.logits_post_processor_name = t.Request.BATCHED_POST_PROCESSOR_NAME
-        return request
+            sampling = t.SamplingConfig(1, top_k=s.top_k or None, top_p=s.top_p, temperature=s.temperature, seed=s.seed)
+        twin = None if client_id is None else (1 << 60) + int(client_id)    # unique per pair and role
+        # every request goes through the batched post-processor: twins to be paired, the others so that the router
+        # sees when their context has run (the token budget of contexts still waiting, see _admit)
+        return t.Request(list(ids), int(job.max_new_tokens), streaming=job.streaming, sampling_config=sampling,
+                         output_config=t.OutputConfig(exclude_input_from_output=True), end_id=int(job.end_id),
+                         pad_id=int(job.pad_id), prompt_tuning_config=self._prompt_tuning(ids, job, twin),
+                         logits_post_processor_name=t.Request.BATCHED_POST_PROCESSOR_NAME,
+                         client_id=client_id if forced else None)
 
     def submit(self, job: LlmJob, on_event: Callable[[JobEvent], None]) -> int:
         """Queue ``job``; ``on_event`` gets its :class:`JobEvent` s from the executor's response thread.
@@ -195,6 +266,10 @@ class GuidedExecutor:
         pair only when both twins fit: the in-flight batcher then has room for both, admits them in one step, and
         the pair is guided from its first token. Without it, everything is handed over at once and the tracker
         copes with pairs the batcher splits (see the module docstring)."""
+        budget = self.engine.max_num_tokens if self.engine is not None else None
+        if job.guided and budget is not None and len(job.input_ids) + len(job.uncond_input_ids) > budget:
+            raise ValueError(f"a CFG pair needs both prompts in one step: {len(job.input_ids)} + "
+                             f"{len(job.uncond_input_ids)} tokens exceed the engine's max_num_tokens={budget}")
         job_id = next(self._job_ids)
         with self._lock:
             if not self._running:
@@ -208,13 +283,28 @@ class GuidedExecutor:
     def _slots(job: LlmJob) -> int:
         return 2 if job.guided else 1
 
+    def _waiting_context_tokens(self) -> int:
+        """Prompt tokens of requests handed over whose context has not run yet (caller holds the lock)."""
+        with self.processor.lock:
+            return sum(n for req_id, n in self._req_len.items() if not self.processor.started(req_id))
+
     def _admit(self) -> None:
-        """Hand waiting jobs to the executor while they fit (caller holds the lock)."""
+        """Hand waiting jobs to the executor while they fit, first come first served (caller holds the lock).
+
+        A CFG pair is handed over only when both twins fit the batch slots *and* the step's token budget: every
+        context not yet run, both twin prompts and one token per request in flight within ``max_num_tokens``. The
+        micro-batch scheduler then has room for both contexts in the same step (it stops adding contexts at the
+        first that does not fit, which would otherwise start the twins a step apart for good)."""
         while self._waiting:
             state = self._jobs[self._waiting[0]]
-            need = self._slots(state.job)
+            job, need = state.job, self._slots(state.job)
             if self.max_inflight is not None and self._inflight and self._inflight + need > self.max_inflight:
                 return
+            budget = self.engine.max_num_tokens if self.engine is not None else None
+            if job.guided and budget is not None and self._inflight:
+                tokens = len(job.input_ids) + len(job.uncond_input_ids)
+                if self._waiting_context_tokens() + tokens + self._inflight > budget:
+                    return
             self._enqueue(self._waiting.popleft(), state)
             self._inflight += need
 
@@ -239,8 +329,9 @@ class GuidedExecutor:
                                               forced=True))
                 roles.append(UNCOND)
         req_ids = self.executor.enqueue_requests(requests)       # both twins in one call, conditional first
-        for req_id, role in zip(req_ids, roles):
+        for req_id, role, request in zip(req_ids, roles, requests):
             self._by_req[req_id] = (job_id, role)
+            self._req_len[req_id] = len(request.input_token_ids)
             state.open_reqs.add(req_id)
 
     def cancel(self, job_id: int) -> None:
@@ -276,6 +367,7 @@ class GuidedExecutor:
         """One executor request ended; the job is forgotten once it has answered and all its requests ended."""
         state.open_reqs.discard(req_id)
         self._by_req.pop(req_id, None)
+        self._req_len.pop(req_id, None)
         self._inflight -= 1
         with self.processor.lock:
             self.processor.release(req_id)
@@ -326,6 +418,9 @@ class GuidedExecutor:
             except Exception as e:  # pragma: no cover - an executor that died: report and stop
                 log.error("the executor stopped answering: %s", e)
                 break
+            if not responses:
+                with self._lock:
+                    self._admit()                                  # contexts that ran free token budget
             for response in responses:
                 with self._lock:
                     handled = self._handle(response)
