@@ -43,7 +43,9 @@ def main(argv=None) -> None:
         summary = ModelSummary.from_export(cfg.export_dir)
         repo = write_gpu_repository(cfg.repo, cfg.export_dir, summary, max_batch_size=cfg.trtllm.build.max_batch_size,
                                     llm_backend=cfg.llm_backend, executor=cfg.executor, limits=limits,
-                                    prompt_table_dtype=cfg.trtllm.dtype)
+                                    prompt_table_dtype=cfg.trtllm.dtype,
+                                    build=OmegaConf.to_container(cfg.trtllm.build, resolve=True),
+                                    kv_cache_reuse=bool(cfg.trtllm.get("kv_cache_reuse", False)))
     else:
         raise SystemExit(f"layout must be 'cpu' or 'gpu', got {cfg.layout!r}")
     print(f"wrote {repo}: models {validate_repository(repo)}")

@@ -187,3 +187,48 @@ def test_bug4_pair_admission_counts_the_token_budget(tiny_model, prompts, start)
     assert got.wait(pair)[-1].tokens == engine_cfg(tiny_model, cond[:1], uncond[:1])[0]
     assert got.wait(text)[-1].error is None
     assert guided.stats["unguided"] == 0 and guided.stats["retire"] == 0
+
+
+# ---- the split / unguided counts as Triton metrics ------------------------------------------------
+class FakeMetricFamily:
+    """``pb_utils.MetricFamily`` as the python backend has it: ``Metric(labels)`` with ``increment(value)``."""
+
+    COUNTER, GAUGE = "counter", "gauge"
+    families: dict = {}
+
+    def __init__(self, name, description, kind):
+        assert kind == self.COUNTER and description
+        self.name, self.values = name, {}
+        FakeMetricFamily.families[name] = self
+
+    def Metric(self, labels):  # noqa: N802 - the python backend's name
+        family, key = self, tuple(sorted(labels.items()))
+        family.values[key] = 0
+
+        class _Metric:
+            def increment(self, value):
+                assert value > 0
+                family.values[key] += value
+        return _Metric()
+
+
+def test_split_and_unguided_counts_are_exported_as_triton_metrics():
+    from types import SimpleNamespace
+
+    from audex.export.cfg_pairing import COND, UNCOND, CfgPairTracker, PairRow
+    from audex.export.triton_models.pairing_metrics import PairingMetrics
+
+    tracker = CfgPairTracker(SamplingParams(do_sample=False), 2.0, [7], can_hold=False, max_lag_steps=8)
+    metrics = PairingMetrics(SimpleNamespace(MetricFamily=FakeMetricFamily), "tensorrt_llm")
+    logits = torch.arange(10, dtype=torch.float32)
+    tracker.step([PairRow("a", 0, COND, 0, logits), PairRow("b", 0, UNCOND, 0, logits)])     # guided
+    tracker.step([PairRow("c", 1, COND, 0, logits)])                                        # twin not there
+    tracker.step([PairRow("c", 1, COND, 1, logits), PairRow("d", 1, UNCOND, 0, logits)])    # one behind
+    metrics.update(tracker.stats)
+    metrics.update(tracker.stats)                                                           # no double count
+    tokens = FakeMetricFamily.families["audex_cfg_tokens_total"].values
+    pairs = FakeMetricFamily.families["audex_cfg_split_pairs_total"].values
+    label = (("action", "unguided"), ("model", "tensorrt_llm"))
+    assert tokens[label] == tracker.stats["unguided"] == 2
+    assert tokens[(("action", "guided"), ("model", "tensorrt_llm"))] == 2
+    assert pairs[(("model", "tensorrt_llm"),)] == tracker.stats["split"] == 1

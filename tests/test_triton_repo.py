@@ -162,5 +162,14 @@ def test_make_triton_repo_cli_writes_both_layouts(tiny_model, tmp_path, capsys):
     assert llm.parameters["executor"].string_value == "torch"
     pre = read_config(tmp_path / "gpu" / "preprocessing" / "config.pbtxt")
     assert float(pre.parameters["max_audio_seconds"].string_value) == 20.0
+    # conf/export.yaml's build: 64 concurrent clips of the longest allowed length (30 s = 3 x 250 tiny frames)
+    cli.main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu64'}"])
+    p = read_config(tmp_path / "gpu64" / "tensorrt_llm" / "config.pbtxt").parameters
+    table, batch = int(p["max_prompt_embedding_table_size"].string_value), int(p["max_batch_size"].string_value)
+    assert batch == 64 and table // batch >= 750 and p["enable_kv_cache_reuse"].string_value == "false"
+    with pytest.raises(ValueError, match="max_prompt_embedding_table_size=24000 gives each of max_batch_size=64 "
+                                         "requests 375 rows"):
+        cli.main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu375'}",
+                  "trtllm.build.max_prompt_embedding_table_size=24000"])
     with pytest.raises(FileNotFoundError, match="not an export folder|no audex_export.json"):
         cli.main(["layout=gpu", f"export_dir={tmp_path / 'nowhere'}", f"repo={tmp_path / 'gpu2'}"])

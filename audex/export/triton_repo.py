@@ -46,6 +46,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from audex.export.serving import ServeLimits
+from audex.export.trtllm import BUILD_KEYS, check_prompt_table
 
 MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
 PRESETS_YAML = Path(__file__).resolve().parents[2] / "conf" / "infer" / "presets.yaml"
@@ -226,7 +227,8 @@ def preprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size:
 def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: int, decoupled: bool,
                         name: str = "tensorrt_llm", *, backend: str = "python", export_dir: str | None = None,
                         executor: str = "tensorrt_llm", limits: ServeLimits | None = None,
-                        prompt_table_dtype: str = "bfloat16", max_queue_delay_us: int = 1000) -> mc.ModelConfig:
+                        prompt_table_dtype: str = "bfloat16", max_queue_delay_us: int = 1000,
+                        build: dict | None = None, kv_cache_reuse: bool = False) -> mc.ModelConfig:
     """The LLM step, with the input / output names of TensorRT-LLM's ``inflight_batcher_llm`` layout.
 
     ``backend="python"`` (default): Audex's model (:class:`~audex.export.triton_models.trtllm_handlers.LlmHandler`)
@@ -266,6 +268,9 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
         "enable_chunked_context": "false",
         "max_beam_width": 1,
         "kv_cache_free_gpu_mem_fraction": 0.85,
+        # off: audio enters as prompt-table rows whose fake ids repeat across clips, and CFG twins share a prefix
+        # (see audex.export.guided_executor for what the LLM model does when it is on)
+        "enable_kv_cache_reuse": str(bool(kv_cache_reuse)).lower(),
         "exclude_input_in_output": "true",
         "decoding_mode": "top_k_top_p",
     }
@@ -273,6 +278,9 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
         params.update({"executor": executor, "export_dir": export_dir or "",
                        "max_batch_size": max_batch_size, "max_lag_steps": 4, "stream_chunk_seconds": 1.0,
                        "prompt_table_dtype": prompt_table_dtype, "python": sys.executable,
+                       "frames_per_window": summary.frames_per_window, "window_seconds": summary.window_seconds,
+                       # the engine's build sizes: the start-up check of the prompt table, the reference executor
+                       **{k: v for k, v in (build or {}).items() if k in BUILD_KEYS and v is not None},
                        "presets": "../../preprocessing/1/presets.yaml",
                        **_limit_params(limits or ServeLimits())})
     _params(c, params)
@@ -360,7 +368,7 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
                          engine_dir: str | Path | None = None, max_batch_size: int = 64, llm_backend: str = "python",
                          executor: str = "tensorrt_llm", limits: ServeLimits | None = None,
                          prompt_table_dtype: str = "bfloat16", step_process: str | None = None,
-                         num_threads: int = 1) -> Path:
+                         num_threads: int = 1, build: dict | None = None, kv_cache_reuse: bool = False) -> Path:
     """The GPU ensemble (see the module docstring) over an export folder written by ``scripts/export_trtllm.py``.
 
     ``llm_backend``/``executor``: see :func:`tensorrt_llm_config` (``executor="torch"`` serves the same ensemble on a
@@ -373,8 +381,12 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
     engine_dir = str(engine_dir or Path(export_dir) / "engine")
     limits = limits or ServeLimits()
     cfg = llm_backend == "python"
+    build = dict(build or {})
+    if build.get("max_prompt_embedding_table_size") is not None and summary.frames_per_window:
+        build.setdefault("max_batch_size", max_batch_size)
+        check_prompt_table(build, limits.max_audio_seconds, summary.frames_per_window, summary.window_seconds)
     llm = dict(backend=llm_backend, export_dir=export_dir, executor=executor, limits=limits,
-               prompt_table_dtype=prompt_table_dtype)
+               prompt_table_dtype=prompt_table_dtype, build=build, kv_cache_reuse=kv_cache_reuse)
     configs = [
         preprocessing_config(summary, export_dir, max_batch_size, limits),
         tensorrt_llm_config(summary, engine_dir, max_batch_size, decoupled=False, **llm),

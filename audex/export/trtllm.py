@@ -230,6 +230,11 @@ def trtllm_build_command(checkpoint_dir: str | Path, engine_dir: str | Path, bui
     return cmd
 
 
+# the trtllm-build sizes that serving needs to know (copied into the Triton LLM model's parameters)
+BUILD_KEYS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_prompt_embedding_table_size",
+              "tokens_per_block")
+
+
 def check_prompt_table(build: dict, max_audio_seconds: float, frames_per_window: int, window_seconds: float) -> int:
     """Rows one clip of ``max_audio_seconds`` needs in the prompt table; ``ValueError`` when the engine cannot give
     them to every request. TensorRT-LLM gives each request ``max_prompt_embedding_table_size // max_batch_size`` rows

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from audex.export.triton_models.model_params import limit_values, model_file, one_request, one_value
+from audex.export.triton_models.pairing_metrics import PairingMetrics
+from audex.export.trtllm import BUILD_KEYS, check_prompt_table
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,11 @@ class PreprocessingHandler:
             seed=_value(inputs, "seed", int), guidance_scale=_value(inputs, "guidance_scale", float)))
 
 
+def build_values(params: dict) -> dict:
+    """The engine's ``trtllm-build`` sizes that the repository writer copied into the LLM model's parameters."""
+    return {k: int(params[k]) for k in BUILD_KEYS if params.get(k) not in (None, "", "None")}
+
+
 def executor_module(kind: str):
     """``tensorrt_llm`` -> ``tensorrt_llm.bindings.executor`` (GPU hosts); ``torch`` -> the PyTorch reference."""
     if kind == "tensorrt_llm":
@@ -101,14 +108,22 @@ class LlmHandler:
         self.tokenizer = AudexTokenizer.load(export_dir / "hf")
         self.vocab = self.tokenizer.vocab
         limits = _limits(params)
+        build = build_values(params)
+        if build.get("max_prompt_embedding_table_size") is not None and params.get("frames_per_window"):
+            # fail at start-up, not on the first clip: each request gets size // max_batch_size rows
+            check_prompt_table(build, limits.max_audio_seconds, int(params["frames_per_window"]),
+                               float(params["window_seconds"]))
         config = trtllm.ExecutorConfig(
             1, scheduler_config=trtllm.SchedulerConfig(trtllm.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT),
-            kv_cache_config=trtllm.KvCacheConfig(free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_mem_fraction",
-                                                                                             "0.85"))),
+            kv_cache_config=trtllm.KvCacheConfig(
+                params.get("enable_kv_cache_reuse", "false") == "true",
+                free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_mem_fraction", "0.85"))),
             enable_chunked_context=False)
         if kind == "torch":
-            config.max_batch_size = int(params.get("max_batch_size", "8"))
-        model_path = params.get("gpt_model_path") if kind == "tensorrt_llm" else str(export_dir / "hf")
+            # the reference executor gets the sizes trtllm-build would have fixed in the engine
+            model_path = trtllm.ReferenceEngine.from_build(str(export_dir / "hf"), build)
+        else:
+            model_path = params.get("gpt_model_path")
         # the grammar of the presets, as the CPU engine applies it (the limits cap the token budget per request)
         from audex.export.serving import serving_presets
 
@@ -119,11 +134,10 @@ class LlmHandler:
                                             max_lag_steps=int(params.get("max_lag_steps", "4")),
                                             # pairs reach the engine only when both twins fit in its batch
                                             max_inflight=max(2, int(params.get("max_batch_size", "8"))))
-        # TensorRT-LLM wants the prompt table in the engine's dtype; the reference executor computes in float32
-        import torch
-
-        self.table_dtype = getattr(torch, params.get("prompt_table_dtype") or "float16") if kind == "tensorrt_llm" \
-            else torch.float32
+        # the executor refuses a prompt table whose dtype is not the weights' (PromptTuningBuffers::validate): take
+        # it from the engine (its config.json; float32 for the reference executor)
+        self.table_dtype = self.guided.engine.dtype
+        self.metrics = None
         self.streaming = params.get("decoupled") == "true"
         self.chunk_seconds = float(params.get("stream_chunk_seconds", "1.0"))
         self._jobs: dict[int, int] = {}
@@ -190,6 +204,8 @@ class LlmHandler:
             if event.final:
                 with self._lock:
                     self._jobs.pop(rid, None)
+                if self.metrics is not None:
+                    self.metrics.update(self.guided.stats)
 
         job_id = self.guided.submit(job, on_event)
         with self._lock:
@@ -202,10 +218,15 @@ class LlmHandler:
             log.info("request %d was cancelled by its client: cancelling job %d (both CFG twins)", rid, job_id)
             self.guided.cancel(job_id)
 
+    def attach_metrics(self, pb_utils, model_name: str) -> None:
+        """Export the pairing counts as Triton metrics (see :mod:`~audex.export.triton_models.pairing_metrics`)."""
+        self.metrics = PairingMetrics(pb_utils, model_name)
+
     def close(self) -> None:
         stats = self.guided.stats
         log.info("CFG pairing over this instance's life: %d guided, %d unguided, %d replayed, %d solo, %d retired "
-                 "tokens", stats["guided"], stats["unguided"], stats["replay"], stats["solo"], stats["retire"])
+                 "tokens, %d split pairs", stats["guided"], stats["unguided"], stats["replay"], stats["solo"],
+                 stats["retire"], stats["split"])
         self.guided.shutdown()
 
 
