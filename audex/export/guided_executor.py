@@ -16,12 +16,19 @@ into one event stream per job:
   greedy (``top_k=1``) in the engine, which then can only pick the forced token. With lambda = 1 the job is one
   request that decides *solo* (the grammar still applies).
 
-**Admission.** TensorRT-LLM's batcher admits first come first served while the batch has room, so two twins
-enqueued together are admitted in one step unless the batch has exactly one free slot. With ``max_inflight`` set to
-the engine's batch size, :class:`GuidedExecutor` keeps the queue itself and hands a pair over only when both twins
-fit (first come first served, a pair never overtaken): under the guaranteed-no-evict scheduler both then start in
-the same step and the pair is guided from its first token to its last, however full the server is. (A KV cache too
-small for both twins' reservations can still admit one alone; that is what the fallback below is for.)
+**Admission.** TensorRT-LLM's batcher takes contexts first come first served while the batch has slots and the
+step's ``max_num_tokens`` has room (it stops at the first context that does not fit), and under KV block reuse it
+skips for one step a context whose first new block an earlier context of the step is filling
+(:mod:`audex.export.executor_blocks`). Any of these can start two twins a step apart, and a pair that starts apart
+stays apart. So :class:`GuidedExecutor` keeps the queue itself and hands a pair over only when both twins fit the
+slots (``max_inflight``, the engine's batch size) *and* the token budget (both prompts, the contexts handed over that
+have not run yet, and one token per request in flight, within ``max_num_tokens``), first come first served, a pair
+never overtaken; and under block reuse each twin carries pair-unique ``input_token_extra_ids`` (with a one-row
+prompt table when it has none), so its blocks are its own and it is never skipped for its partner's. Every request
+goes through the batched post-processor, which is how the router sees that a context has run. Clips under block
+reuse carry their content hash as extra id on their prompt-table positions: TensorRT-LLM keys cached blocks by
+(id, extra id), and every clip uses the same fake ids. (A KV cache too small for both twins' reservations can still
+admit one alone; that is what the fallback below is for.)
 
 Pairs that the in-flight batcher splits all the same are handled by the tracker (a lone conditional row decides unguided and
 its twin replays, a twin that lags ``max_lag_steps`` is retired, counted in :attr:`stats`); see
