@@ -12,9 +12,9 @@ behaviour decides whether Audex's serving is right:
 * **skip on a shared first block** (``capacityScheduler.cpp``, ``beneficialToSkip``): under block reuse the
   guaranteed-no-evict scheduler skips a context request for one step when its first block not yet cached is the
   first new block of a context request scheduled earlier in the same step.
-* **token budget** (``microBatchScheduler.cpp``): without chunked context a context request costs its whole prompt,
-  a generation request one token; contexts are added first come first served and the first one that does not fit in
-  ``max_num_tokens`` stops the adding for that step.
+* **token budget** (``microBatchScheduler.cpp``): without chunked context a context request costs its whole prompt
+  (reused blocks included), a generation request one token; requests are taken in arrival order and the first one
+  that does not fit in ``max_num_tokens`` ends the step's batch.
 
 Written by hand because nothing in PyTorch or transformers models TensorRT-LLM's block manager; keys here are
 Python hashes (the real ones are 64-bit hashes of the same data), and only full blocks are reused (partial reuse,
@@ -69,8 +69,9 @@ class BlockStore:
         return hits
 
     def first_new_block(self, tokens: Sequence[tuple[int, int]]) -> int | None:
-        """Key of the first full block of the prompt that is not cached (None when there is none)."""
-        for key in block_keys(tokens[:-1], self.tokens_per_block):
+        """Key of the first full block of the whole prompt that is not cached (None when there is none):
+        ``WindowBlockManager::findNewContextBlock``."""
+        for key in block_keys(tokens, self.tokens_per_block):
             if key not in self.blocks:
                 return key
         return None
