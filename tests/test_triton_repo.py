@@ -7,6 +7,8 @@ import torch
 
 pytest.importorskip("tritonclient.grpc")
 
+from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
+
 from audex.export.serving import ServeLimits  # noqa: E402
 from audex.export.triton_repo import (  # noqa: E402
     ModelSummary,
@@ -84,10 +86,19 @@ def test_gpu_ensemble_rules_triton_enforces_at_load_time(tiny_model, tmp_path):
     with pytest.raises(RepositoryError, match="different decoupled sources"):
         validate_repository(repo)
     # TensorRT-LLM's C++ backend: no Python post-processor, so no CFG inputs (documented: TTS/TTA unguided)
-    cpp = write_gpu_repository(tmp_path / "cpp", tmp_path / "export", summary, llm_backend="tensorrtllm")
+    # its prompt table goes to the executor as preprocessing writes it, so in the engine's dtype (never bfloat16,
+    # which NumPy cannot write); Audex's own LLM model takes float32 and casts it to the engine's dtype
+    cpp = write_gpu_repository(tmp_path / "cpp", tmp_path / "export", summary, llm_backend="tensorrtllm",
+                               prompt_table_dtype="float16")
     validate_repository(cpp)
     llm = read_config(cpp / "tensorrt_llm" / "config.pbtxt")
     assert llm.backend == "tensorrtllm" and "uncond_input_ids" not in {i.name for i in llm.input}
+    table_type = {i.name: i.data_type for i in llm.input}["prompt_embedding_table"]
+    assert table_type == mc.DataType.Value("TYPE_FP16")
+    with pytest.raises(ValueError, match="cannot write bfloat16"):
+        write_gpu_repository(tmp_path / "cpp16", tmp_path / "export", summary, llm_backend="tensorrtllm")
+    python_llm = read_config(repo / "tensorrt_llm" / "config.pbtxt")
+    assert {i.name: i.data_type for i in python_llm.input}["prompt_embedding_table"] == mc.DataType.Value("TYPE_FP32")
     with pytest.raises(ValueError, match="executor must be one of"):
         write_gpu_repository(tmp_path / "bad", tmp_path / "export", summary, executor="onnx")
 

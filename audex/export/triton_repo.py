@@ -198,8 +198,25 @@ def _limit_params(limits: ServeLimits) -> dict:
     return {k: v for k, v in asdict(limits).items() if v is not None}
 
 
+TABLE_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+
+
+def table_dtype_for(llm_backend: str, prompt_table_dtype: str) -> str:
+    """The prompt table's dtype between preprocessing and the LLM step. Audex's LLM model takes float32 and casts it
+    once to the engine's dtype; TensorRT-LLM's C++ backend hands the tensor to the executor as it is, which refuses a
+    table whose dtype is not the weights' -- and NumPy (the python steps) has no bfloat16."""
+    if llm_backend != "tensorrtllm":
+        return "float32"
+    if prompt_table_dtype not in TABLE_TYPES:
+        raise ValueError(f"llm_backend=tensorrtllm passes the prompt table to the executor as preprocessing writes it, "
+                         f"and the executor refuses one whose dtype is not the engine's ({prompt_table_dtype}); the "
+                         "python steps cannot write bfloat16: use llm_backend=python, or a float16 engine")
+    return prompt_table_dtype
+
+
 def preprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size: int,
-                         limits: ServeLimits | None = None, max_queue_delay_us: int = 1000) -> mc.ModelConfig:
+                         limits: ServeLimits | None = None, max_queue_delay_us: int = 1000,
+                         table_dtype: str = "float32") -> mc.ModelConfig:
     """``preprocessing``: request -> LLM inputs (validation, prompts, ONNX front end, the CFG twin)."""
     c = mc.ModelConfig(name="preprocessing", backend="python", max_batch_size=max_batch_size)
     c.input.extend([
@@ -213,14 +230,14 @@ def preprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size:
     ])
     outputs = []
     _add(outputs, mc.ModelOutput, _LLM_INPUTS + _CFG_INPUTS)
-    outputs.append(_tensor(mc.ModelOutput, "prompt_embedding_table", "TYPE_FP16", [-1, summary.hidden_size]))
+    outputs.append(_tensor(mc.ModelOutput, "prompt_embedding_table", TABLE_TYPES[table_dtype], [-1, summary.hidden_size]))
     c.output.extend(outputs)
     c.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     c.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
     _params(c, {"export_dir": export_dir, "vocab_size": summary.vocab_size, "hidden_size": summary.hidden_size,
                 "frames_per_window": summary.frames_per_window, "window_seconds": summary.window_seconds,
                 "max_context_tokens": summary.max_position_embeddings, "python": sys.executable,
-                "presets": "presets.yaml", **_limit_params(limits or ServeLimits())})
+                "presets": "presets.yaml", "prompt_table_dtype": table_dtype, **_limit_params(limits or ServeLimits())})
     return c
 
 
@@ -246,7 +263,8 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
     c.model_transaction_policy.decoupled = decoupled
     inputs = []
     _add(inputs, mc.ModelInput, _LLM_INPUTS)
-    inputs.append(_tensor(mc.ModelInput, "prompt_embedding_table", "TYPE_FP16", [-1, summary.hidden_size], optional=True))
+    inputs.append(_tensor(mc.ModelInput, "prompt_embedding_table", TABLE_TYPES[table_dtype_for(backend, prompt_table_dtype)],
+                          [-1, summary.hidden_size], optional=True))
     inputs.append(_tensor(mc.ModelInput, "streaming", "TYPE_BOOL", [1], optional=True))
     if backend == "python":
         _add(inputs, mc.ModelInput, _CFG_INPUTS)
@@ -388,7 +406,8 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
     llm = dict(backend=llm_backend, export_dir=export_dir, executor=executor, limits=limits,
                prompt_table_dtype=prompt_table_dtype, build=build, kv_cache_reuse=kv_cache_reuse)
     configs = [
-        preprocessing_config(summary, export_dir, max_batch_size, limits),
+        preprocessing_config(summary, export_dir, max_batch_size, limits,
+                             table_dtype=table_dtype_for(llm_backend, prompt_table_dtype)),
         tensorrt_llm_config(summary, engine_dir, max_batch_size, decoupled=False, **llm),
         tensorrt_llm_config(summary, engine_dir, max_batch_size, decoupled=True, name="tensorrt_llm_stream", **llm),
         postprocessing_config(summary, export_dir, max_batch_size),

@@ -60,7 +60,8 @@ class PreprocessingHandler:
         self.builder = EngineInputBuilder(params["export_dir"], int(params["frames_per_window"]),
                                           float(params["window_seconds"]), presets_path=_presets_path(params),
                                           limits=_limits(params),
-                                          max_context_tokens=int(context) if context not in (None, "", "None") else None)
+                                          max_context_tokens=int(context) if context not in (None, "", "None") else None,
+                                          table_dtype=params.get("prompt_table_dtype", "float32"))
 
     def submit(self, rid, inputs, emit) -> None:
         _one_request(inputs, "task")
