@@ -7,9 +7,10 @@ import torch
 from lhotse import Recording
 
 from audex.data import schema
-from audex.data.prompts import asr_target
-from audex.data.sequence import IGNORE_INDEX, SequenceBuilder, WindowedFrames
+from audex.data.sequence import IGNORE_INDEX, SequenceBuilder
 from audex.data.skips import INVALID_CODEC_CODES, TOO_LONG_FOR_CONTEXT, SkipSample
+from audex.modules.audio_encoder import WindowedFrames
+from audex.prompts import asr_target
 from audex.tokenizer import AudexTokenizer
 from audex.vocab import AudexVocab
 

@@ -7,14 +7,14 @@ import subprocess
 import pytest
 import torch
 
-from audex.data.prompts import tts_user_content
 from audex.export.frontend_onnx import prompt_tuning_inputs
-from audex.export.guided_executor import GuidedExecutor, LlmJob
-from audex.export.trtllm import trtllm_build_command, write_trtllm_checkpoint
+from audex.export.trtllm_checkpoint import trtllm_build_command, write_trtllm_checkpoint
 from audex.inference.constraints import CodecConstraint
 from audex.inference.decoding import AudexDecoder
 from audex.inference.pipelines import AudexPipeline
 from audex.inference.sampling import SamplingParams
+from audex.prompts import tts_user_content
+from audex.serving.guided_executor import GuidedExecutor, LlmJob
 
 pytestmark = pytest.mark.gpu
 BUILD = {"max_batch_size": 8, "max_input_len": 512, "max_seq_len": 640, "max_num_tokens": 4096,

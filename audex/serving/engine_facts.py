@@ -1,0 +1,56 @@
+"""What :class:`~audex.serving.guided_executor.GuidedExecutor` needs to know of the engine behind an executor, and a
+clip's extra id for KV block reuse.
+
+Read from the reference executor (:mod:`audex.serving.reference_executor`) or from a TensorRT-LLM engine folder's
+``config.json`` (``pretrained_config`` and ``build_config``, as ``trtllm-build`` of the pinned release writes them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class EngineFacts:
+    """What the router needs to know of the engine: ``block_reuse`` (``KvCacheConfig.enable_block_reuse``),
+    ``max_num_tokens`` (the step's token budget), ``vocab_size`` (prompt ids from it on are prompt-table rows), and the
+    ``hidden_size`` / ``dtype`` of a prompt table (a CFG twin under block reuse gets a one-row table to carry its extra
+    ids)."""
+
+    vocab_size: int
+    block_reuse: bool = False
+    max_num_tokens: int | None = None
+    hidden_size: int | None = None
+    dtype: torch.dtype = torch.float32
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def engine_facts(executor, model_path, config, vocab_size: int) -> EngineFacts:
+    """:class:`EngineFacts` from the reference executor, or from a TensorRT-LLM engine folder's ``config.json``
+    (``pretrained_config.hidden_size`` / ``dtype``, ``build_config.max_num_tokens``)."""
+    kv = getattr(config, "kv_cache_config", None)
+    reuse = bool(getattr(kv, "enable_block_reuse", True))
+    budget = getattr(config, "max_num_tokens", None)
+    if hasattr(executor, "engine") and hasattr(executor, "lm"):                   # audex.serving.reference_executor
+        return EngineFacts(vocab_size, reuse, budget or executor.max_num_tokens,
+                           int(executor.lm.config.hidden_size), executor.engine.dtype)
+    path = Path(str(model_path)) / "config.json"
+    if not path.exists():
+        return EngineFacts(vocab_size, reuse, budget)
+    engine = json.loads(path.read_text())
+    pretrained, build = engine.get("pretrained_config", engine), engine.get("build_config", {})
+    dtype = TORCH_DTYPES.get(str(pretrained.get("dtype") or pretrained.get("torch_dtype") or "float32"), torch.float32)
+    return EngineFacts(vocab_size, reuse, budget or build.get("max_num_tokens"), pretrained.get("hidden_size"), dtype)
+
+
+def content_id(table: torch.Tensor) -> int:
+    """A clip's extra id: a 56-bit hash of its prompt-table rows (never 0, the id of plain text positions)."""
+    data = table.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=7).digest(), "little") | 1
