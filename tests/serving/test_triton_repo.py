@@ -14,6 +14,7 @@ from audex.export.bundle import export_bundle
 from audex.inference.pipelines import AudexPipeline
 from audex.prompts import tts_user_content
 from audex.serving.requests import BadRequest, ServeLimits
+from audex.serving.triton.handlers import LlmHandler
 from audex.serving.triton.llm_io import LlmInputBuilder, LlmOutputDecoder
 from audex.serving.triton.repository import ModelSummary, write_cpu_repository, write_gpu_repository
 from audex.serving.triton.repository_check import RepositoryError, read_config, validate_repository
@@ -168,6 +169,11 @@ def test_make_triton_repo_cli_writes_both_layouts(tiny_model, tmp_path, capsys):
     p = read_config(tmp_path / "gpu64" / "tensorrt_llm" / "config.pbtxt").parameters
     table, batch = int(p["max_prompt_embedding_table_size"].string_value), int(p["max_batch_size"].string_value)
     assert batch == 64 and table // batch >= 750 and p["enable_kv_cache_reuse"].string_value == "false"
+    # the LLM model checks the same at start-up (an engine built with other sizes than the repository was written for)
+    params = {k: v.string_value for k, v in p.items()}
+    params.update(executor="torch", max_prompt_embedding_table_size="24000")
+    with pytest.raises(ValueError, match="375 rows, but one clip of serve.max_audio_seconds=30 takes 750 rows"):
+        LlmHandler(params)
     with pytest.raises(ValueError, match="max_prompt_embedding_table_size=24000 gives each of max_batch_size=64 "
                                          "requests 375 rows"):
         cli_main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu375'}",
