@@ -1,6 +1,8 @@
 """Triton repositories: generated config.pbtxt files parse back into tritonclient's ModelConfig, the GPU ensemble is
 wired consistently, and the python steps around the TensorRT-LLM engine write the same prompts as the pipelines."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -173,6 +175,14 @@ def test_make_triton_repo_cli_writes_both_layouts(tiny_model, tmp_path, capsys):
     params = {k: v.string_value for k, v in p.items()}
     params.update(executor="torch", max_prompt_embedding_table_size="24000")
     with pytest.raises(ValueError, match="375 rows, but one clip of serve.max_audio_seconds=30 takes 750 rows"):
+        LlmHandler(params)
+    # an engine for two ranks: the LLM model runs one process (no orchestrator mode), so it says so
+    engine = tmp_path / "engine_tp2"
+    engine.mkdir()
+    (engine / "config.json").write_text(json.dumps({"pretrained_config": {"mapping": {"world_size": 2, "tp_size": 2,
+                                                                                      "pp_size": 1}}}))
+    params.update(executor="tensorrt_llm", gpt_model_path=str(engine), max_prompt_embedding_table_size="48000")
+    with pytest.raises(RuntimeError, match="engine for 2 ranks .* no orchestrator mode"):
         LlmHandler(params)
     with pytest.raises(ValueError, match="max_prompt_embedding_table_size=24000 gives each of max_batch_size=64 "
                                          "requests 375 rows"):

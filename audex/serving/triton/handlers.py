@@ -35,6 +35,7 @@ import torch
 from audex.export.trtllm_checkpoint import BUILD_KEYS, check_prompt_table
 from audex.inference.sampling import SamplingParams
 from audex.models.checkpoint import load_model
+from audex.serving.engine_facts import check_single_rank
 from audex.serving.guided_executor import GuidedExecutor, LlmJob
 from audex.serving.local_engine import LocalEngine
 from audex.serving.requests import ServeLimits, ServeRequest, serving_presets
@@ -175,6 +176,8 @@ class LlmHandler:
     def __init__(self, params: dict):
         export_dir = Path(params["export_dir"])
         kind = params.get("executor", "tensorrt_llm")
+        if kind == "tensorrt_llm":
+            check_single_rank(params.get("gpt_model_path"))
         trtllm = executor_module(kind)
         self.tokenizer = AudexTokenizer.load(export_dir / "hf")
         self.vocab = self.tokenizer.vocab
