@@ -224,7 +224,7 @@ def trtllm_build_command(checkpoint_dir: str | Path, engine_dir: str | Path, bui
     ``--max_prompt_embedding_table_size``)."""
     cmd = ["trtllm-build", "--checkpoint_dir", str(checkpoint_dir), "--output_dir", str(engine_dir)]
     for key in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_prompt_embedding_table_size",
-                "gemm_plugin"):
+                "tokens_per_block", "gemm_plugin"):
         if build.get(key) is not None:
             cmd += [f"--{key}", str(build[key])]
     return cmd
