@@ -20,13 +20,19 @@ class EngineFacts:
     """What the router needs to know of the engine: ``block_reuse`` (``KvCacheConfig.enable_block_reuse``),
     ``max_num_tokens`` (the step's token budget), ``vocab_size`` (prompt ids from it on are prompt-table rows), and the
     ``hidden_size`` / ``dtype`` of a prompt table (a CFG twin under block reuse gets a one-row table to carry its extra
-    ids)."""
+    ids), and the KV cache's ``kv_blocks`` of ``tokens_per_block`` tokens when it is bounded
+    (``KvCacheConfig.max_tokens``; the guaranteed-no-evict scheduler reserves a request's blocks to completion)."""
 
     vocab_size: int
     block_reuse: bool = False
     max_num_tokens: int | None = None
     hidden_size: int | None = None
     dtype: torch.dtype = torch.float32
+    kv_blocks: int | None = None
+    tokens_per_block: int = 32
+
+    def blocks(self, prompt_len: int, max_new_tokens: int) -> int:
+        return -(-(prompt_len + max_new_tokens) // self.tokens_per_block)
 
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,15 +45,18 @@ def engine_facts(executor, model_path, config, vocab_size: int) -> EngineFacts:
     reuse = bool(getattr(kv, "enable_block_reuse", True))
     budget = getattr(config, "max_num_tokens", None)
     if hasattr(executor, "engine") and hasattr(executor, "lm"):                   # audex.serving.reference_executor
-        return EngineFacts(vocab_size, reuse, budget or executor.max_num_tokens,
-                           int(executor.lm.config.hidden_size), executor.engine.dtype)
+        return EngineFacts(vocab_size, reuse, budget or executor.max_num_tokens, int(executor.lm.config.hidden_size),
+                           executor.engine.dtype, executor.kv_capacity_blocks, executor.blocks.tokens_per_block)
     path = Path(str(model_path)) / "config.json"
     if not path.exists():
         return EngineFacts(vocab_size, reuse, budget)
     engine = json.loads(path.read_text())
     pretrained, build = engine.get("pretrained_config", engine), engine.get("build_config", {})
     dtype = TORCH_DTYPES.get(str(pretrained.get("dtype") or pretrained.get("torch_dtype") or "float32"), torch.float32)
-    return EngineFacts(vocab_size, reuse, budget or build.get("max_num_tokens"), pretrained.get("hidden_size"), dtype)
+    per_block = int(build.get("plugin_config", {}).get("tokens_per_block") or 32)
+    max_tokens = getattr(kv, "max_tokens", None)
+    return EngineFacts(vocab_size, reuse, budget or build.get("max_num_tokens"), pretrained.get("hidden_size"), dtype,
+                       max_tokens // per_block if max_tokens else None, per_block)
 
 
 def check_single_rank(engine_dir) -> None:

@@ -12,6 +12,9 @@ behaviour decides whether Audex's serving is right:
 * **skip on a shared first block** (``capacityScheduler.cpp``, ``beneficialToSkip``): under block reuse the
   guaranteed-no-evict scheduler skips a context request for one step when its first block not yet cached is the
   first new block of a context request scheduled earlier in the same step.
+* **KV capacity** (``capacityScheduler.cpp``, ``GuaranteedNoEvictScheduler``): a request reserves the blocks of its
+  prompt and all its output tokens; a waiting context that does not fit what running requests left ends the step's
+  scheduling (the cache is bounded when ``KvCacheConfig.max_tokens`` is set).
 * **token budget** (``microBatchScheduler.cpp``): without chunked context a context request costs its whole prompt
   (reused blocks included), a generation request one token; requests are taken in arrival order and the first one
   that does not fit in ``max_num_tokens`` ends the step's batch.
@@ -107,16 +110,35 @@ def plain_layers(cache) -> list | None:
     return [(layer.keys, layer.values) for layer in layers]
 
 
+def blocks_to_completion(prompt_len: int, max_tokens: int, tokens_per_block: int) -> int:
+    """KV blocks the guaranteed-no-evict scheduler reserves for a request: its prompt and all its output tokens."""
+    return -(-(prompt_len + max_tokens) // tokens_per_block)
+
+
+def check_table(table: torch.Tensor, max_prompt_vocab_size: int, dtype: torch.dtype) -> None:
+    """``PromptTuningBuffers::validate``, run when a context enters the step (it fails the whole iteration): at most
+    ``max_prompt_embedding_table_size // max_batch_size`` rows per request, in the weights' dtype."""
+    rows = int(table.shape[0])
+    if rows > max_prompt_vocab_size:
+        raise RuntimeError(f"Prompt vocab size{rows} is larger than max prompt vocab size of {max_prompt_vocab_size}. "
+                           "Max prompt vocab size is computed from max_prompt_embedding_table_size / max_batch_size. ")
+    if table.dtype != dtype:
+        raise RuntimeError("Request embedding table data type doesn't match model weight data type.")
+
+
 def schedule_contexts(waiting: Sequence, free_slots: int, running: int, max_num_tokens: int | None,
-                      first_new_block) -> tuple[list, list]:
+                      first_new_block, free_blocks: int | None = None) -> tuple[list, list]:
     """One step of the guaranteed-no-evict capacity scheduler + the micro-batch scheduler over waiting contexts.
 
     Args:
-        waiting: context requests in arrival order (anything with ``prompt_len``).
+        waiting: context requests in arrival order (anything with ``prompt_len`` and ``blocks``, the KV blocks it
+            reserves to completion).
         free_slots: batch slots left after the running requests.
         running: generation requests of the step (one token each against ``max_num_tokens``).
         max_num_tokens: the step's token budget (None: unbounded).
         first_new_block: ``request -> key or None`` (None when block reuse is off or nothing new is full).
+        free_blocks: KV blocks not reserved by running requests (None: the cache is not bounded); the first context
+            that does not fit ends the step's scheduling (``GuaranteedNoEvictScheduler``).
 
     Returns:
         ``(scheduled, skipped)``: the contexts that run this step, and those skipped for a shared first new block.
@@ -124,12 +146,16 @@ def schedule_contexts(waiting: Sequence, free_slots: int, running: int, max_num_
     scheduled, skipped, contributed = [], [], set()
     budget = running
     for req in waiting:
-        if len(scheduled) >= free_slots:
-            break
         key = first_new_block(req)
         if key is not None and key in contributed:
             skipped.append(req)
             continue
+        if len(scheduled) >= free_slots:
+            break
+        if free_blocks is not None:
+            if req.blocks > free_blocks:
+                break
+            free_blocks -= req.blocks
         if max_num_tokens is not None and budget + req.prompt_len > max_num_tokens:
             break
         if key is not None:

@@ -27,17 +27,15 @@ never overtaken; and under block reuse each twin carries pair-unique ``input_tok
 prompt table when it has none), so its blocks are its own and it is never skipped for its partner's. Every request
 goes through the batched post-processor, which is how the router sees that a context has run. Clips under block
 reuse carry their content hash as extra id on their prompt-table positions: TensorRT-LLM keys cached blocks by
-(id, extra id), and every clip uses the same fake ids. (A KV cache too small for both twins' reservations can still
-admit one alone; that is what the fallback below is for.)
+(id, extra id), and every clip uses the same fake ids. With a bounded KV cache (``KvCacheConfig.max_tokens``) a pair
+also waits until both twins' blocks to completion are free; an unbounded one can still admit one twin alone.
 
-Pairs that the in-flight batcher splits all the same are handled by the tracker (a lone conditional row decides unguided and
-its twin replays, a twin that lags ``max_lag_steps`` is retired, counted in :attr:`stats`); see
-:mod:`audex.serving.cfg_pairing` for why TensorRT-LLM cannot hold a row. The unconditional twin is internal: its
-tokens are never returned; when the conditional one ends (end token, length, error or cancellation) the twin is
-cancelled, and when the twin fails or is cancelled the conditional one goes on alone.
+Pairs split all the same are handled by the tracker (a lone conditional row decides unguided, its twin replays and
+is retired after ``max_lag_steps``, counted in :attr:`stats`; :mod:`audex.serving.cfg_pairing`). The unconditional
+twin is internal: its tokens are never returned; when the conditional one ends the twin is cancelled, and when the
+twin fails or is cancelled the conditional one goes on alone.
 
-``executor_module`` is ``tensorrt_llm.bindings.executor`` on a GPU host and :mod:`audex.serving.reference_executor` (the
-same API over PyTorch) on a CPU, which is how this class is tested here.
+``executor_module``: ``tensorrt_llm.bindings.executor`` (GPU hosts) or :mod:`audex.serving.reference_executor` (CPU).
 
 Example::
 
@@ -145,6 +143,7 @@ class GuidedExecutor:
                              "with a prompt table: give EngineFacts.hidden_size, or turn KvCacheConfig."
                              "enable_block_reuse off")
         self._req_len: dict[int, int] = {}                         # executor request id -> prompt length
+        self._req_blocks: dict[int, int] = {}                      # executor request id -> KV blocks to completion
         self.trtllm = executor_module
         self.executor = executor
         self.processor = processor
@@ -233,6 +232,10 @@ class GuidedExecutor:
         if job.guided and budget is not None and len(job.input_ids) + len(job.uncond_input_ids) > budget:
             raise ValueError(f"a CFG pair needs both prompts in one step: {len(job.input_ids)} + "
                              f"{len(job.uncond_input_ids)} tokens exceed the engine's max_num_tokens={budget}")
+        if job.guided and self.engine is not None and self.engine.kv_blocks is not None \
+                and self._pair_blocks(job) > self.engine.kv_blocks:
+            raise ValueError(f"a CFG pair needs {self._pair_blocks(job)} KV blocks to completion, more than the cache's "
+                             f"{self.engine.kv_blocks}: lower max_new_tokens or give the KV cache more memory")
         job_id = next(self._job_ids)
         with self._lock:
             if not self._running:
@@ -246,6 +249,9 @@ class GuidedExecutor:
     def _slots(job: LlmJob) -> int:
         return 2 if job.guided else 1
 
+    def _pair_blocks(self, job: LlmJob) -> int:
+        return sum(self.engine.blocks(len(ids), job.max_new_tokens) for ids in (job.input_ids, job.uncond_input_ids))
+
     def _waiting_context_tokens(self) -> int:
         """Prompt tokens of requests handed over whose context has not run yet (caller holds the lock)."""
         with self.processor.lock:
@@ -257,7 +263,8 @@ class GuidedExecutor:
         A CFG pair is handed over only when both twins fit the batch slots *and* the step's token budget: every
         context not yet run, both twin prompts and one token per request in flight within ``max_num_tokens``. The
         micro-batch scheduler then has room for both contexts in the same step (it stops adding contexts at the
-        first that does not fit, which would otherwise start the twins a step apart for good)."""
+        first that does not fit, which would otherwise start the twins a step apart for good). With a bounded KV
+        cache, the blocks every request in flight reserves to completion and both twins' must fit it as well."""
         while self._waiting:
             state = self._jobs[self._waiting[0]]
             job, need = state.job, self._slots(state.job)
@@ -268,6 +275,9 @@ class GuidedExecutor:
                 tokens = len(job.input_ids) + len(job.uncond_input_ids)
                 if self._waiting_context_tokens() + tokens + self._inflight > budget:
                     return
+            kv_blocks = self.engine.kv_blocks if self.engine is not None else None
+            if job.guided and kv_blocks is not None and sum(self._req_blocks.values()) + self._pair_blocks(job) > kv_blocks:
+                return                                             # both twins' blocks to completion must be free
             self._enqueue(self._waiting.popleft(), state)
             self._inflight += need
 
@@ -295,6 +305,8 @@ class GuidedExecutor:
         for req_id, role, request in zip(req_ids, roles, requests):
             self._by_req[req_id] = (job_id, role)
             self._req_len[req_id] = len(request.input_token_ids)
+            if self.engine is not None:
+                self._req_blocks[req_id] = self.engine.blocks(len(request.input_token_ids), job.max_new_tokens)
             state.open_reqs.add(req_id)
 
     def cancel(self, job_id: int) -> None:
@@ -331,6 +343,7 @@ class GuidedExecutor:
         state.open_reqs.discard(req_id)
         self._by_req.pop(req_id, None)
         self._req_len.pop(req_id, None)
+        self._req_blocks.pop(req_id, None)
         self._inflight -= 1
         with self.processor.lock:
             self.processor.release(req_id)

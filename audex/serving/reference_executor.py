@@ -1,26 +1,23 @@
 """A CPU reference of the TensorRT-LLM executor API, over the PyTorch backbone: the serving code runs without a GPU.
 
-``tensorrt_llm`` installs only on CUDA hosts, yet everything Audex wraps around its executor -- CFG twin requests,
-the batched logits post-processor (:mod:`audex.serving.cfg_pairing`), streaming, cancellation, the Triton LLM model
--- has to be tested and run on CPU machines. This module has the names, constructors and call signatures of the
-subset of ``tensorrt_llm.bindings.executor`` that :mod:`audex.serving.guided_executor` uses, so the same code takes
-either module (``executor_module=tensorrt_llm.bindings.executor`` on a GPU host, this one elsewhere):
+``tensorrt_llm`` installs only on CUDA hosts, yet everything Audex wraps around its executor (CFG twins, the batched
+logits post-processor of :mod:`audex.serving.cfg_pairing`, streaming, cancellation, the Triton LLM model) has to run
+on CPU machines. This module has the names and call signatures of the part of ``tensorrt_llm.bindings.executor``
+that :mod:`audex.serving.guided_executor` uses (``Executor`` with ``enqueue_request(s)``, ``await_responses``,
+``cancel_request``, ``can_enqueue_requests``, ``get_num_responses_ready``, ``shutdown``; the value types of
+:mod:`audex.serving.executor_api`, re-exported here, with the pinned bindings' keyword names: any other keyword is a
+``TypeError``), so the same code takes either module.
 
-* ``Executor(model_path, ModelType.DECODER_ONLY, ExecutorConfig)``, ``enqueue_request(s)``, ``await_responses``,
-  ``cancel_request``, ``can_enqueue_requests``, ``get_num_responses_ready``, ``shutdown``;
-* the value types of :mod:`audex.serving.executor_api` (re-exported here), with the pinned bindings' keyword names:
-  any other keyword raises ``TypeError``, as the bindings do.
-
-The engine's build sizes come with :class:`ReferenceEngine`. Each step follows the in-flight batcher with
-``GUARANTEED_NO_EVICT`` and no chunked context (:mod:`audex.serving.executor_blocks`: slots, the ``max_num_tokens``
-budget, KV block reuse keyed by ids and extra ids, the skip on a shared first block). New requests are checked as
-``LlmRequest::validate`` does; a prompt table when its context enters the step (``PromptTuningBuffers::validate``:
-at most ``max_prompt_embedding_table_size // max_batch_size`` rows, the weights' dtype), and a failure there ends
-every request of the iteration, as the executor does. The last-position logits of the step go to the batched
-logits post-processor in one call (``(req_ids, logits, token_ids, stream_ptr, client_ids)``, each
-``[1, beam=1, vocab]``, modified in place), then each request samples from its ``SamplingConfig``. A request ends
-at ``end_id`` (not returned) or after ``max_tokens`` (capped at ``max_seq_len``). Prompt ids from the vocabulary
-size on index ``PromptTuningConfig.embedding_table`` (row ``id - vocab_size``): Audex's audio frames.
+Each step follows the in-flight batcher with ``GUARANTEED_NO_EVICT`` and no chunked context
+(:mod:`audex.serving.executor_blocks`: batch slots, KV blocks reserved to completion, the ``max_num_tokens`` budget,
+KV block reuse keyed by ids and extra ids, the skip on a shared first block), with the sizes of a
+:class:`ReferenceEngine`. New requests are checked as ``LlmRequest::validate`` does; a prompt table when its context
+enters the step (``PromptTuningBuffers::validate``), and a failure there ends every request of the iteration, as the
+executor does. The step's last-position logits go to the batched logits post-processor in one call
+(``(req_ids, logits, token_ids, stream_ptr, client_ids)``, each ``[1, beam=1, vocab]``, modified in place), then
+each request samples from its ``SamplingConfig``; it ends at ``end_id`` (not returned) or after ``max_tokens``
+(capped at ``max_seq_len``). Prompt ids from the vocabulary size on index ``PromptTuningConfig.embedding_table``
+(row ``id - vocab_size``): Audex's audio frames.
 
 Not a fast engine: every request runs alone with its own transformers KV cache (reused blocks copied in); the point
 is the executor's *contract*. Real-engine equality is checked by the ``gpu`` tests.
@@ -64,7 +61,14 @@ from audex.serving.executor_api import (  # noqa: F401 - the executor API this m
     SamplingConfig,
     SchedulerConfig,
 )
-from audex.serving.executor_blocks import BlockStore, plain_layers, schedule_contexts, unique_tokens
+from audex.serving.executor_blocks import (
+    BlockStore,
+    blocks_to_completion,
+    check_table,
+    plain_layers,
+    schedule_contexts,
+    unique_tokens,
+)
 
 
 @dataclass
@@ -78,6 +82,7 @@ class _Active:
     sampler: object = None
     max_tokens: int = 0
     tokens: list = field(default_factory=list)      # unique tokens of the prompt (block keys)
+    blocks: int = 0                                  # KV blocks reserved to completion
 
 
 @dataclass
@@ -86,6 +91,7 @@ class _Waiting:
     request: Request
     prompt_len: int
     tokens: list          # unique tokens (token, extra id), the block-reuse key material
+    blocks: int           # KV blocks reserved to completion (prompt + output)
     checked: bool = False
 
 
@@ -137,8 +143,8 @@ class Executor:
         self.max_prompt_vocab_size = int(engine.max_prompt_embedding_table_size) // self.max_batch_size
         kv = self.config.kv_cache_config
         self.block_reuse = bool(kv.enable_block_reuse)
-        self.blocks = BlockStore(engine.tokens_per_block,
-                                 (kv.max_tokens // engine.tokens_per_block) if kv.max_tokens else 4096)
+        self.kv_capacity_blocks = kv.max_tokens // engine.tokens_per_block if kv.max_tokens else None
+        self.blocks = BlockStore(engine.tokens_per_block, self.kv_capacity_blocks or 4096)
         self._lock = threading.Condition()
         self._waiting: list[_Waiting] = []
         self._active: dict[int, _Active] = {}
@@ -169,8 +175,10 @@ class Executor:
                 req_id, self._next_id = self._next_id, self._next_id + 1
                 ptc = request.prompt_tuning_config
                 ids_ = request.input_token_ids
+                blocks = blocks_to_completion(len(ids_), max(0, min(request.max_tokens, self.max_seq_len - len(ids_))),
+                                              self.blocks.tokens_per_block)
                 self._waiting.append(_Waiting(req_id, request, len(ids_), unique_tokens(
-                    ids_, ptc.input_token_extra_ids if ptc is not None else None)))
+                    ids_, ptc.input_token_extra_ids if ptc is not None else None), blocks))
                 ids.append(req_id)
             self._lock.notify_all()
             return ids
@@ -224,7 +232,7 @@ class Executor:
             self._lock.notify_all()
         self._thread.join(timeout=30)
 
-    # ---- validation (LlmRequest::validate and the executor's own checks) -----------------------
+    # ---- validation (LlmRequest::validate and the executor's own checks); the iteration loop ----
     def _check(self, w: _Waiting) -> str | None:
         request, ids = w.request, w.request.input_token_ids
         if not ids:
@@ -236,6 +244,9 @@ class Executor:
                     "is off: the request can never be scheduled")
         if request.max_tokens < 1:
             return f"max_tokens must be >= 1, got {request.max_tokens}"
+        if self.kv_capacity_blocks is not None and w.blocks > self.kv_capacity_blocks:
+            return (f"the request needs {w.blocks} KV blocks to completion but the cache holds "
+                    f"{self.kv_capacity_blocks} (KvCacheConfig.max_tokens): it can never be scheduled")
         if request.end_id is not None and not -1 <= request.end_id < self.vocab_size:
             return f"EndId ({request.end_id}) is not within acceptable range [-1, {self.vocab_size})."
         ptc = request.prompt_tuning_config
@@ -257,18 +268,6 @@ class Executor:
             return "the request asks for the batched logits post-processor but none is configured"
         return None
 
-    def _check_table(self, request: Request) -> None:
-        """``PromptTuningBuffers::validate``, run when the context is put in the step: it fails the iteration."""
-        table = request.prompt_tuning_config.embedding_table
-        rows = int(table.shape[0])
-        if rows > self.max_prompt_vocab_size:
-            raise RuntimeError(f"Prompt vocab size{rows} is larger than max prompt vocab size of "
-                               f"{self.max_prompt_vocab_size}. Max prompt vocab size is computed from "
-                               "max_prompt_embedding_table_size / max_batch_size. ")
-        if table.dtype != self.engine.dtype:
-            raise RuntimeError("Request embedding table data type doesn't match model weight data type.")
-
-    # ---- the iteration loop -------------------------------------------------------------------
     def _emit(self, response: Response) -> None:
         self._responses.append(response)
 
@@ -295,8 +294,10 @@ class Executor:
                 w.checked = True
             keep.append(w)
         self._waiting = keep
+        free = None if self.kv_capacity_blocks is None else \
+            self.kv_capacity_blocks - sum(a.blocks for a in self._active.values())
         scheduled, skipped = schedule_contexts(keep, self.max_batch_size - len(self._active), len(self._active),
-                                               self.max_num_tokens, self._first_new_block)
+                                               self.max_num_tokens, self._first_new_block, free)
         self.skipped_for_shared_block += len(skipped)
         started = []
         for w in scheduled:
@@ -310,7 +311,7 @@ class Executor:
             # LlmRequest::validate: prompt + output are capped at max_seq_len (a warning, not an error)
             budget = min(w.request.max_tokens, self.max_seq_len - w.prompt_len)
             state = _Active(w.req_id, w.request, pending, cache, sampler=_sampler(w.request.sampling_config),
-                            max_tokens=budget, tokens=w.tokens)
+                            max_tokens=budget, tokens=w.tokens, blocks=w.blocks)
             self._active[w.req_id] = state
             started.append(state)
         return started
@@ -329,7 +330,8 @@ class Executor:
     @torch.no_grad()
     def _forward(self, state: _Active, context: bool) -> torch.Tensor:
         if context and state.request.prompt_tuning_config is not None:
-            self._check_table(state.request)
+            check_table(state.request.prompt_tuning_config.embedding_table, self.max_prompt_vocab_size,
+                        self.engine.dtype)
         out = self.lm(**self._embed(state), past_key_values=state.cache, use_cache=True)
         state.pending = []
         if context and self.block_reuse:

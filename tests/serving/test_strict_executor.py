@@ -2,6 +2,7 @@
 TensorRT-LLM bindings): calls the pinned release refuses, a prompt table over the per-request cap, KV blocks reused
 across clips, and CFG twins split by the shared-first-block skip or by the token budget."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -228,3 +229,25 @@ def test_split_and_unguided_counts_are_exported_as_triton_metrics():
     assert tokens[label] == tracker.stats["unguided"] == 2
     assert tokens[(("action", "guided"), ("model", "tensorrt_llm"))] == 2
     assert pairs[(("model", "tensorrt_llm"),)] == tracker.stats["split"] == 1
+
+
+def test_pair_admission_counts_kv_blocks_to_completion(tiny_model, prompts, start):
+    """A bounded KV cache (KvCacheConfig.max_tokens) holds a running text job and one twin but not both twins: the
+    guaranteed-no-evict scheduler would start the twins apart; the router waits until both twins' blocks are free."""
+    cond, uncond = prompts
+    text_ids, per_block = cond[2][:-1], 16
+    engine = trtllm.ReferenceEngine(tiny_model.backbone, max_batch_size=8, tokens_per_block=per_block)
+    need = [-(-(len(ids) + n) // per_block) for ids, n in ((text_ids, 8), (cond[0], 10), (uncond[0], 10))]
+    kv = trtllm.KvCacheConfig(enable_block_reuse=False, max_tokens=(sum(need) - 1) * per_block)
+    for router_sees_the_cache in (False, True):
+        guided, got = start(engine, kv_cache_config=kv)
+        assert guided.engine.kv_blocks == sum(need) - 1
+        if not router_sees_the_cache:
+            guided.engine = dataclasses.replace(guided.engine, kv_blocks=None)
+        with guided.executor._lock:
+            text = guided.submit(text_job(tiny_model, text_ids), got)
+            pair = guided.submit(speech_job(tiny_model, cond[0], uncond[0]), got)
+        assert got.wait(text)[-1].error is None and got.wait(pair)[-1].error is None
+        split = guided.stats["unguided"] + guided.stats["retire"]
+        assert (split == 0) == router_sees_the_cache, guided.stats
+    assert got.wait(pair)[-1].tokens == engine_cfg(tiny_model, cond[:1], uncond[:1])[0]
