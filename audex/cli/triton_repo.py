@@ -41,7 +41,8 @@ def write_repository(cfg: DictConfig) -> Path:
                                     max_batch_size=cfg.trtllm.build.max_batch_size, llm_backend=cfg.llm_backend,
                                     executor=cfg.executor, limits=limits, prompt_table_dtype=cfg.trtllm.dtype,
                                     build=OmegaConf.to_container(cfg.trtllm.build, resolve=True),
-                                    kv_cache_reuse=bool(cfg.trtllm.get("kv_cache_reuse", False)))
+                                    kv_cache_reuse=bool(cfg.trtllm.get("kv_cache_reuse", False)),
+                                    kv_cache_max_tokens=cfg.trtllm.get("kv_cache_max_tokens"))
     raise SystemExit(f"layout must be one of {LAYOUTS}, got {cfg.layout!r}")
 
 

@@ -167,10 +167,12 @@ def test_make_triton_repo_cli_writes_both_layouts(tiny_model, tmp_path, capsys):
     pre = read_config(tmp_path / "gpu" / "preprocessing" / "config.pbtxt")
     assert float(pre.parameters["max_audio_seconds"].string_value) == 20.0
     # audex/conf/export.yaml's build: 64 concurrent clips of the longest allowed length (30 s = 3 x 250 tiny frames)
-    cli_main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu64'}"])
+    cli_main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu64'}",
+              "trtllm.kv_cache_max_tokens=65536"])
     p = read_config(tmp_path / "gpu64" / "tensorrt_llm" / "config.pbtxt").parameters
     table, batch = int(p["max_prompt_embedding_table_size"].string_value), int(p["max_batch_size"].string_value)
     assert batch == 64 and table // batch >= 750 and p["enable_kv_cache_reuse"].string_value == "false"
+    assert p["kv_cache_max_tokens"].string_value == "65536"
     # the LLM model checks the same at start-up (an engine built with other sizes than the repository was written for)
     params = {k: v.string_value for k, v in p.items()}
     params.update(executor="torch", max_prompt_embedding_table_size="24000")

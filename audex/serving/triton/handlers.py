@@ -191,6 +191,8 @@ class LlmHandler:
             1, scheduler_config=trtllm.SchedulerConfig(trtllm.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT),
             kv_cache_config=trtllm.KvCacheConfig(
                 params.get("enable_kv_cache_reuse", "false") == "true",
+                # bounded: the router then also counts KV blocks for CFG pairs (see GuidedExecutor._admit)
+                int(params["kv_cache_max_tokens"]) if params.get("kv_cache_max_tokens") else None,
                 free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_mem_fraction", "0.85"))),
             enable_chunked_context=False)
         if kind == "torch":

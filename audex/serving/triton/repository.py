@@ -234,7 +234,8 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
                         name: str = "tensorrt_llm", *, backend: str = "python", export_dir: str | None = None,
                         executor: str = "tensorrt_llm", limits: ServeLimits | None = None,
                         prompt_table_dtype: str = "bfloat16", max_queue_delay_us: int = 1000,
-                        build: dict | None = None, kv_cache_reuse: bool = False) -> mc.ModelConfig:
+                        build: dict | None = None, kv_cache_reuse: bool = False,
+                        kv_cache_max_tokens: int | None = None) -> mc.ModelConfig:
     """The LLM step, with the input / output names of TensorRT-LLM's ``inflight_batcher_llm`` layout.
 
     ``backend="python"`` (default): Audex's model (:class:`~audex.serving.triton.handlers.LlmHandler`)
@@ -281,6 +282,8 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
         "exclude_input_in_output": "true",
         "decoding_mode": "top_k_top_p",
     }
+    if kv_cache_max_tokens is not None:
+        params["kv_cache_max_tokens"] = int(kv_cache_max_tokens)
     if backend == "python":
         params.update({"executor": executor, "export_dir": export_dir or "",
                        "max_batch_size": max_batch_size, "max_lag_steps": 4, "stream_chunk_seconds": 1.0,
@@ -368,7 +371,8 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
                          engine_dir: str | Path | None = None, max_batch_size: int = 64, llm_backend: str = "python",
                          executor: str = "tensorrt_llm", limits: ServeLimits | None = None,
                          prompt_table_dtype: str = "bfloat16", handler_process: str | None = None,
-                         num_threads: int = 1, build: dict | None = None, kv_cache_reuse: bool = False) -> Path:
+                         num_threads: int = 1, build: dict | None = None, kv_cache_reuse: bool = False,
+                         kv_cache_max_tokens: int | None = None) -> Path:
     """The GPU ensemble (see the module docstring) over an export folder written by ``examples/audex_export.py``.
 
     ``llm_backend``/``executor``: see :func:`tensorrt_llm_config` (``executor="torch"`` serves the same ensemble on a
@@ -386,7 +390,8 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
         build.setdefault("max_batch_size", max_batch_size)
         check_prompt_table(build, limits.max_audio_seconds, summary.frames_per_window, summary.window_seconds)
     llm = dict(backend=llm_backend, export_dir=export_dir, executor=executor, limits=limits,
-               prompt_table_dtype=prompt_table_dtype, build=build, kv_cache_reuse=kv_cache_reuse)
+               prompt_table_dtype=prompt_table_dtype, build=build, kv_cache_reuse=kv_cache_reuse,
+               kv_cache_max_tokens=kv_cache_max_tokens)
     configs = [
         preprocessing_config(summary, export_dir, max_batch_size, limits,
                              table_dtype=table_dtype_for(llm_backend, prompt_table_dtype)),
