@@ -7,4 +7,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 PY=${PY:-.venv/bin/python}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU here')"
 "$PY" -c "import tensorrt_llm, sys; v = tensorrt_llm.__version__; sys.exit(0 if v == '1.2.0rc2' else f'tensorrt_llm {v}: the code is pinned to 1.2.0rc2')"
-"$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu tests/test_export_trtllm.py tests/test_export_guided_executor.py
+"$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu tests/export/test_trtllm_checkpoint.py tests/serving/test_guided_executor.py
