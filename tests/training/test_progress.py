@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from audex.training.progress import StageProgressBar
 from audex.training.run import build_trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Stream(torch.utils.data.IterableDataset):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from audex.models.audex_model import AudexModel
 from audex.parts.losses import (
     IGNORE_INDEX,
     language_model_loss,
@@ -16,7 +17,6 @@ from audex.parts.losses import (
     token_cross_entropy,
     turn_ids,
 )
-from audex.models.audex_model import AudexModel
 from audex.parts.moe import MoeBalancer
 
 V = 37
