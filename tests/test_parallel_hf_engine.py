@@ -1,0 +1,89 @@
+"""Engine ``hf`` on 2 gloo processes against one process on the same weights (issue 11, point 2 in part).
+
+* TP=2 through transformers' own Llama plan (``DistributedConfig``): loss within 1e-5, gradients within 1e-6.
+* FSDP2 (torch ``fully_shard``) over 2 data-parallel ranks, each with half the batch: loss and gradients equal
+  one process on the whole batch.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from parallel_workers import spawn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from audex.parallel.config import ParallelismConfig
+from audex.parallel.hf_engine import distributed_config, fully_shard_backbone, load_tensor_parallel
+
+VOCAB, BATCH, LENGTH = 96, 4, 12
+
+
+def make_folder(tmp):
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               tie_word_embeddings=False)
+    lm = AutoModelForCausalLM.from_config(cfg)
+    lm.save_pretrained(tmp / "llama")
+    return tmp / "llama"
+
+
+def batch():
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, VOCAB, (BATCH, LENGTH), generator=g)
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def step(lm, ids):
+    """Loss (transformers' token mean; every position trainable, so halves weigh equally) and gradients."""
+    lm.train()
+    loss = lm(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: full(p.grad).detach().clone() for n, p in lm.named_parameters()}
+
+
+def hf_worker(rank, world, tmp):
+    folder = tmp / "llama"
+    tp = load_tensor_parallel(str(folder), ParallelismConfig(world_size=world, tensor=2), dtype=torch.float32)
+    assert isinstance(tp.model.layers[0].self_attn.q_proj.weight, DTensor)                 # really sharded
+    loss, grads = step(tp, batch())
+    torch.save({"loss": loss, "grads": grads}, tmp / f"tp{rank}.pt")
+
+    lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    fully_shard_backbone(lm, init_device_mesh("cpu", (world,)))
+    half = batch().chunk(world)[rank]                                                      # disjoint halves
+    loss, grads = step(lm, half)
+    dist.all_reduce(loss)
+    torch.save({"loss": loss / world, "grads": grads}, tmp / f"fsdp{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hf2")
+    make_folder(tmp)
+    spawn(hf_worker, 2, tmp)
+    lm = AutoModelForCausalLM.from_pretrained(str(tmp / "llama"), local_files_only=True, dtype=torch.float32)
+    return tmp, step(lm, batch())
+
+
+@pytest.mark.parametrize("mode", ["tp", "fsdp"])
+def test_two_processes_equal_one(hf_run, mode):
+    tmp, (loss, grads) = hf_run
+    for rank in range(2):
+        got = torch.load(tmp / f"{mode}{rank}.pt")
+        assert abs(float(got["loss"]) - float(loss)) <= 1e-5
+        assert got["grads"].keys() == grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(got["grads"][name], g, rtol=0, atol=1e-6, msg=name)
+
+
+def test_layouts_engine_hf_does_not_have_yet_are_refused():
+    with pytest.raises(NotImplementedError, match="sequence=true is not built for engine hf"):
+        distributed_config(ParallelismConfig(tensor=2, sequence=True))
+    with pytest.raises(NotImplementedError, match="expert > 1"):
+        distributed_config(ParallelismConfig(expert=2))
+    assert distributed_config(ParallelismConfig(tensor=2)).tp_size == 2
