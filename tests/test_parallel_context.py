@@ -70,6 +70,16 @@ def test_layout_pads_samples_and_mirrors_halves():
     assert sp.spans[0] == [(0, 16), (16, 24), (24, 48)] and sp.length == 48
 
 
+def test_layout_of_two_rows_shares_one_length():
+    sids = torch.tensor([[0] * 5 + [1] * 9 + [-1] * 2, [0] * 16])
+    layout = plan_context_parallel(sids, cp_size=2)
+    assert layout.spans == [[(0, 8), (8, 20)], [(0, 16)]] and layout.length == 20          # row 1: 4 tokens of padding
+    assert layout.local_index.shape == (2, 2, 10)
+    assert layout.local_index[0, 1].tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 16, 19]       # sample + trailing padding
+    for b in range(2):
+        assert sorted(torch.cat([layout.local_index[0, b], layout.local_index[1, b]]).tolist()) == list(range(20))
+
+
 def test_layout_refuses_a_row_too_short_for_the_padding():
     _, _, _, sids = packed_row()
     with pytest.raises(ValueError, match="needs 40 tokens"):

@@ -1,6 +1,8 @@
 """Engine ``hf`` on 2 gloo processes against one process on the same weights (issue 11, point 2 in part).
 
-* TP=2 through transformers' own Llama plan (``DistributedConfig``): loss within 1e-5, gradients within 1e-6.
+* TP=2 through transformers' own Llama plan (``DistributedConfig``), and TP=2 + SP through the written Llama SP
+  plan: loss within 1e-5, gradients within 1e-6, and the weights after one SGD step (so that the ``Partial``
+  gradients of the sequence-parallel norms are reduced where the optimizer uses them).
 * FSDP2 (torch ``fully_shard``) over 2 data-parallel ranks, each with half the batch: loss and gradients equal
   one process on the whole batch.
 """
@@ -39,26 +41,32 @@ def full(t):
 
 
 def step(lm, ids):
-    """Loss (transformers' token mean; every position trainable, so halves weigh equally) and gradients."""
+    """Loss (transformers' token mean; every position trainable, so halves weigh equally), gradients, and the
+    weights after one SGD step."""
     lm.train()
-    loss = lm(input_ids=ids, labels=ids).loss
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    loss = lm(input_ids=ids, position_ids=positions, labels=ids).loss
     loss.backward()
-    return loss.detach(), {n: full(p.grad).detach().clone() for n, p in lm.named_parameters()}
+    grads = {n: full(p.grad).detach().clone() for n, p in lm.named_parameters()}
+    torch.optim.SGD(lm.parameters(), lr=0.5).step()
+    return loss.detach(), grads, {n: full(p).detach().clone() for n, p in lm.named_parameters()}
 
 
 def hf_worker(rank, world, tmp):
     folder = tmp / "llama"
-    tp = load_tensor_parallel(str(folder), ParallelismConfig(world_size=world, tensor=2), dtype=torch.float32)
-    assert isinstance(tp.model.layers[0].self_attn.q_proj.weight, DTensor)                 # really sharded
-    loss, grads = step(tp, batch())
-    torch.save({"loss": loss, "grads": grads}, tmp / f"tp{rank}.pt")
+    for mode, sequence in (("tp", False), ("sp", True)):
+        tp = load_tensor_parallel(str(folder), ParallelismConfig(world_size=world, tensor=2, sequence=sequence),
+                                  dtype=torch.float32)
+        assert isinstance(tp.model.layers[0].self_attn.q_proj.weight, DTensor)             # really sharded
+        assert ("audex_sp_gather" in tp.tp_plan.values()) == sequence
+        torch.save(step(tp, batch()), tmp / f"{mode}{rank}.pt")
 
     lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
     fully_shard_backbone(lm, init_device_mesh("cpu", (world,)))
     half = batch().chunk(world)[rank]                                                      # disjoint halves
-    loss, grads = step(lm, half)
+    loss, grads, weights = step(lm, half)
     dist.all_reduce(loss)
-    torch.save({"loss": loss / world, "grads": grads}, tmp / f"fsdp{rank}.pt")
+    torch.save((loss / world, grads, weights), tmp / f"fsdp{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +78,23 @@ def hf_run(tmp_path_factory):
     return tmp, step(lm, batch())
 
 
-@pytest.mark.parametrize("mode", ["tp", "fsdp"])
+@pytest.mark.parametrize("mode", ["tp", "sp", "fsdp"])
 def test_two_processes_equal_one(hf_run, mode):
-    tmp, (loss, grads) = hf_run
+    tmp, (loss, grads, weights) = hf_run
     for rank in range(2):
-        got = torch.load(tmp / f"{mode}{rank}.pt")
-        assert abs(float(got["loss"]) - float(loss)) <= 1e-5
-        assert got["grads"].keys() == grads.keys()
+        got_loss, got_grads, got_weights = torch.load(tmp / f"{mode}{rank}.pt")
+        assert abs(float(got_loss) - float(loss)) <= 1e-5
+        assert got_grads.keys() == grads.keys()
         for name, g in grads.items():
-            torch.testing.assert_close(got["grads"][name], g, rtol=0, atol=1e-6, msg=name)
+            torch.testing.assert_close(got_grads[name], g, rtol=0, atol=1e-6, msg=name)
+            torch.testing.assert_close(got_weights[name], weights[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_layouts_engine_hf_does_not_have_yet_are_refused():
-    with pytest.raises(NotImplementedError, match="sequence=true is not built for engine hf"):
-        distributed_config(ParallelismConfig(tensor=2, sequence=True))
+    with pytest.raises(NotImplementedError, match="sequence=true has a written plan for \\['llama'\\]"):
+        distributed_config(ParallelismConfig(tensor=2, sequence=True), model_type="nemotron_h")
     with pytest.raises(NotImplementedError, match="expert > 1"):
         distributed_config(ParallelismConfig(expert=2))
     assert distributed_config(ParallelismConfig(tensor=2)).tp_size == 2
+    sp = distributed_config(ParallelismConfig(tensor=2, sequence=True), model_type="llama")
+    assert sp.tp_plan["model.layers.*.self_attn.o_proj"] == "audex_rowwise_to_sequence"

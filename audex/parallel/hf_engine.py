@@ -3,44 +3,119 @@
 * tensor parallelism: transformers' own plans (``base_model_tp_plan`` of each architecture) through
   ``DistributedConfig``, applied by ``from_pretrained`` while the weights load sharded
   (:func:`load_tensor_parallel`);
+* sequence parallelism: transformers 5.24 reserves ``DistributedConfig.enable_sequence_parallel`` but documents
+  it as "not wired up yet", so :data:`LLAMA_SP_PLAN` writes Megatron's SP layout as a ``tp_plan`` of
+  transformers' own styles plus two small boundary styles (gather a block's input, scatter the embeddings).
+  Norm weights then get ``Partial`` gradients, which DTensor reduces when the optimizer reads them;
 * FSDP2: torch's ``fully_shard`` on every decoder layer and then on the whole model (:func:`fully_shard_backbone`),
   the layout NeMo speechlm2 and torchtitan use;
 * context parallelism over packed rows: :mod:`audex.parallel.context_parallel`.
 
-Not here yet: sequence parallelism (transformers 5.24 reserves ``DistributedConfig.enable_sequence_parallel``
-and documents it as "not wired up yet"; a written DTensor plan is the next step) and expert parallelism for
-Nemotron-H (``DistributedConfig(ep_size=...)``). Both are refused with a clear error rather than ignored.
+Not here yet: expert parallelism for Nemotron-H (``DistributedConfig(ep_size=...)``) and SP plans for other
+architectures; both are refused with a clear error rather than ignored.
 
 Example (every rank of a 2-process group)::
 
-    lm = load_tensor_parallel("backbone_folder", ParallelismConfig(world_size=2, tensor=2))
+    lm = load_tensor_parallel("backbone_folder", ParallelismConfig(world_size=2, tensor=2, sequence=True))
     fully_shard_backbone(lm, init_device_mesh("cpu", (2,)))      # or FSDP2 over 2 data-parallel ranks
 """
 
 from __future__ import annotations
 
 from torch.distributed.fsdp import fully_shard
-from transformers import AutoModelForCausalLM
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
+from transformers.distributed.tensor_parallel import (
+    ALL_PARALLEL_STYLES,
+    ColwiseParallel,
+    RowwiseParallel,
+    TensorParallelLayer,
+)
 
 from audex.parallel.config import ParallelismConfig
 
 
-def distributed_config(p: ParallelismConfig) -> DistributedConfig:
-    """transformers' ``DistributedConfig`` for the tensor-parallel part of ``p``."""
-    if p.sequence:
-        raise NotImplementedError("parallelism.sequence=true is not built for engine hf yet: transformers 5.24 "
-                                  "reserves DistributedConfig.enable_sequence_parallel but does not wire it; use "
-                                  "sequence=false (TP without SP)")
+class _SequenceBoundary(TensorParallelLayer):
+    """Moves a module's hidden states between sequence shards (``Shard(1)``) and whole rows (``Replicate``):
+    ``gather_input`` all-gathers the input of an attention / MLP block (its backward keeps this rank's slice),
+    ``scatter_output`` keeps this rank's slice of a replicated output (the embeddings; backward all-gathers)."""
+
+    def __init__(self, gather_input: bool):
+        self.gather_input = gather_input
+
+    def transform_inputs_pre_forward(self, module, args, kwargs, mesh):
+        if not self.gather_input:
+            return args, kwargs
+        key = "hidden_states" if "hidden_states" in kwargs else None
+        x = kwargs[key] if key else args[0]
+        x = DTensor.from_local(x, mesh, [Shard(1)], run_check=False).redistribute(placements=[Replicate()]).to_local()
+        if key:
+            return args, {**kwargs, key: x}
+        return (x,) + args[1:], kwargs
+
+    def transform_output_post_forward(self, module, output, mesh):
+        if self.gather_input:
+            return output
+        return DTensor.from_local(output, mesh, [Replicate()], run_check=False).redistribute(
+            placements=[Shard(1)]).to_local()
+
+
+#: Megatron-style sequence parallelism for Llama-family layers, written with transformers' TP styles: hidden states
+#: between blocks are sequence shards; each attention / MLP block gathers its input, its column-parallel projections
+#: run on whole rows, and its row-parallel output projection reduce-scatters back to sequence shards.
+SP_STYLES = {
+    "audex_sp_scatter": _SequenceBoundary(gather_input=False),
+    "audex_sp_gather": _SequenceBoundary(gather_input=True),
+    "audex_rowwise_to_sequence": RowwiseParallel(input_layouts=Shard(-1), output_layouts=Shard(1)),
+    "audex_colwise_from_sequence_gather": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+}
+LLAMA_SP_PLAN = {
+    "model.embed_tokens": "audex_sp_scatter",
+    "model.layers.*.input_layernorm": "sequence_parallel",
+    "model.layers.*.self_attn": "audex_sp_gather",
+    "model.layers.*.self_attn.q_proj": "colwise",
+    "model.layers.*.self_attn.k_proj": "colwise",
+    "model.layers.*.self_attn.v_proj": "colwise",
+    "model.layers.*.self_attn.o_proj": "audex_rowwise_to_sequence",
+    "model.layers.*.post_attention_layernorm": "sequence_parallel",
+    "model.layers.*.mlp": "audex_sp_gather",
+    "model.layers.*.mlp.gate_proj": "colwise",
+    "model.layers.*.mlp.up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "audex_rowwise_to_sequence",
+    "model.norm": "sequence_parallel",
+    "lm_head": "audex_colwise_from_sequence_gather",
+}
+
+
+def register_sequence_parallel_styles() -> None:
+    for name, style in SP_STYLES.items():
+        ALL_PARALLEL_STYLES.register(name, style)
+
+
+SP_PLANS = {"llama": LLAMA_SP_PLAN}
+
+
+def distributed_config(p: ParallelismConfig, model_type: str = "llama") -> DistributedConfig:
+    """transformers' ``DistributedConfig`` for the tensor- (and sequence-) parallel part of ``p``: the model's own
+    TP plan, or with ``sequence=true`` the written SP plan of its architecture (:data:`SP_PLANS`)."""
     if p.expert > 1:
         raise NotImplementedError("parallelism.expert > 1 is not built for engine hf yet; use expert=1")
-    return DistributedConfig(tp_size=p.tensor)
+    if not p.sequence:
+        return DistributedConfig(tp_size=p.tensor)
+    if model_type not in SP_PLANS:
+        raise NotImplementedError(f"parallelism.sequence=true has a written plan for {sorted(SP_PLANS)} backbones, "
+                                  f"not {model_type!r}: set sequence=false (tensor parallelism without SP)")
+    register_sequence_parallel_styles()
+    return DistributedConfig(tp_size=p.tensor, tp_plan=SP_PLANS[model_type])
 
 
 def load_tensor_parallel(folder: str, p: ParallelismConfig, dtype=None):
-    """A causal LM from a local Hugging Face folder, its weights loaded as this rank's TP shards (DTensors)."""
+    """A causal LM from a local Hugging Face folder, its weights loaded as this rank's TP shards (DTensors).
+    With sequence parallelism, call it with the row's ``position_ids`` (the embeddings leave as sequence shards)."""
+    model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
     return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
-                                                distributed_config=distributed_config(p))
+                                                distributed_config=distributed_config(p, model_type))
 
 
 def decoder_layers(lm):
