@@ -30,25 +30,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
-from lhotse import Recording
+from lhotse import CutSet, Recording
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from audex.data import schema  # noqa: E402
 from audex.data.collate import collate_padded  # noqa: E402
 from audex.data.packing import OnlinePacker  # noqa: E402
 from audex.data.sequence import SequenceBuilder  # noqa: E402
-from audex.training.packed_attention import enable_varlen_attention  # noqa: E402
+from audex.models.checkpoint import load_model  # noqa: E402
 from audex.training.stages import apply_stage  # noqa: E402
-from audex.training.steps import compute_loss  # noqa: E402
 
 TASKS = ("text", "asr", "audio_qa", "tts", "tta")
 
 
 def demo_cuts(data: Path, per_task: int, rng: random.Random):
-    from lhotse import CutSet
-
     cuts = []
     for task in TASKS:
         path = data / "manifests" / f"{task}_train.jsonl.gz"
@@ -68,10 +67,6 @@ def paper_mix_cuts(num_samples: int, rng: random.Random, vocab, audio_dir: Path,
     """The paper's length mix (section 4, Table 2 shares), scaled to a CPU: TTS 2-20 s of speech at 50 tokens/s,
     TTA 2,000 tokens (10 s), audio-input tasks on 2-30 s of audio (25 frames/s), text chats log-uniform from 200
     to ``max_text_tokens`` tokens (the paper: 32K)."""
-    import soundfile as sf
-
-    from audex.data import schema
-
     words = "the red fox finds three keys near a quiet river while birds sing in tall green trees".split()
     np_rng = np.random.default_rng(rng.randrange(2**31))
     total = sum(PAPER_SHARES.values())
@@ -121,7 +116,7 @@ def run(model, batches, warmup: int) -> tuple[float, int, int, float]:
     for i, batch in enumerate(batches):
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        loss, _ = compute_loss(model, batch)
+        loss, _ = model.compute_loss(batch)
         loss.backward()
         if i >= warmup:
             seconds += time.perf_counter() - start
@@ -154,16 +149,9 @@ def main(argv=None) -> dict:
     tta_frames = args.tta_num_frames or (500 if args.mix == "paper" else 50)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from audex.models.audex_model import AudexModel
-
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
-    if args.model.exists():
-        from nemo.core.classes import ModelPT
-
-        model = ModelPT.restore_from(str(args.model), map_location="cpu")
-    else:
-        model = AudexModel.from_config_file(str(args.model_config))
+    model = load_model(args.model if args.model.exists() else args.model_config, device="cpu").train()
     builder = SequenceBuilder(model.tokenizer, model.frames_for_samples, max_length=max_length,
                               tta_num_frames=tta_frames)
     tmp = tempfile.TemporaryDirectory()
@@ -184,7 +172,7 @@ def main(argv=None) -> dict:
     assert sum(b.num_samples for b in packed) == sum(b.num_samples for b in padded) == len(sequences)
 
     if args.attention == "varlen":
-        enable_varlen_attention(model)  # what training uses (model.packed_attention: varlen)
+        model.use_packed_attention("varlen")  # what training uses (model.packed_attention: varlen)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     results = {}
     for name, batches in (("padded", padded), ("packed", packed)):

@@ -16,10 +16,11 @@ import logging
 from nemo.core.config import hydra_runner
 from omegaconf import DictConfig
 
+from audex import CONF_DIR
 from audex.eval.runner import run_eval
 
 
-@hydra_runner(config_path="../conf/eval", config_name="eval")
+@hydra_runner(config_path=str(CONF_DIR / "eval"), config_name="eval")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     summary = run_eval(cfg)

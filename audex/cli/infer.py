@@ -12,6 +12,7 @@ import logging
 from nemo.core.config import hydra_runner
 from omegaconf import DictConfig, OmegaConf
 
+from audex import CONF_DIR
 from audex.inference.pipelines import AudexPipeline
 from audex.inference.presets import presets_from_config
 from audex.inference.runner import records_from_manifest, records_from_texts, records_from_wavs, run_inference
@@ -19,7 +20,7 @@ from audex.models.checkpoint import load_model
 from audex.tasks import record_fields, task
 
 
-@hydra_runner(config_path="../conf", config_name="infer")
+@hydra_runner(config_path=str(CONF_DIR), config_name="infer")
 def main(cfg: DictConfig) -> None:
     spec = task(cfg.task)
     inputs = cfg.inputs

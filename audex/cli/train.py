@@ -14,10 +14,11 @@ import logging
 from nemo.core.config import hydra_runner
 from omegaconf import DictConfig, OmegaConf
 
+from audex import CONF_DIR
 from audex.training.run import train_stage
 
 
-@hydra_runner(config_path="../conf", config_name="stage1")
+@hydra_runner(config_path=str(CONF_DIR), config_name="stage1")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("audex").setLevel(logging.INFO)
     logging.info("stage config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))

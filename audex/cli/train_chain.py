@@ -19,6 +19,7 @@ from hydra import compose
 from nemo.core.config import hydra_runner
 from omegaconf import DictConfig
 
+from audex import CONF_DIR
 from audex.training.run import train_stage
 
 
@@ -53,7 +54,7 @@ def run_chain(chain: DictConfig) -> list[Path]:
     return outputs
 
 
-@hydra_runner(config_path="../conf", config_name="stage_chain")
+@hydra_runner(config_path=str(CONF_DIR), config_name="stage_chain")
 def main(chain: DictConfig) -> None:
     logging.getLogger("audex").setLevel(logging.INFO)
     run_chain(chain)

@@ -29,36 +29,10 @@ from transformers import pipeline as hf_pipeline
 
 from audex.inference.pipelines import AudexPipeline
 from audex.inference.presets import load_presets
+from audex.models.checkpoint import load_model
 from audex.tasks import task
 
 log = logging.getLogger(__name__)
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """An :class:`~audex.models.audex_model.AudexModel` in eval mode from a ``.nemo``, a pretrained folder or a
-    model YAML (random init: for smoke tests and benchmarks of the harness, never for reported numbers)."""
-    from audex.models.audex_model import AudexModel
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"model {str(p)!r} does not exist: give a .nemo file, a folder written by "
-                                "AudexModel.save_pretrained, or a model YAML (random weights)")
-    if p.is_dir():
-        model = AudexModel.from_pretrained(str(p))
-    elif p.suffix == ".nemo":
-        model = AudexModel.restore_from(str(p), map_location=torch.device(device))
-    elif p.suffix in (".yaml", ".yml"):
-        log.warning("building %s with RANDOM weights (a model YAML, not a checkpoint)", p)
-        model = AudexModel.from_config_file(str(p))
-    else:
-        raise ValueError(f"model {str(p)!r} is neither a .nemo, a pretrained folder nor a model YAML")
-    return model.to(device).eval()
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class EvalEngine:

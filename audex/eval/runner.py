@@ -15,10 +15,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from audex.eval.engine import EvalEngine, load_model, resolve_device
+from audex.eval.engine import EvalEngine
 from audex.eval.report import SuiteSummary
 from audex.eval.samples import load_hypotheses, load_samples
 from audex.eval.suites import suite_class
+from audex.models.checkpoint import load_model, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from lhotse import CutSet
 
 from audex.audio import load_audio, to_model_audio
 
@@ -121,8 +122,6 @@ def _cut_to_sample(cut) -> EvalSample:
 
 
 def load_manifest_samples(manifest: str | Path) -> list[EvalSample]:
-    from lhotse import CutSet
-
     path = Path(manifest)
     if not path.exists():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist: give a Lhotse CutSet JSONL(.gz) or Shar directory")

@@ -38,6 +38,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shlex
@@ -45,6 +46,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LLAMA_FAMILY = ("llama", "mistral")  # the dense 2B backbone's family (tensorrt_llm/models/llama)
@@ -203,8 +205,6 @@ def convert_llama_weights(state_dict: dict[str, torch.Tensor], config: dict, ran
 def write_trtllm_checkpoint(lm, out_dir: str | Path, *, dtype: str = "bfloat16", tp_size: int = 1, pp_size: int = 1,
                             use_parallel_embedding: bool = False) -> Path:
     """``config.json`` + ``rank{N}.safetensors`` for every rank of ``tp_size * pp_size``."""
-    from safetensors.torch import save_file
-
     config = trtllm_config(lm.config, dtype=dtype, tp_size=tp_size, pp_size=pp_size,
                            use_parallel_embedding=use_parallel_embedding)
     out = Path(out_dir)
@@ -229,8 +229,6 @@ def trtllm_build_command(checkpoint_dir: str | Path, engine_dir: str | Path, bui
 
 
 def tensorrt_llm_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("tensorrt_llm") is not None
 
 
@@ -243,9 +241,3 @@ def build_engine(checkpoint_dir: str | Path, engine_dir: str | Path, build: dict
     subprocess.run(cmd, check=True)
     return f"built the TensorRT-LLM engine in {engine_dir}"
 
-
-def main(argv=None) -> None:
-    """Console script ``audex-export-trtllm``: the whole export folder (see ``scripts/export_trtllm.py``)."""
-    from audex.export.bundle import main as export_main
-
-    export_main(argv)

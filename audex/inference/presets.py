@@ -29,7 +29,7 @@ _TASK_KEYS = {"output", "thinking", "sampling", "max_speech_seconds", "long_form
 
 @dataclass(frozen=True)
 class TaskPreset:
-    """How one task is decoded; its prompt is the task's own (:mod:`audex.data.prompts`, see the pipelines)."""
+    """How one task is decoded; its prompt is the task's own (:mod:`audex.prompts`, see the pipelines)."""
 
     name: str
     output: str = "text"

@@ -34,12 +34,12 @@ emits a token. :class:`CfgLogitsPostProcessor` therefore runs with ``can_hold=Fa
 frontier decides that token from its own logits (lambda = 1 for that token, counted in ``stats["unguided"]``) and its
 twin replays it later; a lone unconditional row at the frontier cannot be decided (its token must equal the
 conditional one) and is retired. Under TensorRT-LLM's ``GUARANTEED_NO_EVICT`` scheduler (what
-:mod:`audex.export.triton_repo` configures) running requests are never paused, so twins that were admitted in the
+:mod:`audex.serving.triton.repository` configures) running requests are never paused, so twins that were admitted in the
 same step stay together to the end; a twin admitted later stays behind by the same number of steps, and after
 ``max_lag_steps`` steps it is retired (the conditional row then finishes unguided) rather than decoding uselessly.
 Enqueue both twins in one call (``executor.enqueue_requests([cond, uncond])``), conditional first, without chunked
 context, so that FCFS admission puts them in one step whenever the batch has room for two;
-:class:`~audex.export.guided_executor.GuidedExecutor` hands a pair over only when it has.
+:class:`~audex.serving.guided_executor.GuidedExecutor` hands a pair over only when it has.
 
 The pairing logic is plain PyTorch (:class:`CfgPairTracker`) and is tested on the CPU against a naive lock-step
 reference and against :mod:`audex.inference` under split, reordered and cancelled arrivals.

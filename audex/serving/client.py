@@ -21,6 +21,7 @@ message, e.g. ``unknown task 'x'; this server runs [...]``.
 from __future__ import annotations
 
 import queue
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -35,8 +36,8 @@ class AudexReply:
 
 
 class AudexTritonClient:
-    """Talks to the ``audex`` model of a repository from :func:`audex.export.triton_repo.write_cpu_repository`, or to
-    the ``ensemble`` of :func:`~audex.export.triton_repo.write_gpu_repository` (``model_name`` starting with
+    """Talks to the ``audex`` model of a repository from :func:`audex.serving.triton.repository.write_cpu_repository`, or to
+    the ``ensemble`` of :func:`~audex.serving.triton.repository.write_gpu_repository` (``model_name`` starting with
     ``ensemble``: TensorRT-LLM's ``*_output`` names, a UINT64 seed, no ``finish_reason``)."""
 
     def __init__(self, url: str, protocol: str = "http", model_name: str = "audex", timeout_s: float = 300.0):
@@ -51,6 +52,7 @@ class AudexTritonClient:
         else:
             raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         self.module = module
+        self.url = url
         self.protocol = protocol
         self.model_name = model_name
         self.timeout_s = timeout_s
@@ -144,3 +146,18 @@ class AudexTritonClient:
 
     def is_ready(self) -> bool:
         return bool(self.client.is_server_ready()) and bool(self.client.is_model_ready(self.model_name))
+
+    def wait_until_ready(self, seconds: float) -> None:
+        """Poll readiness for up to ``seconds`` (a server that is still loading its models refuses connections)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                if self.is_ready():
+                    return
+                problem = f"model {self.model_name!r} is not ready"
+            except Exception as e:  # noqa: BLE001 - connection refused while the server starts
+                problem = f"{type(e).__name__}: {e}"
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"no ready Audex server at {self.url} after {seconds:g} s ({problem}): start one "
+                                      "with audex-serve, or check url= and protocol=")
+            time.sleep(0.5)

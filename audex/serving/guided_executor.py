@@ -8,7 +8,7 @@ into one event stream per job:
 * **text** jobs (ASR, AST, audio QA, chat): one plain request; the engine's own sampler draws
   (``SamplingConfig`` from the preset: greedy as ``top_k=1``, or top-k / top-p / temperature with the job's seed).
 * **speech / audio** jobs (TTS, TTA): every token is decided by the batched logits post-processor
-  (:class:`~audex.export.cfg_pairing.CfgLogitsPostProcessor`), which applies eq. (3) on the twin rows, the codec
+  (:class:`~audex.serving.cfg_pairing.CfgLogitsPostProcessor`), which applies eq. (3) on the twin rows, the codec
   grammar (:class:`~audex.inference.constraints.CodecConstraint`: RVQ layer by position, exactly 2,000 TTA codes),
   the preset's temperature / top-k and the pair's seeded draw, then forces the token on both rows. The two twins are
   enqueued in one ``enqueue_requests([cond, uncond])`` call, conditional first, tagged with
@@ -25,16 +25,16 @@ small for both twins' reservations can still admit one alone; that is what the f
 
 Pairs that the in-flight batcher splits all the same are handled by the tracker (a lone conditional row decides unguided and
 its twin replays, a twin that lags ``max_lag_steps`` is retired, counted in :attr:`stats`); see
-:mod:`audex.export.cfg_pairing` for why TensorRT-LLM cannot hold a row. The unconditional twin is internal: its
+:mod:`audex.serving.cfg_pairing` for why TensorRT-LLM cannot hold a row. The unconditional twin is internal: its
 tokens are never returned; when the conditional one ends (end token, length, error or cancellation) the twin is
 cancelled, and when the twin fails or is cancelled the conditional one goes on alone.
 
-``executor_module`` is ``tensorrt_llm.bindings.executor`` on a GPU host and :mod:`audex.export.torch_executor` (the
+``executor_module`` is ``tensorrt_llm.bindings.executor`` on a GPU host and :mod:`audex.serving.reference_executor` (the
 same API over PyTorch) on a CPU, which is how this class is tested here.
 
 Example::
 
-    >>> import audex.export.torch_executor as trtllm
+    >>> import audex.serving.reference_executor as trtllm
     >>> guided = GuidedExecutor.create(trtllm, "export/hf", tokenizer, trtllm.ExecutorConfig(max_batch_size=8))
     >>> job = guided.submit(LlmJob(cond_ids, 300, end_id, pad_id, SamplingParams(guidance_scale=1.5, ...),
     ...                            uncond_input_ids=uncond_ids, output="speech"), on_event=print)
@@ -52,8 +52,9 @@ from typing import Callable
 
 import torch
 
-from audex.export.cfg_pairing import COND, UNCOND, CfgLogitsPostProcessor, CfgPairTracker, pair_client_id
+from audex.inference.constraints import CodecConstraint
 from audex.inference.sampling import SamplingParams
+from audex.serving.cfg_pairing import COND, UNCOND, CfgLogitsPostProcessor, CfgPairTracker, pair_client_id
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class GuidedExecutor:
     """Runs :class:`LlmJob` s on an executor with the CFG pairing post-processor (see the module docstring).
 
     Args:
-        executor_module: ``tensorrt_llm.bindings.executor`` or :mod:`audex.export.torch_executor`.
+        executor_module: ``tensorrt_llm.bindings.executor`` or :mod:`audex.serving.reference_executor`.
         executor: an ``Executor`` whose config carries ``processor`` as its batched logits post-processor.
         processor: the :class:`CfgLogitsPostProcessor` (its tracker holds the pairs).
         constraint_factory: ``(output, prompt) -> constraint rows`` for speech/audio jobs, or None for no grammar.
@@ -149,8 +150,6 @@ class GuidedExecutor:
                max_speech_seconds: float | None = None, max_lag_steps: int = 4,
                max_inflight: int | None = None) -> "GuidedExecutor":
         """Build the tracker, the post-processor, the executor (with the processor installed) and the router."""
-        from audex.inference.constraints import CodecConstraint
-
         tracker = CfgPairTracker(SamplingParams(), 1.0, [tokenizer.im_end], can_hold=False, max_lag_steps=max_lag_steps)
         processor = CfgLogitsPostProcessor(tracker)
         config = executor_config if executor_config is not None else executor_module.ExecutorConfig(1)

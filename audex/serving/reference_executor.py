@@ -1,9 +1,9 @@
 """A CPU reference of the TensorRT-LLM executor API, over the PyTorch backbone: the serving code runs without a GPU.
 
 ``tensorrt_llm`` installs only on CUDA hosts, yet everything Audex wraps around its executor -- CFG twin requests,
-the batched logits post-processor (:mod:`audex.export.cfg_pairing`), streaming, cancellation, the Triton LLM model
+the batched logits post-processor (:mod:`audex.serving.cfg_pairing`), streaming, cancellation, the Triton LLM model
 -- has to be tested and run on CPU machines. This module has the names, constructors and call signatures of the
-subset of ``tensorrt_llm.bindings.executor`` that :mod:`audex.export.guided_executor` uses, so the same code takes
+subset of ``tensorrt_llm.bindings.executor`` that :mod:`audex.serving.guided_executor` uses, so the same code takes
 either module (``executor_module=tensorrt_llm.bindings.executor`` on a GPU host, this one elsewhere):
 
 * ``Executor(model_path, ModelType.DECODER_ONLY, ExecutorConfig)``, ``enqueue_request(s)``, ``await_responses``,
@@ -31,9 +31,12 @@ What it is not: a fast engine. Every request runs alone with its own transformer
 executor's *contract* (admission order, step boundaries, the post-processor call, responses), so that pairing code
 which passes here behaves the same under TensorRT-LLM. Real-engine equality is checked by the ``gpu`` tests.
 
+One module that reads better whole (~470 lines): it mirrors one external module, ``tensorrt_llm.bindings.executor``,
+so that ``import audex.serving.reference_executor as trtllm`` stands in for it name for name.
+
 Example::
 
-    >>> import audex.export.torch_executor as trtllm
+    >>> import audex.serving.reference_executor as trtllm
     >>> executor = trtllm.Executor("export/hf", trtllm.ModelType.DECODER_ONLY, trtllm.ExecutorConfig(max_batch_size=4))
     >>> rid = executor.enqueue_request(trtllm.Request(input_token_ids=[1, 2, 3], max_tokens=8, end_id=7))
     >>> [r.result.output_token_ids for r in executor.await_responses(rid)]
@@ -50,6 +53,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from audex.inference.sampling import SamplingParams, TokenSampler
 
 
 class ModelType(enum.Enum):
@@ -206,8 +212,6 @@ class _Active:
 def _sampler(sc: SamplingConfig):
     """The engine's draw for a ``SamplingConfig``, with Audex's seeded sampler (transformers' warpers): greedy when
     ``top_k == 1`` or no sampling field is set, else temperature / top-k / top-p with ``random_seed``."""
-    from audex.inference.sampling import SamplingParams, TokenSampler
-
     sampling = (sc.top_k not in (None, 1)) or (sc.top_p not in (None, 0.0)) or (sc.temperature not in (None, 1.0))
     if sc.top_k == 1 or not sampling:
         return TokenSampler(SamplingParams(do_sample=False))
@@ -234,8 +238,6 @@ class Executor:
         if isinstance(model_path, torch.nn.Module):
             self.lm = model_path
         else:
-            from transformers import AutoModelForCausalLM
-
             if not (Path(model_path) / "config.json").exists():
                 raise FileNotFoundError(f"{model_path!r} is not a Hugging Face model folder (no config.json): give the "
                                         "export's hf/ folder")
@@ -335,8 +337,6 @@ class Executor:
         self._emit(Response(req_id, None, message, request.client_id))
 
     def _admit(self) -> list[_Active]:
-        from transformers import DynamicCache
-
         admitted = []
         while self._waiting and len(self._active) < self.max_batch_size:
             req_id, request = self._waiting.popleft()

@@ -1,37 +1,43 @@
-"""The request layer shared by the Triton model and the benchmark: validate, group, run Audex's PyTorch engine.
+"""The serving request schema, defined once: what a request is, what the server accepts, and how it refuses.
 
-A serving request is plain data (:class:`ServeRequest`: task, text, audio, sample rate, overrides). The
-:class:`AudexServingEngine` checks every request against :class:`ServeLimits` and the model (unknown task, empty
-or NaN audio, audio over the limit, prompt over the context, missing text), answers a bad one with an error that
-names the problem, and runs the good ones through :class:`~audex.inference.pipelines.AudexPipeline` (the
-generation engine: KV-cached decoding, the paper's presets, CFG pairs for TTS/TTA). Requests of one task with the
-same overrides decode as one batch, which is what Triton's dynamic batcher hands a model instance.
-
-The Triton python-backend model (:mod:`audex.export.triton_models.audex_engine`) only converts tensors to
-:class:`ServeRequest` and results back; ``bench/serve.py`` calls the same :meth:`AudexServingEngine.run` in-process.
+A request is plain data (:class:`ServeRequest`: task, text, audio, sample rate, overrides); a result is
+:class:`ServeResult`. :class:`RequestValidator` checks a request against :class:`ServeLimits` and the model
+(unknown task, empty or NaN audio, audio over the limit, prompt over the context, missing text) and writes its
+prompt; a bad request raises :class:`BadRequest` naming the problem. The local engine
+(:class:`~audex.serving.local_engine.LocalEngine`) and the GPU ensemble's preprocessing step
+(:class:`~audex.serving.triton.llm_io.LlmInputBuilder`) both validate with it, so they refuse the same requests with
+the same messages. The served tasks come from the task registry (:data:`audex.tasks.SERVED_TASKS`).
 
 Example::
 
-    >>> engine = AudexServingEngine(model, ServeLimits(max_audio_seconds=30))
-    >>> [res] = engine.run([ServeRequest(task="tts", text="Hello there.", seed=0)])
-    >>> res.audio.shape, res.error
-    (torch.Size([12800]), None)
+    >>> limits = ServeLimits.from_params({"max_audio_seconds": "12"})     # a Triton config.pbtxt's strings
+    >>> limits.max_audio_seconds, limits.max_new_tokens
+    (12.0, 512)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Sequence
+import typing
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from audex.audio import AudioInputError, to_model_audio
+from audex.inference.pipelines import generation_prompts
+from audex.inference.presets import load_presets
+from audex.prompts import (
+    AST_PROMPT,
+    SoundPlaceholderError,
+    asr_question,
+    expand_sound,
+    tta_user_content,
+    tts_user_content,
+)
+from audex.tasks import SERVED_TASKS, TASKS
 
-TEXT_TASKS = ("chat",)
-AUDIO_IN_TASKS = ("asr", "ast", "audio_qa")
-GENERATION_TASKS = ("tts", "tta")
-TASKS = AUDIO_IN_TASKS + TEXT_TASKS + GENERATION_TASKS
+#: the served tasks that take an input audio (ASR, AST, audio QA)
+SERVED_AUDIO_IN = tuple(name for name in SERVED_TASKS if TASKS[name].audio_in)
 
 
 class BadRequest(ValueError):
@@ -64,7 +70,7 @@ class ServeResult:
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What the server accepts (``conf/export.yaml`` ``serve:``).
+    """What the server accepts (``export.yaml`` ``serve:``).
 
     Args:
         max_audio_seconds: longest input audio.
@@ -84,16 +90,32 @@ class ServeLimits:
 
     @classmethod
     def from_config(cls, node) -> "ServeLimits":
-        """From the ``serve`` node of ``conf/export.yaml`` (other keys of the node are ignored)."""
-        from dataclasses import fields
-
+        """From the ``serve`` node of ``export.yaml`` (other keys of the node are ignored)."""
         return cls(**{f.name: node[f.name] for f in fields(cls) if f.name in node})
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "ServeLimits":
+        """From a Triton model's ``config.pbtxt`` parameters (strings; ``""`` or ``"None"`` = the default)."""
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in fields(cls):
+            raw = params.get(f.name)
+            if raw in (None, "", "None"):
+                continue
+            cast = int if hints[f.name] is int or int in typing.get_args(hints[f.name]) else float
+            try:
+                values[f.name] = cast(raw)
+            except ValueError:
+                raise ValueError(f"model parameter {f.name!r} must be a number, got {raw!r}") from None
+        return cls(**values)
+
+    def as_params(self) -> dict[str, str]:
+        """The limits as ``config.pbtxt`` parameters (the inverse of :meth:`from_params`)."""
+        return {f.name: str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 def serving_presets(vocab, limits: ServeLimits, presets_path: str | None = None):
     """The paper's presets with the TTA length of the limits (10 s = 2,000 codes + the two end tokens by default)."""
-    from audex.inference.presets import load_presets
-
     tta_tokens = int(round(limits.tta_seconds * vocab.tokens_per_second("audio")))
     return load_presets(presets_path, overrides=[f"tta.audio_seconds={limits.tta_seconds}",
                                                  f"tta.sampling.max_new_tokens={tta_tokens + 2}"])
@@ -151,15 +173,14 @@ class RequestValidator:
     def prompts(self, task: str, text: str | None, n_frames: int = 0) -> tuple[list[int], list[int] | None]:
         """The task's prompt ids (``<sound>`` expanded to ``<so_start>`` + ``n_frames`` x ``<so_embedding>`` +
         ``<so_end>``) and, for TTS/TTA, the unconditional twin (condition -> ``<pad>`` tokens)."""
-        from audex.data.prompts import AST_PROMPT, asr_question, tta_user_content, tts_user_content
-        from audex.inference.pipelines import generation_prompts
-
         tok, thinking = self.tokenizer, self.presets[task].thinking
-        if task in AUDIO_IN_TASKS:
+        if task in SERVED_AUDIO_IN:
             question = {"asr": asr_question(), "ast": AST_PROMPT}.get(task, text)
             ids = self.prompt_ids(self.audio_content(question), thinking)
-            at = ids.index(tok.sound)
-            return ids[:at] + [tok.so_start] + [tok.so_embedding] * n_frames + [tok.so_end] + ids[at + 1:], None
+            try:
+                return expand_sound(ids, [n_frames], tok)[0], None
+            except SoundPlaceholderError as e:
+                raise BadRequest(f"'text' cannot hold audio placeholders: {e}") from None
         if task == "chat":
             return self.prompt_ids(text, thinking), None
         content_fn, opener = ((tts_user_content, self.vocab.speechgen_start) if task == "tts"
@@ -168,7 +189,7 @@ class RequestValidator:
         return cond[0], uncond[0]
 
     def prompt_length(self, task: str, text: str | None, wav: torch.Tensor | None) -> int:
-        frames = self.frames_for_samples(wav.numel()) if task in AUDIO_IN_TASKS else 0
+        frames = self.frames_for_samples(wav.numel()) if task in SERVED_AUDIO_IN else 0
         return len(self.prompts(task, text, frames)[0])
 
     def budget(self, req: ServeRequest, prompt_len: int) -> int:
@@ -193,12 +214,12 @@ class RequestValidator:
 
     def validate(self, req: ServeRequest) -> tuple[str | None, torch.Tensor | None, int]:
         """``(text, audio, max_new_tokens)`` of a valid request, else :class:`BadRequest`."""
-        if req.task not in TASKS:
-            raise BadRequest(f"unknown task {req.task!r}; this server runs {list(TASKS)}")
+        if req.task not in SERVED_TASKS:
+            raise BadRequest(f"unknown task {req.task!r}; this server runs {list(SERVED_TASKS)}")
         if req.guidance_scale is not None and not (math.isfinite(req.guidance_scale) and req.guidance_scale >= 0):
             raise BadRequest(f"'guidance_scale' must be a finite number >= 0, got {req.guidance_scale}")
         wav, text = None, None
-        if req.task in AUDIO_IN_TASKS:
+        if req.task in SERVED_AUDIO_IN:
             wav = self._audio(req)
             if req.task == "audio_qa":
                 text = self._text(req, "the question about the audio")
@@ -207,75 +228,3 @@ class RequestValidator:
         else:
             text = self._text(req, "the transcript" if req.task == "tts" else "the caption")
         return text, wav, self.budget(req, self.prompt_length(req.task, text, wav))
-
-
-class AudexServingEngine:
-    """Validates :class:`ServeRequest` s and runs them on one Audex model (see the module docstring)."""
-
-    def __init__(self, model, limits: ServeLimits | None = None, presets_path: str | None = None):
-        from audex.inference.pipelines import AudexPipeline
-
-        self.model = model
-        self.limits = limits or ServeLimits()
-        self.pipeline = AudexPipeline(model, presets=serving_presets(model.vocab, self.limits, presets_path))
-        self.tokenizer = model.tokenizer
-        self.vocab = model.vocab
-        self.context = int(self.limits.max_context_tokens or model.backbone.config.max_position_embeddings)
-        self.validator = RequestValidator(self.tokenizer, self.pipeline.prompt_ids, self.pipeline.presets, self.limits,
-                                          self.context, model.frames_for_samples, self.pipeline.formatter.audio_content)
-
-    def validate(self, req: ServeRequest) -> tuple[str | None, torch.Tensor | None, int]:
-        """``(text, audio, max_new_tokens)`` of a valid request, else :class:`BadRequest`."""
-        return self.validator.validate(req)
-
-    # ---- running ------------------------------------------------------------------------------
-    def _run_group(self, task: str, items: list[tuple[str | None, torch.Tensor | None]], overrides: dict) -> list[ServeResult]:
-        pipe = self.pipeline
-        texts = [t for t, _ in items]
-        wavs = [w for _, w in items]
-        if task == "asr":
-            out = pipe.asr(wavs, **overrides)
-            return [ServeResult(text=(r.fields or {}).get("transcription") or r.text, finish_reason=r.finish_reason) for r in out]
-        if task == "ast":
-            out = pipe.ast(wavs, **overrides)
-            return [ServeResult(text=r.text, finish_reason=r.finish_reason) for r in out]
-        if task == "audio_qa":
-            out = pipe.audio_qa(wavs, texts, **overrides)
-            return [ServeResult(text=r.text, finish_reason=r.finish_reason) for r in out]
-        if task == "chat":
-            out = pipe.chat(texts, **overrides)
-            return [ServeResult(text=r.text, finish_reason=r.finish_reason) for r in out]
-        if task == "tts":
-            out = pipe.tts(texts, **overrides)
-            return [ServeResult(text=r.text, audio=r.waveform.float(), finish_reason=r.finish_reason) for r in out]
-        out = pipe.tta(texts, **overrides)
-        return [ServeResult(text=r.caption, audio=r.waveform.float(), finish_reason=r.finish_reason) for r in out]
-
-    @torch.no_grad()
-    def run(self, requests: Sequence[ServeRequest]) -> list[ServeResult]:
-        """One result per request, in order. Bad requests get ``error``; the others decode in batches."""
-        results: list[ServeResult | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        valid: dict[int, tuple] = {}
-        for i, req in enumerate(requests):
-            try:
-                text, wav, budget = self.validate(req)
-            except BadRequest as e:
-                results[i] = ServeResult(error=str(e))
-                continue
-            overrides = {"max_new_tokens": budget}
-            if req.seed is not None:
-                overrides["seed"] = int(req.seed)
-            if req.guidance_scale is not None and req.task in GENERATION_TASKS:
-                overrides["guidance_scale"] = float(req.guidance_scale)
-            key = (req.task, tuple(sorted(overrides.items())))
-            groups.setdefault(key, []).append(i)
-            valid[i] = (text, wav)
-        for (task, overrides), idx in groups.items():
-            try:
-                out = self._run_group(task, [valid[i] for i in idx], dict(overrides))
-            except (ValueError, RuntimeError) as e:  # a failure of this batch must not take the server down
-                out = [ServeResult(error=f"task {task!r} failed: {e}") for _ in idx]
-            for i, res in zip(idx, out):
-                results[i] = res
-        return results  # type: ignore[return-value]

@@ -5,12 +5,20 @@ import json
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from audex import config_path
+from audex.cli.export import main as export_main
 from audex.export.hf_folder import export_hf_folder
-from audex.export.loading import CorruptCheckpointError, check_nemo_archive, load_audex_model
-from audex.export.trtllm import convert_llama_weights, trtllm_build_command, trtllm_config, write_trtllm_checkpoint
+from audex.export.trtllm_checkpoint import (
+    convert_llama_weights,
+    trtllm_build_command,
+    trtllm_config,
+    write_trtllm_checkpoint,
+)
+from audex.models.checkpoint import CorruptCheckpointError, check_nemo_archive, load_model
 
 PRETRAINED_CONFIG_FIELDS = {  # PretrainedConfig.__init__ (modeling_utils.py) + LLaMAConfig fields
     "architecture", "dtype", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
@@ -92,7 +100,7 @@ def test_2b_checkpoint_plan_on_the_meta_device_with_tp4():
 
     from audex.vocab import AudexVocab
 
-    cfg = OmegaConf.load("conf/model/audex_2b.yaml")
+    cfg = OmegaConf.load(config_path("model", "audex_2b.yaml"))
     vocab = AudexVocab(**OmegaConf.to_container(cfg.vocab))
     with torch.device("meta"):
         backbone = hydra.utils.instantiate(cfg.backbone, _convert_="all", vocab_size=vocab.size,
@@ -117,7 +125,7 @@ def test_2b_checkpoint_plan_on_the_meta_device_with_tp4():
 
 
 def test_pipeline_parallel_ranks_hold_their_stage():
-    cfg = OmegaConf.load("conf/model/audex_2b.yaml")
+    cfg = OmegaConf.load(config_path("model", "audex_2b.yaml"))
     from transformers import AutoConfig
 
     hf = AutoConfig.for_model("llama", **OmegaConf.to_container(cfg.backbone.config))
@@ -158,28 +166,32 @@ def test_nemo_roundtrip_and_corrupt_or_truncated_archives(tiny_model, tmp_path):
     nemo = tmp_path / "tiny.nemo"
     tiny_model.save_to(str(nemo))
     assert any(n.endswith("model_config.yaml") for n in check_nemo_archive(nemo))
-    restored = load_audex_model(nemo)
+    restored = load_model(nemo)
     ids = torch.tensor([[3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(restored(input_ids=ids).logits, tiny_model(input_ids=ids).logits)
     data = nemo.read_bytes()
     (tmp_path / "cut.nemo").write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptCheckpointError, match="cut.nemo.*truncated or corrupt"):
-        load_audex_model(tmp_path / "cut.nemo")
+        load_model(tmp_path / "cut.nemo")
     (tmp_path / "junk.nemo").write_bytes(b"not an archive at all" * 100)
     with pytest.raises(CorruptCheckpointError, match="junk.nemo"):
-        load_audex_model(tmp_path / "junk.nemo")
+        load_model(tmp_path / "junk.nemo")
     (tmp_path / "empty.nemo").write_bytes(b"")
     with pytest.raises(CorruptCheckpointError, match="empty"):
-        load_audex_model(tmp_path / "empty.nemo")
+        load_model(tmp_path / "empty.nemo")
+
+
+def export_cli(overrides):
+    """``audex-export`` with these command-line overrides."""
+    with initialize_config_dir(str(config_path()), version_base=None):
+        return export_main(compose("export", overrides=overrides))
 
 
 def test_export_cli_writes_the_whole_folder_and_explains_the_engine_build(tiny_model, tmp_path, capsys):
-    from audex.export.bundle import main
-
     nemo = tmp_path / "tiny.nemo"
     tiny_model.save_to(str(nemo))
-    main([f"model_path={nemo}", f"export_dir={tmp_path / 'out'}", "trtllm.tp_size=2", "trtllm.dtype=float32"])
+    export_cli([f"model_path={nemo}", f"export_dir={tmp_path / 'out'}", "trtllm.tp_size=2", "trtllm.dtype=float32"])
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} >= {"hf", "trtllm_ckpt", "frontend.onnx", "speech_codec", "audio_codec",
                                                "manifest.json"}
@@ -192,7 +204,7 @@ def test_export_cli_writes_the_whole_folder_and_explains_the_engine_build(tiny_m
     assert "tensorrt_llm is not importable" in "\n".join(printed)
     with pytest.raises(CorruptCheckpointError):
         (tmp_path / "bad.nemo").write_bytes(nemo.read_bytes()[:1000])
-        main([f"model_path={tmp_path / 'bad.nemo'}", f"export_dir={tmp_path / 'bad'}"])
+        export_cli([f"model_path={tmp_path / 'bad.nemo'}", f"export_dir={tmp_path / 'bad'}"])
 
 
 @pytest.mark.gpu

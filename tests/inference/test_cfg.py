@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from audex.data.prompts import AudexPromptFormatter, tts_user_content
+from audex.prompts import AudexPromptFormatter, tts_user_content
 from audex.inference.cfg import CfgPairBatch, cfg_mix
 from audex.inference.decoding import AudexDecoder
 from audex.inference.sampling import SamplingParams, TokenSampler

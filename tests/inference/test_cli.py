@@ -10,8 +10,9 @@ import pytest
 import soundfile as sf
 
 from audex.inference.pipelines import AudexPipeline
-from audex.inference.runner import load_model, records_from_texts, records_from_wavs, run_inference
+from audex.inference.runner import records_from_texts, records_from_wavs, run_inference
 from audex.inference.waveform import write_wav
+from audex.models.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from audex.data.prompts import s2s_reasoning_prompt
+from audex.prompts import s2s_reasoning_prompt
 from audex.inference.answers import extract_short_answer
 from audex.inference.decoding import GenerationOutput
 from audex.inference.pipelines import AudexPipeline, TextResult, split_long_text
@@ -84,7 +84,7 @@ def test_tts_long_form_text_is_split_decoded_and_joined(tiny_model):
 
 
 def test_tts_unconditional_twin_has_the_same_length_and_pads(pipe, tiny_model):
-    from audex.data.prompts import tts_user_content
+    from audex.prompts import tts_user_content
 
     tok = tiny_model.tokenizer
     cond, uncond = pipe._generation_prompts(tts_user_content, ["Hello, how are you today?"],

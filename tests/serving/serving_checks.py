@@ -1,11 +1,21 @@
 """Checks shared by the live Triton tests (the CPU repository and the GPU ensemble): the malformed-request classes
 every endpoint must refuse by name, and a bounded mixed load that must end with nothing failed or lost."""
 
+import contextlib
 import threading
 import time
 
 import numpy as np
 import pytest
+
+from audex.serving.client import AudexTritonClient
+from audex.serving.requests import ServeLimits
+from audex.serving.triton.launcher import TritonNotInstalledError, TritonServer
+
+#: what an air-gapped host looks like to pip: no index, an unreachable index URL, no proxy
+OFFLINE_ENV = {"PIP_NO_INDEX": "1", "PIP_INDEX_URL": "http://127.0.0.1:9/", "PIP_EXTRA_INDEX_URL": "",
+               "PIP_FIND_LINKS": "", "NO_PROXY": "*"}
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "PIP_PROXY")
 
 # (case, words the error must contain); {model} is the model the request was sent to
 MALFORMED = [
@@ -21,20 +31,38 @@ MALFORMED = [
 ]
 
 
-def start_server(repo, workdir):
-    """A started :class:`TritonServer` on ``repo``, or a skip when the Triton wheel is not installed."""
-    from audex.export.serve import TritonNotInstalledError, TritonServer
+@contextlib.contextmanager
+def offline(cache_dir):
+    """Package indexes unreachable and a fresh launcher cache (``AUDEX_CACHE_DIR``), so a server started inside
+    must make its stub environment from what setup installed: any pip download fails."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in PROXY_VARS:
+            mp.delenv(name, raising=False)
+        for name, value in OFFLINE_ENV.items():
+            mp.setenv(name, value)
+        mp.setenv("AUDEX_CACHE_DIR", str(cache_dir))
+        yield
 
+
+def served_limits(max_speech_seconds: float):
+    """The limits the live tests serve with: 12 s of audio, a 400-token context (the over-context case of
+    :data:`MALFORMED`), 12 new text tokens, 0.2 s of TTA audio (10 frames x 4 codes), and the given TTS cap."""
+    return ServeLimits(max_audio_seconds=12.0, max_new_tokens=12, max_speech_seconds=max_speech_seconds,
+                       max_context_tokens=400, tta_seconds=0.2)
+
+
+def start_server(repo, workdir):
+    """A started :class:`TritonServer` on ``repo``, started with no network (:func:`offline`, cache under
+    ``workdir``), or a skip when the Triton wheel is not installed."""
     try:
-        return TritonServer(repo, workdir=workdir, startup_timeout=600).start()
+        with offline(workdir / "cache"):
+            return TritonServer(repo, workdir=workdir, startup_timeout=600).start()
     except TritonNotInstalledError as e:
         pytest.skip(str(e))
 
 
 def open_client(server, protocol: str, model_name: str = "audex"):
     """An :class:`AudexTritonClient` on the server's HTTP or gRPC port (a context manager: it closes itself)."""
-    from audex.export.client import AudexTritonClient
-
     url = server.http_url if protocol == "http" else server.grpc_url
     return AudexTritonClient(url, protocol=protocol, model_name=model_name)
 

@@ -6,8 +6,12 @@ import random
 import pytest
 import torch
 
-from audex.data.prompts import tts_user_content
-from audex.export.cfg_pairing import (
+from audex.inference.constraints import CodecConstraint
+from audex.inference.decoding import AudexDecoder
+from audex.inference.pipelines import AudexPipeline
+from audex.inference.sampling import SamplingParams
+from audex.prompts import tts_user_content
+from audex.serving.cfg_pairing import (
     COND,
     UNCOND,
     CfgLogitsPostProcessor,
@@ -16,10 +20,6 @@ from audex.export.cfg_pairing import (
     pair_client_id,
     split_client_id,
 )
-from audex.inference.constraints import CodecConstraint
-from audex.inference.decoding import AudexDecoder
-from audex.inference.pipelines import AudexPipeline
-from audex.inference.sampling import SamplingParams
 
 LAMBDA, MAX_NEW = 3.0, 10
 

@@ -1,5 +1,5 @@
 """CFG on an in-flight-batching executor: GuidedExecutor over the executor API (the PyTorch reference of
-audex.export.torch_executor on CPU) equals the generation engine's CFG, token for token, and copes with twins the
+audex.serving.reference_executor on CPU) equals the generation engine's CFG, token for token, and copes with twins the
 scheduler splits, cancelled jobs, streaming, bad requests and audio through the prompt table."""
 
 import threading
@@ -8,14 +8,14 @@ import time
 import pytest
 import torch
 
-import audex.export.torch_executor as trtllm
-from audex.data.prompts import tts_user_content
+import audex.serving.reference_executor as trtllm
 from audex.export.frontend_onnx import prompt_tuning_inputs
-from audex.export.guided_executor import GuidedExecutor, LlmJob
 from audex.inference.constraints import CodecConstraint
 from audex.inference.decoding import AudexDecoder
 from audex.inference.pipelines import AudexPipeline
 from audex.inference.sampling import SamplingParams
+from audex.prompts import tts_user_content
+from audex.serving.guided_executor import GuidedExecutor, LlmJob
 
 LAMBDA, MAX_NEW = 3.0, 10
 
@@ -238,7 +238,7 @@ def test_cfg_pairs_on_the_tensorrt_llm_executor_equal_the_engine(tiny_model, pro
 
     import tensorrt_llm.bindings.executor as real
 
-    from audex.export.trtllm import trtllm_build_command, write_trtllm_checkpoint
+    from audex.export.trtllm_checkpoint import trtllm_build_command, write_trtllm_checkpoint
 
     ckpt = write_trtllm_checkpoint(tiny_model.backbone, tmp_path / "ckpt", dtype="float32")
     subprocess.run(trtllm_build_command(ckpt, tmp_path / "engine", {"max_batch_size": 8, "max_input_len": 256,

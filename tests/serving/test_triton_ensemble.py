@@ -5,33 +5,30 @@ Checks: the four tasks over HTTP and gRPC against the in-process generation engi
 lambda from the preset or the request), TTS streamed from the decoupled ensemble, every malformed-request class
 refused by name while the server keeps serving, a bounded mixed load with nothing failed or lost, clean shutdown."""
 
-
 import time
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
+from serving_checks import MALFORMED, malformed_inputs, open_client, run_mixed_load, served_limits, start_server, tone
+from tritonclient.utils import InferenceServerException
 
-pytest.importorskip("tritonclient.grpc")
+from audex import config_path
+from audex.export.bundle import export_bundle
+from audex.serving.client import AudexTritonClient
+from audex.serving.local_engine import LocalEngine
+from audex.serving.requests import ServeRequest
+from audex.serving.triton.repository import ModelSummary, write_gpu_repository
+from audex.serving.triton.repository_check import validate_repository
 
-from omegaconf import OmegaConf  # noqa: E402
-from serving_checks import MALFORMED, malformed_inputs, open_client, run_mixed_load, start_server, tone  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
-
-from audex.export.client import AudexTritonClient  # noqa: E402
-from audex.export.serving import AudexServingEngine, ServeLimits, ServeRequest  # noqa: E402
-from audex.export.triton_repo import ModelSummary, validate_repository, write_gpu_repository  # noqa: E402
-
-LIMITS = ServeLimits(max_audio_seconds=12.0, max_new_tokens=12, max_speech_seconds=1.2, max_context_tokens=400,
-                     tta_seconds=0.2)
+LIMITS = served_limits(max_speech_seconds=1.2)
 
 
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
-    from audex.export.bundle import export_bundle
-
     root = tmp_path_factory.mktemp("ensemble")
-    cfg = OmegaConf.load("conf/export.yaml")
+    cfg = OmegaConf.load(config_path("export.yaml"))
     cfg.trtllm.dtype = "float32"
     export_bundle(tiny_model, root / "export", cfg)
     summary = ModelSummary.from_export(root / "export")
@@ -40,7 +37,7 @@ def served(tiny_model, tmp_path_factory):
                                 limits=LIMITS)
     validate_repository(repo)
     server = start_server(repo, root / "server")
-    yield server, AudexServingEngine(tiny_model, LIMITS)
+    yield server, LocalEngine(tiny_model, LIMITS)
     server.stop()
 
 

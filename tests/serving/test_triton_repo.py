@@ -4,18 +4,18 @@ wired consistently, and the python steps around the TensorRT-LLM engine write th
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-pytest.importorskip("tritonclient.grpc")
-
-from audex.export.serving import ServeLimits  # noqa: E402
-from audex.export.triton_repo import (  # noqa: E402
-    ModelSummary,
-    RepositoryError,
-    read_config,
-    validate_repository,
-    write_cpu_repository,
-    write_gpu_repository,
-)
+from audex import config_path
+from audex.cli.triton_repo import main as triton_repo_main
+from audex.export.bundle import export_bundle
+from audex.inference.pipelines import AudexPipeline
+from audex.prompts import tts_user_content
+from audex.serving.requests import BadRequest, ServeLimits
+from audex.serving.triton.llm_io import LlmInputBuilder, LlmOutputDecoder
+from audex.serving.triton.repository import ModelSummary, write_cpu_repository, write_gpu_repository
+from audex.serving.triton.repository_check import RepositoryError, read_config, validate_repository
 
 
 def test_cpu_repository_config(tiny_model, tmp_path):
@@ -29,6 +29,11 @@ def test_cpu_repository_config(tiny_model, tmp_path):
                                            "guidance_scale"}
     assert cfg.parameters["max_audio_seconds"].string_value == "30.0"
     assert cfg.parameters["model_path"].string_value == str(nemo.resolve())
+    # one python-model stack: the CPU model is the ensemble steps' python model with the local engine as handler
+    model_py = (repo / "audex" / "1" / "model.py").read_text()
+    assert "class TritonPythonModel(AudexPythonModel)" in model_py and "handlers:LocalEngineHandler" in model_py
+    assert ServeLimits.from_params({k: v.string_value for k, v in cfg.parameters.items()}) == \
+        ServeLimits(max_audio_seconds=30.0)                                # the limits round-trip through config.pbtxt
     (repo / "audex" / "config.pbtxt").write_text(cfg.__class__.__name__ + " { }")
     with pytest.raises(RepositoryError, match="not a valid Triton ModelConfig"):
         validate_repository(repo)
@@ -47,7 +52,7 @@ def test_gpu_ensemble_is_filled_from_the_model_and_wired(tiny_model, tmp_path):
     assert llm.parameters["batch_scheduler_policy"].string_value == "guaranteed_no_evict"
     assert llm.parameters["enable_chunked_context"].string_value == "false"
     assert {"uncond_input_ids", "uncond_input_lengths", "guidance_scale", "output_kind"} <= {i.name for i in llm.input}
-    assert "StepModel" in (repo / "tensorrt_llm" / "1" / "model.py").read_text()
+    assert "AudexPythonModel" in (repo / "tensorrt_llm" / "1" / "model.py").read_text()
     table = next(i for i in llm.input if i.name == "prompt_embedding_table")
     assert list(table.dims) == [-1, 128]
     pre = read_config(repo / "preprocessing" / "config.pbtxt")
@@ -93,17 +98,10 @@ def test_gpu_ensemble_rules_triton_enforces_at_load_time(tiny_model, tmp_path):
 
 
 def test_engine_steps_write_the_pipeline_prompts_and_decode_codes(tiny_model, tmp_path):
-    from omegaconf import OmegaConf
-
-    from audex.data.prompts import tts_user_content
-    from audex.export.bundle import export_bundle
-    from audex.export.triton_models.trtllm_steps import EngineInputBuilder, EngineOutputDecoder
-    from audex.inference.pipelines import AudexPipeline
-
-    cfg = OmegaConf.load("conf/export.yaml")
+    cfg = OmegaConf.load(config_path("export.yaml"))
     cfg.trtllm.dtype = "float32"
     export_bundle(tiny_model, tmp_path / "export", cfg)
-    builder = EngineInputBuilder(tmp_path / "export", 250, 10.0)
+    builder = LlmInputBuilder(tmp_path / "export", 250, 10.0)
     pipe = AudexPipeline(tiny_model)
     tts = builder.build("tts", text="Hello there.")
     cond, uncond = pipe._generation_prompts(tts_user_content, ["Hello there."], tiny_model.vocab.speechgen_start, False)
@@ -122,15 +120,13 @@ def test_engine_steps_write_the_pipeline_prompts_and_decode_codes(tiny_model, tm
     fake = ids >= 1536
     assert fake.sum() == 250 and asr["prompt_embedding_table"].shape == (1, 250, 128)
     assert np.where(fake, tiny_model.tokenizer.so_embedding, ids).tolist() == expected
-    from audex.export.serving import BadRequest
-
     with pytest.raises(BadRequest, match="unknown task"):
         builder.build("sing", text="x")
     with pytest.raises(BadRequest, match="over the server's limit"):        # the CPU engine's validation
         builder.build("asr", audio=np.zeros(16000 * 31, np.float32))
     with pytest.raises(BadRequest, match="NaN"):
         builder.build("asr", audio=np.full(1600, np.nan, np.float32))
-    decoder = EngineOutputDecoder(tmp_path / "export")
+    decoder = LlmOutputDecoder(tmp_path / "export")
     codes = torch.tensor([3, 9, 27, 81, 200])
     ids = [tiny_model.vocab.speechgen_start] + tiny_model.vocab.speech_codes_to_ids(codes).tolist() + \
         [tiny_model.vocab.speechgen_end, tiny_model.tokenizer.im_end]
@@ -139,23 +135,18 @@ def test_engine_steps_write_the_pipeline_prompts_and_decode_codes(tiny_model, tm
 
 
 def test_make_triton_repo_cli_writes_both_layouts(tiny_model, tmp_path, capsys):
-    import importlib.util
+    def cli_main(overrides):
+        with initialize_config_dir(str(config_path()), version_base=None):
+            return triton_repo_main(compose("triton_repo", overrides=overrides))
 
-    from omegaconf import OmegaConf
-
-    from audex.export.bundle import export_bundle
-
-    spec = importlib.util.spec_from_file_location("make_triton_repo", "scripts/make_triton_repo.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     nemo = tmp_path / "tiny.nemo"
     tiny_model.save_to(str(nemo))
-    cli.main([f"model_path={nemo}", f"repo={tmp_path / 'cpu'}"])
+    cli_main([f"model_path={nemo}", f"repo={tmp_path / 'cpu'}"])
     assert "models ['audex']" in capsys.readouterr().out
-    cfg = OmegaConf.load("conf/export.yaml")
+    cfg = OmegaConf.load(config_path("export.yaml"))
     cfg.trtllm.dtype = "float32"
     export_bundle(tiny_model, tmp_path / "export", cfg)
-    cli.main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu'}", "executor=torch",
+    cli_main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu'}", "executor=torch",
               "serve.max_audio_seconds=20"])
     assert "'ensemble', 'ensemble_stream'" in capsys.readouterr().out
     llm = read_config(tmp_path / "gpu" / "tensorrt_llm" / "config.pbtxt")
@@ -163,4 +154,4 @@ def test_make_triton_repo_cli_writes_both_layouts(tiny_model, tmp_path, capsys):
     pre = read_config(tmp_path / "gpu" / "preprocessing" / "config.pbtxt")
     assert float(pre.parameters["max_audio_seconds"].string_value) == 20.0
     with pytest.raises(FileNotFoundError, match="not an export folder|no audex_export.json"):
-        cli.main(["layout=gpu", f"export_dir={tmp_path / 'nowhere'}", f"repo={tmp_path / 'gpu2'}"])
+        cli_main(["layout=gpu", f"export_dir={tmp_path / 'nowhere'}", f"repo={tmp_path / 'gpu2'}"])

@@ -1,6 +1,7 @@
 """A real Triton server (the nvidia-pytriton wheel's tritonserver, python backend) serving the tiny Audex model on
-loopback: the four tasks over HTTP and gRPC, equal to in-process calls of the same engine; every class of malformed
-request refused with a message while the server keeps serving; a bounded mixed load test; clean SIGTERM shutdown."""
+loopback, started with package indexes unreachable: the four tasks over HTTP and gRPC, equal to in-process calls of
+the same engine; every class of malformed request refused with a message while the server keeps serving; a bounded
+mixed load test; clean SIGTERM shutdown."""
 
 import urllib.request
 
@@ -8,19 +9,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from serving_checks import MALFORMED, malformed_inputs, open_client, run_mixed_load, served_limits, start_server, tone
+from tritonclient.utils import InferenceServerException
 
-pytest.importorskip("tritonclient.http")
-pytest.importorskip("tritonclient.grpc")
+from audex.models.checkpoint import load_model
+from audex.serving.client import AudexTritonClient
+from audex.serving.local_engine import LocalEngine
+from audex.serving.requests import ServeRequest
+from audex.serving.triton.launcher import STUB_NUMPY, stub_environment, stub_numpy_dir
+from audex.serving.triton.repository import write_cpu_repository
+from audex.serving.triton.repository_check import validate_repository
 
-from serving_checks import MALFORMED, malformed_inputs, open_client, run_mixed_load, start_server, tone  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
-
-from audex.export.client import AudexTritonClient  # noqa: E402
-from audex.export.serving import AudexServingEngine, ServeLimits, ServeRequest  # noqa: E402
-from audex.export.triton_repo import validate_repository, write_cpu_repository  # noqa: E402
-
-LIMITS = ServeLimits(max_audio_seconds=12.0, max_new_tokens=12, max_speech_seconds=0.5, max_context_tokens=400,
-                     tta_seconds=0.2)
+LIMITS = served_limits(max_speech_seconds=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,25 @@ def served(tiny_model, tmp_path_factory):
     repo = write_cpu_repository(root / "repo", nemo, limits=LIMITS, max_batch_size=8)
     assert validate_repository(repo) == ["audex"]
     server = start_server(repo, root / "server")
-    from audex.export.loading import load_audex_model
-
-    engine = AudexServingEngine(load_audex_model(nemo), LIMITS)  # the same weights, in this process
+    engine = LocalEngine(load_model(nemo, device="cpu"), LIMITS)  # the same weights, in this process
     yield server, engine
     server.stop()
+
+
+def test_the_server_started_offline_from_what_setup_installed(served, tmp_path, monkeypatch):
+    server, _ = served
+    # started by start_server under serving_checks.offline: a fresh cache, pip unable to reach any index
+    overlay = next((server.workdir / "cache").glob("triton-stub-env-py*/lib/python*/site-packages"))
+    assert not (overlay / "numpy").exists()                               # nothing was installed at start
+    assert (overlay / "aa_audex_stub_numpy.pth").read_text().strip() == str(stub_numpy_dir().resolve())
+    version = (stub_numpy_dir() / "numpy" / "version.py").read_text()
+    assert f'version = "{STUB_NUMPY.split("==")[1]}"' in version         # NumPy 1.26 from scripts/setup_env.sh
+    assert AudexTritonClient(server.http_url).chat("hi", max_new_tokens=2).finish_reason   # and it answers
+    # without the setup-time NumPy the launcher says how to install it, and never calls pip itself
+    monkeypatch.setenv("AUDEX_TRITON_NUMPY1", str(tmp_path / "none"))
+    with pytest.raises(RuntimeError, match="scripts/setup_env.sh.*--target"):
+        stub_environment(tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.fixture(params=["http", "grpc"])

@@ -13,10 +13,12 @@ Each trap below was met on these machines and is handled here, so that ``TritonS
 * the stub runs the first ``python3`` on ``PATH``;
 * the stub is compiled with a pybind11 that predates NumPy 2's ABI: under NumPy 2 it reads every array's item size
   as 0 (inputs arrive as copies of their first element, outputs arrive empty, string tensors crash the stub). So
-  when the project's environment has NumPy >= 2, :func:`stub_environment` builds (once, cached) a small overlay
-  virtual environment whose ``site-packages`` holds ``numpy<2`` and then adds the project's own ``site-packages``
-  (with its ``.pth`` hooks); its ``bin`` goes first on ``PATH``, so the stub's interpreter sees NumPy 1.26 and
-  everything else from the project (torch, transformers, audex);
+  when the project's environment has NumPy >= 2, :func:`stub_environment` makes (once, cached, no network) a small
+  overlay virtual environment whose ``site-packages`` puts the NumPy 1.26 that setup installed
+  (:func:`stub_numpy_dir`, ``scripts/setup_env.sh``) first and then the project's own ``site-packages`` (with its
+  ``.pth`` hooks); its ``bin`` goes first on ``PATH``, so the stub's interpreter sees NumPy 1.26 and everything else
+  from the project (torch, transformers, audex). Nothing is downloaded when the server starts: an air-gapped host
+  serves from what setup installed;
 * started in the background, the server ignores SIGINT: :meth:`TritonServer.stop` sends SIGTERM to its PID and
   waits, escalating to SIGKILL only after ``stop_timeout``.
 
@@ -33,17 +35,20 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 STUB_NUMPY = "numpy==1.26.4"  # the last NumPy with the 1.x ABI the wheel's python-backend stub was built against
+STUB_NUMPY_DIR = "triton-numpy1"  # under the environment's prefix (.venv/triton-numpy1), filled at setup time
 
 
 class TritonNotInstalledError(RuntimeError):
@@ -54,8 +59,8 @@ def _pytriton_root() -> Path:
     spec = importlib.util.find_spec("pytriton")  # does not import pytriton (its own deps pin numpy<2)
     if spec is None or not spec.submodule_search_locations:
         raise TritonNotInstalledError(
-            "the Triton server binary comes from the nvidia-pytriton wheel: pip install nvidia-pytriton==0.7.0 "
-            "(or pip install -e .[export]); it is not installed in this environment"
+            "the Triton server binary comes from the nvidia-pytriton wheel: pip install --no-deps "
+            "nvidia-pytriton==0.7.0 (scripts/setup_env.sh does); it is not installed in this environment"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -97,35 +102,45 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
+def stub_numpy_dir() -> Path:
+    """Where setup installed :data:`STUB_NUMPY` for the stub: ``AUDEX_TRITON_NUMPY1``, else ``<sys.prefix>/triton-numpy1``."""
+    return Path(os.environ.get("AUDEX_TRITON_NUMPY1") or Path(sys.prefix) / STUB_NUMPY_DIR)
+
+
+def install_stub_numpy_command(target: Path | None = None) -> list[str]:
+    """The setup-time command that fills :func:`stub_numpy_dir` (``scripts/setup_env.sh`` runs it)."""
+    return [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target or stub_numpy_dir()),
+            STUB_NUMPY]
+
+
 def stub_environment(cache_dir: str | os.PathLike | None = None) -> Path | None:
     """The ``bin`` folder to put first on the stub's ``PATH``, or None when the project's NumPy is already 1.x.
 
-    Builds ``<cache>/triton-stub-env-py3.11`` once: ``python -m venv --without-pip``, ``pip install --target`` of
-    :data:`STUB_NUMPY` into its ``site-packages``, and a ``.pth`` that adds this interpreter's ``site-packages``
-    after it (``site.addsitedir``, so the project's own ``.pth`` hooks run too).
+    Makes ``<cache>/triton-stub-env-py3.11`` once: ``python -m venv --without-pip`` and two ``.pth`` files in its
+    ``site-packages``: the first puts :func:`stub_numpy_dir` on the path, the second adds this interpreter's
+    ``site-packages`` after it (``site.addsitedir``, so the project's own ``.pth`` hooks run too). Runs no pip: a
+    missing NumPy 1.26 is an error that names the setup command.
     """
     if _numpy_major() < 2:
         return None
+    numpy1 = stub_numpy_dir()
+    if not (numpy1 / "numpy" / "__init__.py").exists():
+        raise RuntimeError(
+            f"the Triton python-backend stub needs {STUB_NUMPY} (its pybind11 predates NumPy 2), installed at setup time "
+            f"into {numpy1}, which has none: run scripts/setup_env.sh, or {shlex.join(install_stub_numpy_command())} "
+            "(or set AUDEX_TRITON_NUMPY1 to a folder that holds it)")
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     env = Path(cache_dir or default_cache_dir()) / f"triton-stub-env-py{version}"
     site_packages = env / "lib" / f"python{version}" / "site-packages"
-    marker = site_packages / "zz_audex_project_env.pth"
-    project_site = sysconfig.get_paths()["purelib"]
-    line = f"import site; site.addsitedir({project_site!r})\n"
-    if marker.exists() and marker.read_text() == line and (site_packages / "numpy").is_dir():
+    first, last = site_packages / "aa_audex_stub_numpy.pth", site_packages / "zz_audex_project_env.pth"
+    lines = (f"{numpy1.resolve()}\n", f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    if first.exists() and last.exists() and (first.read_text(), last.read_text()) == lines:
         return env / "bin"
     if env.exists():
         shutil.rmtree(env)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site_packages), STUB_NUMPY]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"could not install {STUB_NUMPY} for the Triton python-backend stub (its pybind11 predates NumPy 2): "
-            f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}\nRun that command by hand, or set AUDEX_CACHE_DIR to a "
-            "writable folder"
-        )
-    marker.write_text(line)
+    first.write_text(lines[0])
+    last.write_text(lines[1])
     return env / "bin"
 
 
@@ -144,8 +159,8 @@ def server_environment(stub_bin: Path | None = None) -> dict[str, str]:
     path = [str(Path(sys.executable).parent)]
     if stub_bin is not None:
         path.insert(0, str(stub_bin))
-        # the stub sees NumPy 1.x: the GPU ensemble's python steps must run their handlers in worker processes
-        env["AUDEX_TRITON_STEP_WORKER"] = "1"
+        # the stub sees NumPy 1.x: the python models must run their handlers in worker processes
+        env["AUDEX_TRITON_HANDLER_WORKER"] = "1"
     env["AUDEX_PROJECT_PYTHON"] = sys.executable
     env["PATH"] = os.pathsep.join(path + [env.get("PATH", "")])
     env.pop("PYTHONPATH", None)  # the stub's interpreter takes its paths from the venv on PATH
@@ -172,14 +187,12 @@ class TritonServer:
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {str(self.model_repository)!r} does not exist: generate one with "
-                                    "scripts/make_triton_repo.py")
+                                    "examples/audex_triton_repo.py")
         self.host = host
         self.http_port = http_port or free_port(host)
         self.grpc_port = grpc_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
         if workdir is None:
-            import tempfile
-
             workdir = tempfile.mkdtemp(prefix="audex_triton_")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)

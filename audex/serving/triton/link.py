@@ -1,13 +1,12 @@
-"""The link between a Triton python-backend stub and an Audex worker process (standard library + NumPy only).
+"""What the Triton python model needs inside the stub (standard library + NumPy only): its ``config.pbtxt``
+parameters, the error response, and the link to its worker process.
 
-The python-backend stub of the ``nvidia-pytriton`` wheel runs with NumPy 1.x (see :mod:`audex.export.serve`); the
-project's stack needs NumPy 2. A model that must run that stack inside such a stub therefore runs it in a worker
-started with the project's interpreter, and talks to it over ``multiprocessing.connection`` on a Unix socket with a
-random auth key (handed over on the worker's stdin). Both sides exchange plain Python values only: arrays travel
-as :func:`to_wire` tuples, so neither side unpickles the other NumPy's objects.
-
-Used by :mod:`audex.export.triton_models.audex_engine` (the CPU engine) and
-:mod:`audex.export.triton_models.step_model` (the GPU ensemble's steps when run on such a stub).
+The python-backend stub of the ``nvidia-pytriton`` wheel runs with NumPy 1.x (see
+:mod:`audex.serving.triton.launcher`); the project's stack needs NumPy 2. A model that must run that stack inside
+such a stub therefore runs its handler in a worker (:mod:`audex.serving.triton.worker`) started with the project's
+interpreter, and talks to it over ``multiprocessing.connection`` on a Unix socket with a random auth key (handed
+over on the worker's stdin). Both sides exchange plain Python values only: arrays travel as :func:`to_wire` tuples,
+so neither side unpickles the other NumPy's objects.
 """
 
 from __future__ import annotations
@@ -22,6 +21,18 @@ import time
 from multiprocessing.connection import Listener
 
 import numpy as np
+
+
+def config_parameters(model_config: dict) -> dict[str, str]:
+    """``parameters`` of a model config (the JSON Triton hands ``initialize``) as plain strings."""
+    return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+
+
+def error_response(pb_utils, message: str, invalid: bool = True):
+    """An error response; ``invalid`` = the client sent something the server refuses (INVALID_ARG, HTTP 400)."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid else None
+    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
 def to_wire(array) -> tuple:

@@ -1,12 +1,12 @@
-"""The python steps around the LLM in the GPU ensemble: request -> LLM inputs, generated ids -> text or waveform.
+"""The work of the python steps around the LLM in the GPU ensemble: request -> LLM inputs, ids -> text or waveform.
 
-:class:`EngineInputBuilder` (the ``preprocessing`` step) checks the request exactly as the CPU engine does
-(:class:`~audex.export.serving.RequestValidator`: unknown task, empty / NaN / over-long audio, missing text, prompt
+:class:`LlmInputBuilder` (the ``preprocessing`` step) checks the request exactly as the local engine does
+(:class:`~audex.serving.requests.RequestValidator`: unknown task, empty / NaN / over-long audio, missing text, prompt
 over the context), writes the task's prompt with Audex's own prompt format (Figure 2 / appendix A), runs the ONNX
 front end on the audio and applies the prompt-table convention of :mod:`audex.export.frontend_onnx`. For TTS and TTA
 it also writes the unconditional twin prompt (the condition replaced by ``<pad>`` tokens, as in training) and the
-guidance scale, which the LLM step (:mod:`audex.export.guided_executor`) decodes as a CFG pair; sampling comes from
-the paper's presets. :class:`EngineOutputDecoder` (the ``postprocessing`` step) turns generated ids into text, or
+guidance scale, which the LLM step (:mod:`audex.serving.guided_executor`) decodes as a CFG pair; sampling comes from
+the paper's presets. :class:`LlmOutputDecoder` (the ``postprocessing`` step) turns generated ids into text, or
 codec codes into a 16 kHz waveform with the codec decoders of the export folder (one chunk at a time when
 streaming).
 """
@@ -14,33 +14,38 @@ streaming).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-OUTPUT_OF = {"asr": "text", "ast": "text", "audio_qa": "text", "chat": "text", "tts": "speech", "tta": "audio"}
+from audex.export.frontend_onnx import prompt_tuning_inputs
+from audex.inference.waveform import audio_tokens_to_codes, speech_tokens_to_codes
+from audex.modules.audio_encoder import encoder_frames
+from audex.modules.codecs import AudioCodec, SpeechCodec
+from audex.prompts import get_prompt_formatter
+from audex.serving.requests import BadRequest, RequestValidator, ServeLimits, ServeRequest, serving_presets
+from audex.tasks import SERVED_TASKS, TASKS
+from audex.tokenizer import AudexTokenizer
+
+#: what each served task generates: text, speech (X-Codec2 codes) or audio (X-Codec codes)
+OUTPUT_OF = {name: TASKS[name].output for name in SERVED_TASKS}
 
 
-class EngineInputBuilder:
+class LlmInputBuilder:
     """Request -> the LLM step's inputs (``input_ids`` with fake ids for audio frames, the prompt table, the
     unconditional twin, the sampling preset).
 
     Args:
         export_dir: the export folder (``hf/`` tokenizer and ``audex_export.json``, ``frontend.onnx``).
         frames_per_window / window_seconds: the encoder's framing (750 frames per 30 s).
-        presets_path: task presets (default ``conf/infer/presets.yaml``).
-        limits: :class:`~audex.export.serving.ServeLimits` (default ones when None).
+        presets_path: task presets (default: the package's ``infer/presets.yaml``).
+        limits: :class:`~audex.serving.requests.ServeLimits` (default ones when None).
         max_context_tokens: prompt + generation budget (the engine's ``max_seq_len``).
     """
 
     def __init__(self, export_dir: str | Path, frames_per_window: int, window_seconds: float, presets_path=None,
                  limits=None, max_context_tokens: int | None = None):
-        from audex.data.prompts import get_prompt_formatter
-        from audex.export.serving import RequestValidator, ServeLimits, serving_presets
-        from audex.tokenizer import AudexTokenizer
-
         export_dir = Path(export_dir)
         self.tokenizer = AudexTokenizer.load(export_dir / "hf")
         self.meta = json.loads((export_dir / "hf" / "audex_export.json").read_text())
@@ -56,12 +61,12 @@ class EngineInputBuilder:
         self.session = None
         onnx = export_dir / "frontend.onnx"
         if onnx.exists():
-            import onnxruntime
+            import onnxruntime  # optional heavy dependency: only an export with an audio encoder needs it
 
             self.session = onnxruntime.InferenceSession(str(onnx), providers=onnxruntime.get_available_providers())
 
     def frames_for_samples(self, num_samples: int) -> int:
-        return frames_for(num_samples, self.window_samples, self.frames_per_window)
+        return encoder_frames(num_samples, self.window_samples, self.frames_per_window)
 
     def prompt_ids(self, content: str, thinking: bool) -> list[int]:
         return self.formatter.encode_dialog([{"role": "user", "content": content}], thinking=thinking)["input_ids"].tolist()
@@ -70,12 +75,13 @@ class EngineInputBuilder:
               max_new_tokens: int | None = None, seed: int | None = None,
               guidance_scale: float | None = None) -> dict[str, np.ndarray]:
         """The LLM step's inputs for one request (each with the batch dimension 1); :class:`BadRequest` if refused."""
-        from audex.export.frontend_onnx import prompt_tuning_inputs
-        from audex.export.serving import BadRequest, ServeRequest
-
         wav_in = None if audio is None else torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32).reshape(-1))
-        request = ServeRequest(task=task, text=text, audio=wav_in, sample_rate=sample_rate,
-                               max_new_tokens=max_new_tokens, seed=seed, guidance_scale=guidance_scale)
+        return self.build_request(ServeRequest(task=task, text=text, audio=wav_in, sample_rate=sample_rate,
+                                               max_new_tokens=max_new_tokens, seed=seed, guidance_scale=guidance_scale))
+
+    def build_request(self, request: ServeRequest) -> dict[str, np.ndarray]:
+        """:meth:`build` of a :class:`ServeRequest`."""
+        task, seed, guidance_scale = request.task, request.seed, request.guidance_scale
         text, wav, budget = self.validator.validate(request)
         embeds = []
         if wav is not None:
@@ -109,12 +115,10 @@ class EngineInputBuilder:
         }
 
 
-class EngineOutputDecoder:
+class LlmOutputDecoder:
     """Generated ids -> text, or codec codes -> 16 kHz waveform (codec decoders from the export folder)."""
 
     def __init__(self, export_dir: str | Path):
-        from audex.tokenizer import AudexTokenizer
-
         self.export_dir = Path(export_dir)
         self.tokenizer = AudexTokenizer.load(self.export_dir / "hf")
         self.vocab = self.tokenizer.vocab
@@ -122,8 +126,6 @@ class EngineOutputDecoder:
 
     def _codec(self, name: str):
         if name not in self._codecs:
-            from audex.modules.codecs import AudioCodec, SpeechCodec
-
             folder = self.export_dir / name
             if not folder.is_dir():
                 raise ValueError(f"the export folder has no {name}/: this model cannot decode that output")
@@ -144,8 +146,6 @@ class EngineOutputDecoder:
     def decode(self, kind: str, ids, partial: bool = False) -> tuple[str, np.ndarray]:
         """``(text, audio)`` of one answer; ``kind`` is text / speech / audio (or a task name); ``partial`` = one
         streamed chunk (a chunk without codes gives no audio)."""
-        from audex.inference.waveform import audio_tokens_to_codes, speech_tokens_to_codes
-
         ids = [int(t) for t in ids if int(t) != self.tokenizer.im_end]
         kind = OUTPUT_OF.get(kind, kind)
         if kind not in ("text", "speech", "audio"):
@@ -165,7 +165,3 @@ class EngineOutputDecoder:
             whole = ids if v.audiogen_end in ids else ids[: len(ids) - len(ids) % v.audio_rvq_used]
             wav = self._codec("audio_codec").decode(audio_tokens_to_codes(v, whole))
         return "", wav.numpy().astype(np.float32)
-
-
-def frames_for(num_samples: int, window_samples: int, frames_per_window: int) -> int:
-    return math.ceil(num_samples / window_samples) * frames_per_window

@@ -1,18 +1,22 @@
-"""A Triton python-backend model that hands each request to an Audex step handler, in process or in a worker.
+"""The one Triton python-backend model of Audex: it hands every request to a handler, in process or in a worker.
 
-The three python steps of the GPU ensemble (``preprocessing``, the LLM model ``tensorrt_llm``, ``postprocessing``)
-are written once, as handlers (:mod:`audex.export.triton_models.trtllm_handlers`), and run by this class:
+Every python model of both repositories is this class with a different handler (:mod:`audex.serving.triton.handlers`):
+the CPU repository's ``audex`` model (the local engine, all tasks) and the GPU ensemble's ``preprocessing``, LLM
+(``tensorrt_llm``) and ``postprocessing`` steps. The generated ``1/model.py`` only names the handler. It runs
 
 * **in process** (the default; TensorRT-LLM's Triton containers): the handler lives in the stub itself;
-* **in a worker** (``parameters.step_process: "worker"``, or ``AUDEX_TRITON_STEP_WORKER=1``, which
-  :class:`~audex.export.serve.TritonServer` sets when it had to give the stub a NumPy 1.x overlay): the handler runs
-  in :mod:`audex.export.step_worker` with the project's interpreter, and this model only moves tensors.
+* **in a worker** (``parameters.handler_process: "worker"``, or ``AUDEX_TRITON_HANDLER_WORKER=1``, which
+  :class:`~audex.serving.triton.launcher.TritonServer` sets when it gives the stub a NumPy 1.x overlay): the handler
+  runs in :mod:`audex.serving.triton.worker` with the project's interpreter, and this model only moves tensors.
 
-Requests are answered through their response senders (``execute`` returns None), so a handler may answer later and
-from another thread: the LLM step answers when the executor has finished, a streaming (decoupled) model sends one
-response per chunk and the final flag with the last. Every ``cancellation_check_ms`` the model asks Triton which
-requests were cancelled by their clients and tells the handler. A request the handler refuses gets a
+Each batch Triton hands ``execute`` goes to the handler as one batch (the local engine decodes requests of one task
+together). Requests are answered through their response senders (``execute`` returns None), so a handler may answer
+later and from another thread: the LLM step answers when the executor has finished, a streaming (decoupled) model
+sends one response per chunk and the final flag with the last. Every ``cancellation_check_ms`` the model asks Triton
+which requests were cancelled by their clients and tells the handler. A request the handler refuses gets a
 ``TritonError`` naming the problem (``INVALID_ARG``, HTTP 400, for bad input); the model keeps serving.
+
+This module runs inside the stub: standard library + NumPy only.
 """
 
 from __future__ import annotations
@@ -24,12 +28,19 @@ import threading
 
 import numpy as np
 
-from audex.export.triton_models.model_params import config_parameters, error_response
-from audex.export.triton_models.worker_link import WorkerProcess, from_wire, project_python, to_wire
+from audex.serving.triton.link import (
+    WorkerProcess,
+    config_parameters,
+    error_response,
+    from_wire,
+    project_python,
+    to_wire,
+)
+from audex.serving.triton.worker import load_handler, submit_batch
 
 
-class StepModel:
-    """Base of the step models: subclasses set :attr:`handler` (``"package.module:Class"``)."""
+class AudexPythonModel:
+    """Base of every Audex python model: the generated ``model.py`` sets :attr:`handler` (``"package.module:Class"``)."""
 
     handler: str = ""
 
@@ -47,24 +58,21 @@ class StepModel:
         self._lock = threading.Lock()
         self._rids = itertools.count(1)
         self._running = True
-        mode = params.get("step_process", "auto")
+        mode = params.get("handler_process", "auto")
         self.worker = None
-        if mode == "worker" or (mode == "auto" and os.environ.get("AUDEX_TRITON_STEP_WORKER") == "1"):
-            self.worker = WorkerProcess("audex.export.step_worker", ["--handler", self.handler, "--params",
+        if mode == "worker" or (mode == "auto" and os.environ.get("AUDEX_TRITON_HANDLER_WORKER") == "1"):
+            self.worker = WorkerProcess("audex.serving.triton.worker", ["--handler", self.handler, "--params",
                                                                      json.dumps(params)],
                                         project_python(params), float(params.get("startup_timeout_s", "600")))
             hello = self.worker.conn.recv()
             if not hello.get("ready"):
                 self.worker.stop()
-                raise RuntimeError(f"{params['model_name']}: the step handler {self.handler} could not start: "
+                raise RuntimeError(f"{params['model_name']}: the handler {self.handler} could not start: "
                                    f"{hello.get('error')}")
             self._send_lock = threading.Lock()
             self._reader = threading.Thread(target=self._read_worker, daemon=True)
             self._reader.start()
         else:
-            from audex.export.step_worker import load_handler, submit_safely
-
-            self._submit_safely = submit_safely
             self.step = load_handler(self.handler)(params)
         self._period = float(params.get("cancellation_check_ms", "100")) / 1000.0
         self._canceller = threading.Thread(target=self._check_cancelled, daemon=True)
@@ -72,16 +80,18 @@ class StepModel:
 
     # ---- requests in -------------------------------------------------------------------------
     def execute(self, requests):
+        batch = []
         for request in requests:
             rid = next(self._rids)
             with self._lock:
                 self._senders[rid] = request.get_response_sender()
-            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
-            if self.worker is not None:
-                with self._send_lock:
-                    self.worker.conn.send({"op": "submit", "rid": rid, "inputs": {k: to_wire(v) for k, v in inputs.items()}})
-            else:
-                self._submit_safely(self.step, rid, inputs, self._deliver)
+            batch.append((rid, {t.name(): t.as_numpy() for t in request.inputs()}))
+        if self.worker is not None:
+            wire = [{"rid": rid, "inputs": {k: to_wire(v) for k, v in inputs.items()}} for rid, inputs in batch]
+            with self._send_lock:
+                self.worker.conn.send({"op": "submit", "batch": wire})
+        else:
+            submit_batch(self.step, batch, self._deliver)
         return None
 
     # ---- responses out -----------------------------------------------------------------------
@@ -113,7 +123,7 @@ class StepModel:
         with self._lock:                       # the worker died: nothing pending may hang
             pending = list(self._senders)
         for rid in pending:
-            self._deliver(rid, None, "the Audex step worker stopped; see the server log", True, False)
+            self._deliver(rid, None, "the Audex handler worker stopped; see the server log", True, False)
 
     def _check_cancelled(self) -> None:
         stop = threading.Event()

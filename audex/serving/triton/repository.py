@@ -2,8 +2,9 @@
 
 Two layouts, both filled from the model's own config (hidden size, vocabulary, context, frame rate):
 
-**CPU** (:func:`write_cpu_repository`, runs here): one python-backend model ``audex`` that runs Audex's PyTorch
-generation engine, CFG included (:mod:`audex.export.triton_models.audex_engine`), dynamic batching::
+**CPU** (:func:`write_cpu_repository`, runs here): one python-backend model ``audex`` that runs the local engine
+(Audex's PyTorch generation, CFG included: :class:`~audex.serving.triton.handlers.LocalEngineHandler`), dynamic
+batching::
 
     repo/audex/config.pbtxt   repo/audex/1/model.py   repo/audex/1/presets.yaml
 
@@ -15,18 +16,19 @@ generation engine, CFG included (:mod:`audex.export.triton_models.audex_engine`)
                                unconditional twin prompt + guidance_scale (validation as on the CPU engine)
     tensorrt_llm     (python)  TensorRT-LLM's executor (the engine from trtllm-build, in-flight batching) with the
                                CFG pairing logits post-processor: TTS/TTA decode as token-synchronised CFG pairs
-                               (:mod:`audex.export.guided_executor`); ``executor: torch`` runs the same model on the
-                               PyTorch reference executor, which is how the whole ensemble is served on a CPU here
+                               (:mod:`audex.serving.guided_executor`); ``executor: torch`` runs the same model on the
+                               reference executor, which is how the whole ensemble is served on a CPU here
     postprocessing   (python)  output_ids -> text, or codec codes -> 16 kHz waveform (codec decoders)
     ensemble         (ensemble) wires the three; ``ensemble_stream`` (+ ``tensorrt_llm_stream``,
                                ``postprocessing_stream``) is the decoupled twin that streams TTS one second at a time
 
 ``llm_backend="tensorrtllm"`` writes TensorRT-LLM's C++ backend instead of the python LLM model: it cannot run a
-Python logits post-processor, so TTS/TTA then decode without CFG. The python steps run
-:mod:`audex.export.triton_models.step_model`.
+Python logits post-processor, so TTS/TTA then decode without CFG. Every python model of both layouts is the one
+:class:`~audex.serving.triton.python_model.AudexPythonModel` with its handler named in ``1/model.py``.
 
 ``config.pbtxt`` is written with ``google.protobuf.text_format`` from ``tritonclient.grpc.model_config_pb2`` and
-:func:`validate_repository` parses every file back (unknown fields are errors) and checks the ensemble wiring.
+:func:`~audex.serving.triton.repository_check.validate_repository` parses every file back (unknown fields are
+errors) and checks the ensemble wiring.
 
 Example::
 
@@ -37,18 +39,17 @@ Example::
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from audex.export.serving import ServeLimits
-
-MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
-PRESETS_YAML = Path(__file__).resolve().parents[2] / "conf" / "infer" / "presets.yaml"
+from audex import config_path
+from audex.serving.requests import ServeLimits
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,10 @@ class ModelSummary:
     @classmethod
     def from_export(cls, export_dir: str | Path) -> "ModelSummary":
         """From an export folder (``hf/config.json`` and ``hf/audex_export.json``): no model load needed."""
-        import json
-
         hf = Path(export_dir) / "hf"
         if not (hf / "audex_export.json").exists():
             raise FileNotFoundError(f"{hf} has no audex_export.json: is {str(export_dir)!r} an export folder written by "
-                                    "scripts/export_trtllm.py?")
+                                    "examples/audex_export.py?")
         meta = json.loads((hf / "audex_export.json").read_text())
         config = json.loads((hf / "config.json").read_text())
         if "frames_per_window" not in meta and (Path(export_dir) / "frontend.onnx").exists():
@@ -96,6 +95,18 @@ def _tensor(cls, name: str, dtype: str, dims, optional: bool = False, ragged: bo
     return t
 
 
+def request_inputs(seed_type: str, ragged_audio: bool) -> list:
+    """The inputs of a :class:`~audex.serving.requests.ServeRequest`, as every request-facing model declares them:
+    ``task`` and, optional, ``text``, ``audio``, ``sample_rate``, ``max_new_tokens``, ``seed``, ``guidance_scale``
+    (``seed`` is UINT64 where it meets TensorRT-LLM's ``random_seed``; an ensemble's own inputs are not ragged)."""
+    specs = [("task", "TYPE_STRING", [1], False), ("text", "TYPE_STRING", [1], True),
+             ("audio", "TYPE_FP32", [-1], True), ("sample_rate", "TYPE_INT32", [1], True),
+             ("max_new_tokens", "TYPE_INT32", [1], True), ("seed", seed_type, [1], True),
+             ("guidance_scale", "TYPE_FP32", [1], True)]
+    return [_tensor(mc.ModelInput, name, dtype, dims, optional=optional, ragged=ragged_audio and name == "audio")
+            for name, dtype, dims, optional in specs]
+
+
 def _params(config: mc.ModelConfig, values: dict) -> None:
     for key, value in values.items():
         config.parameters[key].string_value = str(value)
@@ -113,15 +124,7 @@ def audex_engine_config(model_path: str, limits: ServeLimits, *, max_batch_size:
                         max_queue_delay_us: int = 2000, instances: int = 1, num_threads: int = 1) -> mc.ModelConfig:
     """``audex``: the python-backend model running the PyTorch engine (all tasks)."""
     c = mc.ModelConfig(name="audex", backend="python", max_batch_size=max_batch_size)
-    c.input.extend([
-        _tensor(mc.ModelInput, "task", "TYPE_STRING", [1]),
-        _tensor(mc.ModelInput, "text", "TYPE_STRING", [1], optional=True),
-        _tensor(mc.ModelInput, "audio", "TYPE_FP32", [-1], optional=True, ragged=True),
-        _tensor(mc.ModelInput, "sample_rate", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "max_new_tokens", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "seed", "TYPE_INT64", [1], optional=True),
-        _tensor(mc.ModelInput, "guidance_scale", "TYPE_FP32", [1], optional=True),
-    ])
+    c.input.extend(request_inputs("TYPE_INT64", ragged_audio=True))
     c.output.extend([
         _tensor(mc.ModelOutput, "text", "TYPE_STRING", [1]),
         _tensor(mc.ModelOutput, "audio", "TYPE_FP32", [-1]),
@@ -129,9 +132,8 @@ def audex_engine_config(model_path: str, limits: ServeLimits, *, max_batch_size:
     ])
     c.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     c.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances))
-    limit_params = {k: v for k, v in asdict(limits).items() if v is not None}
     _params(c, {"model_path": model_path, "python": sys.executable, "num_threads": num_threads,
-                "presets": "presets.yaml", **limit_params})
+                "presets": "presets.yaml", "handler_process": "worker", **limits.as_params()})
     return c
 
 
@@ -149,10 +151,8 @@ def write_cpu_repository(out_dir: str | Path, model_path: str | Path, *, limits:
     write_config(config, model_dir)
     version = model_dir / "1"
     version.mkdir(parents=True, exist_ok=True)
-    (version / "model.py").write_text(
-        '"""Audex on the CPU: the PyTorch generation engine behind Triton (see audex.export.triton_models)."""\n'
-        "from audex.export.triton_models.audex_engine import TritonPythonModel  # noqa: F401\n")
-    shutil.copy(presets_yaml or PRESETS_YAML, version / "presets.yaml")
+    (version / "model.py").write_text(python_model_py(HANDLERS["audex"]))
+    shutil.copy(presets_yaml or config_path("infer", "presets.yaml"), version / "presets.yaml")
     return out
 
 
@@ -161,10 +161,11 @@ LLM_BACKENDS = ("python", "tensorrtllm")
 EXECUTORS = ("tensorrt_llm", "torch")
 
 
-def _step_model_py(handler: str) -> str:
-    return ('"""An Audex step of the GPU ensemble (see audex.export.triton_models.step_model)."""\n'
-            "from audex.export.triton_models.step_model import StepModel\n\n\n"
-            "class TritonPythonModel(StepModel):\n"
+def python_model_py(handler: str) -> str:
+    """The ``1/model.py`` of a python model: the one Audex python model, with its handler."""
+    return ('"""An Audex python model (see audex.serving.triton.python_model)."""\n'
+            "from audex.serving.triton.python_model import AudexPythonModel\n\n\n"
+            "class TritonPythonModel(AudexPythonModel):\n"
             f"    handler = {handler!r}\n")
 
 
@@ -193,23 +194,11 @@ def _add(tensors, cls, specs) -> None:
         tensors.append(_tensor(cls, name, dtype, dims, optional=optional, ragged=ragged))
 
 
-def _limit_params(limits: ServeLimits) -> dict:
-    return {k: v for k, v in asdict(limits).items() if v is not None}
-
-
 def preprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size: int,
                          limits: ServeLimits | None = None, max_queue_delay_us: int = 1000) -> mc.ModelConfig:
     """``preprocessing``: request -> LLM inputs (validation, prompts, ONNX front end, the CFG twin)."""
     c = mc.ModelConfig(name="preprocessing", backend="python", max_batch_size=max_batch_size)
-    c.input.extend([
-        _tensor(mc.ModelInput, "task", "TYPE_STRING", [1]),
-        _tensor(mc.ModelInput, "text", "TYPE_STRING", [1], optional=True),
-        _tensor(mc.ModelInput, "audio", "TYPE_FP32", [-1], optional=True, ragged=True),
-        _tensor(mc.ModelInput, "sample_rate", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "max_new_tokens", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "seed", "TYPE_UINT64", [1], optional=True),
-        _tensor(mc.ModelInput, "guidance_scale", "TYPE_FP32", [1], optional=True),
-    ])
+    c.input.extend(request_inputs("TYPE_UINT64", ragged_audio=True))
     outputs = []
     _add(outputs, mc.ModelOutput, _LLM_INPUTS + _CFG_INPUTS)
     outputs.append(_tensor(mc.ModelOutput, "prompt_embedding_table", "TYPE_FP16", [-1, summary.hidden_size]))
@@ -219,7 +208,7 @@ def preprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size:
     _params(c, {"export_dir": export_dir, "vocab_size": summary.vocab_size, "hidden_size": summary.hidden_size,
                 "frames_per_window": summary.frames_per_window, "window_seconds": summary.window_seconds,
                 "max_context_tokens": summary.max_position_embeddings, "python": sys.executable,
-                "presets": "presets.yaml", **_limit_params(limits or ServeLimits())})
+                "presets": "presets.yaml", **(limits or ServeLimits()).as_params()})
     return c
 
 
@@ -229,10 +218,10 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
                         prompt_table_dtype: str = "bfloat16", max_queue_delay_us: int = 1000) -> mc.ModelConfig:
     """The LLM step, with the input / output names of TensorRT-LLM's ``inflight_batcher_llm`` layout.
 
-    ``backend="python"`` (default): Audex's model (:class:`~audex.export.triton_models.trtllm_handlers.LlmHandler`)
+    ``backend="python"`` (default): Audex's model (:class:`~audex.serving.triton.handlers.LlmHandler`)
     owning TensorRT-LLM's executor with the CFG pairing post-processor, so TTS/TTA decode with guidance; in-flight
     batching with guaranteed-no-evict scheduling and no chunked context (twins admitted together stay together, see
-    :mod:`audex.export.cfg_pairing`). ``executor="torch"`` runs the same model on the PyTorch reference executor
+    :mod:`audex.serving.cfg_pairing`). ``executor="torch"`` runs the same model on the reference executor
     (CPU machines). ``backend="tensorrtllm"``: TensorRT-LLM's own C++ backend, which cannot take a Python logits
     post-processor -- TTS/TTA then decode *without* CFG; only for deployments that do not need it.
     """
@@ -274,7 +263,7 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
                        "max_batch_size": max_batch_size, "max_lag_steps": 4, "stream_chunk_seconds": 1.0,
                        "prompt_table_dtype": prompt_table_dtype, "python": sys.executable,
                        "presets": "../../preprocessing/1/presets.yaml",
-                       **_limit_params(limits or ServeLimits())})
+                       **(limits or ServeLimits()).as_params()})
     _params(c, params)
     return c
 
@@ -308,22 +297,14 @@ def ensemble_config(name: str, max_batch_size: int, llm: str, decoupled: bool, *
     c = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
     if decoupled:
         c.model_transaction_policy.decoupled = True
-    c.input.extend([
-        _tensor(mc.ModelInput, "task", "TYPE_STRING", [1]),
-        _tensor(mc.ModelInput, "text", "TYPE_STRING", [1], optional=True),
-        _tensor(mc.ModelInput, "audio", "TYPE_FP32", [-1], optional=True),
-        _tensor(mc.ModelInput, "sample_rate", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "max_new_tokens", "TYPE_INT32", [1], optional=True),
-        _tensor(mc.ModelInput, "seed", "TYPE_UINT64", [1], optional=True),
-        _tensor(mc.ModelInput, "guidance_scale", "TYPE_FP32", [1], optional=True),
-    ])
+    c.input.extend(request_inputs("TYPE_UINT64", ragged_audio=False))
     # ensemble inputs and outputs share one tensor namespace: an output named like an input ("text") would be
     # answered twice (the input at once, the step's output later), hence TensorRT-LLM's "*_output" names
     c.output.extend([_tensor(mc.ModelOutput, "text_output", "TYPE_STRING", [1]),
                      _tensor(mc.ModelOutput, "audio_output", "TYPE_FP32", [-1])])
     to_llm = _PRE_TO_LLM_CFG if cfg else _PRE_TO_LLM
     pre = c.ensemble_scheduling.step.add(model_name="preprocessing", model_version=-1)
-    for key in ("task", "text", "audio", "sample_rate", "max_new_tokens", "seed", "guidance_scale"):
+    for key in (t.name for t in c.input):
         pre.input_map[key] = key
     for key in _PRE_TO_LLM_CFG:
         pre.output_map[key] = f"_{key}"
@@ -347,25 +328,26 @@ def ensemble_config(name: str, max_batch_size: int, llm: str, decoupled: bool, *
     return c
 
 
-HANDLERS = {
-    "preprocessing": "audex.export.triton_models.trtllm_handlers:PreprocessingHandler",
-    "tensorrt_llm": "audex.export.triton_models.trtllm_handlers:LlmHandler",
-    "tensorrt_llm_stream": "audex.export.triton_models.trtllm_handlers:LlmHandler",
-    "postprocessing": "audex.export.triton_models.trtllm_handlers:PostprocessingHandler",
-    "postprocessing_stream": "audex.export.triton_models.trtllm_handlers:PostprocessingHandler",
+HANDLERS = {  # model name -> the handler its python model runs
+    "audex": "audex.serving.triton.handlers:LocalEngineHandler",
+    "preprocessing": "audex.serving.triton.handlers:PreprocessingHandler",
+    "tensorrt_llm": "audex.serving.triton.handlers:LlmHandler",
+    "tensorrt_llm_stream": "audex.serving.triton.handlers:LlmHandler",
+    "postprocessing": "audex.serving.triton.handlers:PostprocessingHandler",
+    "postprocessing_stream": "audex.serving.triton.handlers:PostprocessingHandler",
 }
 
 
 def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: ModelSummary, *,
                          engine_dir: str | Path | None = None, max_batch_size: int = 64, llm_backend: str = "python",
                          executor: str = "tensorrt_llm", limits: ServeLimits | None = None,
-                         prompt_table_dtype: str = "bfloat16", step_process: str | None = None,
+                         prompt_table_dtype: str = "bfloat16", handler_process: str | None = None,
                          num_threads: int = 1) -> Path:
-    """The GPU ensemble (see the module docstring) over an export folder written by ``scripts/export_trtllm.py``.
+    """The GPU ensemble (see the module docstring) over an export folder written by ``examples/audex_export.py``.
 
     ``llm_backend``/``executor``: see :func:`tensorrt_llm_config` (``executor="torch"`` serves the same ensemble on a
-    CPU machine with the PyTorch reference executor). ``step_process="worker"`` forces the python steps into worker
-    processes (:mod:`audex.export.triton_models.step_model`); by default they run in the stub unless the launcher
+    CPU machine with the reference executor). ``handler_process="worker"`` forces the python steps' handlers into
+    worker processes (:mod:`audex.serving.triton.python_model`); by default they run in the stub unless the launcher
     says otherwise.
     """
     out = Path(out_dir)
@@ -389,104 +371,12 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
         if config.backend == "python":
             # torch threads of a step run in a worker process (on this kind of stub): one each, several run at once
             config.parameters["num_threads"].string_value = str(num_threads)
-            if step_process:
-                config.parameters["step_process"].string_value = step_process
+            if handler_process:
+                config.parameters["handler_process"].string_value = handler_process
         write_config(config, out / config.name)
         version = out / config.name / "1"
         version.mkdir(parents=True, exist_ok=True)
         if config.backend == "python":
-            (version / "model.py").write_text(_step_model_py(HANDLERS[config.name]))
-    shutil.copy(PRESETS_YAML, out / "preprocessing" / "1" / "presets.yaml")
+            (version / "model.py").write_text(python_model_py(HANDLERS[config.name]))
+    shutil.copy(config_path("infer", "presets.yaml"), out / "preprocessing" / "1" / "presets.yaml")
     return out
-
-
-# ---- validation --------------------------------------------------------------------------------
-class RepositoryError(ValueError):
-    """A model repository Triton would refuse (the message names the file and the field)."""
-
-
-def read_config(path: str | Path) -> mc.ModelConfig:
-    path = Path(path)
-    try:
-        return text_format.Parse(path.read_text(), mc.ModelConfig())
-    except text_format.ParseError as e:
-        raise RepositoryError(f"{path}: not a valid Triton ModelConfig ({e})") from None
-
-
-def _check_decoupled_flow(ensemble: mc.ModelConfig, configs: dict) -> None:
-    """Triton's rule (``ValidateEnsembleConfig`` of ``ensemble_scheduler/ensemble_utils.cc``): every step takes all its
-    inputs from one decoupled source. Tensors carry a label: 0 for the ensemble's inputs, a fresh one for each output
-    of a decoupled step, the inputs' label for the outputs of any other step."""
-    label = {t.name: 0 for t in ensemble.input}
-    fresh = 0
-    steps = list(ensemble.ensemble_scheduling.step)
-    for _ in range(len(steps)):
-        for step in steps:
-            if not all(name in label for name in step.input_map.values()) or all(
-                    name in label for name in step.output_map.values()):
-                continue
-            labels = {label[name] for name in step.input_map.values()}
-            if len(labels) > 1:
-                raise RepositoryError(f"ensemble {ensemble.name!r}: step {step.model_name!r} takes inputs from different "
-                                      f"decoupled sources ({sorted(step.input_map.values())}); Triton refuses to load it")
-            target = configs.get(step.model_name)
-            if target is not None and target.model_transaction_policy.decoupled:
-                fresh += 1
-                out = fresh
-            else:
-                out = labels.pop() if labels else 0
-            for name in step.output_map.values():
-                label[name] = out
-
-
-def validate_repository(repo: str | Path) -> list[str]:
-    """Parse every ``config.pbtxt`` back into a ``ModelConfig`` and check what Triton checks at load time that the
-    schema cannot: folder name = model name, a version folder, ``1/model.py`` for python models, and every ensemble
-    step naming a model of the repository with inputs/outputs that model declares. Returns the model names."""
-    repo = Path(repo)
-    configs = {}
-    for cfg_path in sorted(repo.glob("*/config.pbtxt")):
-        config = read_config(cfg_path)
-        folder = cfg_path.parent.name
-        if config.name != folder:
-            raise RepositoryError(f"{cfg_path}: name {config.name!r} differs from its folder {folder!r}")
-        if not config.backend and not config.platform:
-            raise RepositoryError(f"{cfg_path}: neither backend nor platform is set")
-        if not (cfg_path.parent / "1").is_dir():
-            raise RepositoryError(f"{cfg_path.parent}: no version folder 1/")
-        if config.backend == "python" and not (cfg_path.parent / "1" / "model.py").exists():
-            raise RepositoryError(f"{cfg_path.parent}: python backend without 1/model.py")
-        for kind, tensors in (("input", config.input), ("output", config.output)):
-            names = [t.name for t in tensors]
-            if len(names) != len(set(names)):
-                raise RepositoryError(f"{cfg_path}: duplicate {kind} names {sorted({n for n in names if names.count(n) > 1})}")
-        configs[config.name] = config
-    if not configs:
-        raise RepositoryError(f"{repo}: no */config.pbtxt found")
-    for config in configs.values():
-        if config.platform != "ensemble":
-            continue
-        clash = {t.name for t in config.input} & {t.name for t in config.output}
-        if clash:
-            raise RepositoryError(f"ensemble {config.name!r}: {sorted(clash)} is both an input and an output; ensemble "
-                                  "tensors share one namespace, so Triton would answer such a request twice")
-        _check_decoupled_flow(config, configs)
-        for step in config.ensemble_scheduling.step:
-            target = configs.get(step.model_name)
-            if target is None:
-                raise RepositoryError(f"ensemble {config.name!r}: step model {step.model_name!r} is not in {repo}")
-            inputs = {t.name for t in target.input}
-            outputs = {t.name for t in target.output}
-            bad_in = set(step.input_map) - inputs
-            bad_out = set(step.output_map) - outputs
-            if bad_in or bad_out:
-                raise RepositoryError(f"ensemble {config.name!r} -> {step.model_name!r}: unknown inputs {sorted(bad_in)} "
-                                      f"/ outputs {sorted(bad_out)}")
-            required = {t.name for t in target.input if not t.optional}
-            if required - set(step.input_map):
-                raise RepositoryError(f"ensemble {config.name!r} -> {step.model_name!r}: required inputs "
-                                      f"{sorted(required - set(step.input_map))} are not mapped")
-            if target.model_transaction_policy.decoupled and not config.model_transaction_policy.decoupled:
-                raise RepositoryError(f"ensemble {config.name!r} runs the decoupled model {step.model_name!r} "
-                                      "but is not decoupled itself")
-    return sorted(configs)

@@ -1,4 +1,5 @@
-"""The chat templates of Figure 2 and the task prompts of appendix A, as a NeMo prompt format.
+"""The chat templates of Figure 2 and the task prompts of appendix A, as a NeMo prompt format, and the one
+``<sound>`` expander (:func:`expand_sound`) that data, inference and serving all use.
 
 Rendered strings (``<|im_end|>`` ends every turn; turns are joined by ``"\\n"``; the last assistant turn ends
 at its ``<|im_end|>``)::
@@ -177,6 +178,51 @@ def parse_speech_target(text: str) -> dict[str, str | None]:
     if all(v is None for v in fields.values()):
         fields["transcription"] = text
     return {k: v.strip() if v is not None else None for k, v in fields.items()}
+
+
+# ---- audio placeholders ---------------------------------------------------------------------------
+class SoundPlaceholderError(ValueError):
+    """The ``<sound>`` placeholders of a prompt do not fit its audio clips."""
+
+
+def expand_sound(ids: Sequence[int], num_audio_frames: Sequence[int], tokenizer,
+                 trainable: Sequence[bool] | None = None) -> tuple[list[int], list[bool]]:
+    """Replace the i-th ``<sound>`` of ``ids`` by ``<so_start>`` + ``num_audio_frames[i]`` x ``<so_embedding>``
+    + ``<so_end>`` (section 3.2: the adapter's frames fill the ``<so_embedding>`` rows). ``trainable`` (one flag
+    per id, default all False) is expanded alongside; the placeholder rows are never trainable.
+
+    Raises :class:`SoundPlaceholderError` when the counts differ, when the text already holds
+    ``<so_start>``/``<so_embedding>``/``<so_end>``, or when a ``<sound>`` sits in a trainable turn.
+
+    Example::
+
+        >>> ids, _ = expand_sound(tok.encode("<sound>\\nHi"), [750], tok)   # one 30 s window
+        >>> ids.count(tok.so_embedding)
+        750
+    """
+    ids = list(ids)
+    trainable = [False] * len(ids) if trainable is None else list(trainable)
+    sound = tokenizer.sound
+    n_sound = ids.count(sound)
+    if n_sound != len(num_audio_frames):
+        raise SoundPlaceholderError(f"{n_sound} <sound> tokens for {len(num_audio_frames)} audios")
+    if not {tokenizer.so_start, tokenizer.so_embedding, tokenizer.so_end}.isdisjoint(ids):
+        raise SoundPlaceholderError("the text contains <so_start>/<so_embedding>/<so_end>")
+    out_ids: list[int] = []
+    out_train: list[bool] = []
+    k = 0
+    for i, t in zip(ids, trainable):
+        if i != sound:
+            out_ids.append(i)
+            out_train.append(t)
+            continue
+        if t:
+            raise SoundPlaceholderError("<sound> in a trainable (assistant) turn")
+        block = [tokenizer.so_start] + [tokenizer.so_embedding] * int(num_audio_frames[k]) + [tokenizer.so_end]
+        out_ids.extend(block)
+        out_train.extend([False] * len(block))
+        k += 1
+    return out_ids, out_train
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,30 @@
-"""Load the Audex model an export or a server starts from: a ``.nemo`` archive, a pretrained folder, or a YAML.
+"""The one model loader: a ``.nemo`` archive, a pretrained folder, or a model YAML -> :class:`AudexModel`.
 
 A ``.nemo`` is a tar archive (NeMo's ``save_to``); a copy cut short by a failed upload, or any other file renamed
 ``.nemo``, makes NeMo fail deep inside ``tarfile`` or ``yaml`` with a message that names neither the file nor the
 cure. :func:`check_nemo_archive` reads the whole archive first (every member to its end, so truncation shows)
-and raises :class:`CorruptCheckpointError` naming the file and what to do.
+and raises :class:`CorruptCheckpointError` naming the file and what to do. Inference, evaluation, export and
+serving all load through :func:`load_model`.
 
 Example::
 
-    >>> model = load_audex_model("audex_2b.nemo")               # or a folder from AudexModel.save_pretrained
-    >>> model = load_audex_model("conf/model/tiny.yaml")         # random weights, for smoke tests
+    >>> model = load_model("audex_2b.nemo")                        # device="auto": cuda when there is one
+    >>> model = load_model("tiny_hf/", device="cpu")               # a folder from AudexModel.save_pretrained
+    >>> model = load_model("conf/model/tiny.yaml", dtype="bfloat16")   # random weights, for smoke tests
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tarfile
 from pathlib import Path
+
+import torch
+
+from audex.models.audex_model import AudexModel
+
+log = logging.getLogger(__name__)
 
 
 class CorruptCheckpointError(ValueError):
@@ -51,22 +60,38 @@ def check_nemo_archive(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def load_audex_model(path: str | os.PathLike, map_location: str = "cpu"):
-    """An :class:`~audex.models.audex_model.AudexModel` in eval mode from a ``.nemo``, a pretrained folder
-    (``AudexModel.save_pretrained``) or a model YAML (``conf/model/tiny.yaml``: random init)."""
-    from audex.models.audex_model import AudexModel
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None -> cuda when available, else cpu; anything else as ``torch.device``."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "auto",
+               dtype: str | torch.dtype | None = None) -> AudexModel:
+    """An :class:`AudexModel` in eval mode on ``device`` from a ``.nemo`` (checked first), a pretrained folder
+    (``AudexModel.save_pretrained``) or a model YAML (``conf/model/tiny.yaml``: random weights, for smoke tests
+    only). ``dtype`` (``"bfloat16"``, ``torch.float16``, ...) casts the LLM; the encoder and codecs keep theirs."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model {str(p)!r} does not exist: give a .nemo file, a folder written by "
+                                "AudexModel.save_pretrained, or a model YAML such as conf/model/tiny.yaml")
+    dev = resolve_device(device)
     if p.is_dir():
         if not (p / "audex_config.yaml").exists():
             raise CorruptCheckpointError(
                 f"{str(p)!r} is a folder without audex_config.yaml: give a .nemo, a folder written by "
-                "AudexModel.save_pretrained(), or a model YAML"
-            )
+                "AudexModel.save_pretrained(), or a model YAML")
         model = AudexModel.from_pretrained(str(p))
+    elif p.suffix == ".nemo":
+        check_nemo_archive(p)
+        model = AudexModel.restore_from(str(p), map_location=dev)
     elif p.suffix in (".yaml", ".yml"):
+        log.warning("building %s with RANDOM weights (a model YAML, not a checkpoint)", p)
         model = AudexModel.from_config_file(str(p))
     else:
-        check_nemo_archive(p)
-        model = AudexModel.restore_from(str(p), map_location=map_location)
+        raise ValueError(f"model {str(p)!r}: expected a .nemo file, a pretrained folder or a model YAML")
+    model = model.to(dev)
+    if dtype is not None:
+        model.llm.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model.eval()

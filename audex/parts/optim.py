@@ -24,7 +24,8 @@ What Audex adds to NeMo's ``ModelPT.setup_optimization``:
 
 Example::
 
-    optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.model.optim, max_steps=1000)
+    optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.model.optim, max_steps=1000,
+                                                         moe_balancer=model.moe_balancer)
 """
 
 from __future__ import annotations
@@ -84,10 +85,11 @@ def _masked_weight_decay(optimizer, args, kwargs) -> None:
             p.mul_(factor)
 
 
-def build_optimizer_and_scheduler(model, optim_cfg: DictConfig | dict, max_steps: int):
+def build_optimizer_and_scheduler(model, optim_cfg: DictConfig | dict, max_steps: int, moe_balancer=None):
     """AdamW (or any NeMo-registered optimizer) over the trainable parameters + NeMo's LR scheduler.
 
-    Returns ``(optimizer, scheduler_dict)`` where the scheduler dict is Lightning's
+    ``moe_balancer`` (a :class:`~audex.parts.moe.MoeBalancer`): its routing bias update runs after every
+    optimizer step. Returns ``(optimizer, scheduler_dict)`` where the scheduler dict is Lightning's
     ``{"scheduler": ..., "interval": "step", ...}`` (None without ``sched``).
     """
     cfg = OmegaConf.to_container(optim_cfg, resolve=True) if isinstance(optim_cfg, DictConfig) else dict(optim_cfg)
@@ -101,9 +103,8 @@ def build_optimizer_and_scheduler(model, optim_cfg: DictConfig | dict, max_steps
     optimizer = get_optimizer(name)(optimizer_param_groups(model, weight_decay), **cfg)
     if any(g.get("masked_weight_decay") for g in optimizer.param_groups):
         optimizer.register_step_pre_hook(_masked_weight_decay)
-    balancer = getattr(model, "_audex_moe_balancer", None)
-    if balancer is not None:
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: balancer.update_bias())
+    if moe_balancer is not None:
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: moe_balancer.update_bias())
     scheduler = None
     if sched_cfg is not None:
         if max_steps is None or max_steps <= 0:
@@ -119,15 +120,3 @@ def build_optimizer_and_scheduler(model, optim_cfg: DictConfig | dict, max_steps
         scheduler = prepare_lr_scheduler(optimizer, sched_cfg)
     return optimizer, scheduler
 
-
-def configure_optimizers(model):
-    """Body of ``AudexModel.configure_optimizers``: optimizer + per-step scheduler from ``model.cfg.optim``."""
-    if model.cfg.get("optim") is None:
-        raise ValueError("model.optim is missing: a stage config (conf/stage*.yaml) sets it")
-    max_steps = model.trainer.max_steps if model._trainer is not None else -1
-    if (max_steps is None or max_steps < 0) and model.cfg.optim.get("sched") is not None:
-        max_steps = model.cfg.optim.sched.get("max_steps", -1)
-    optimizer, scheduler = build_optimizer_and_scheduler(model, model.cfg.optim, max_steps)
-    if scheduler is None:
-        return optimizer
-    return [optimizer], [scheduler]

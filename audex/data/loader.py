@@ -1,11 +1,9 @@
 """Data loaders for training and validation: manifests -> blend in epochs (Table 3) -> sampler -> batches.
 
 ``build_dataloader(data_cfg, tokenizer, frames_fn, split)`` is what ``AudexModel.setup_training_data`` and the
-training script call. ``data_cfg`` is the ``data`` section of a stage config (``conf/data/*.yaml``): shared
-keys (``max_length``, ``packing``, ``blend_epochs``, ...) plus one section per split (``train_ds``,
-``validation_ds``) in the schema of NeMo's Lhotse dataloader (``input_cfg``, ``use_bucketing``,
-``bucket_duration_bins``, ``batch_tokens``, ``batch_size``, ``use_multimodal_sampling``, ``shuffle``,
-``seed``, ``num_workers``, ...). A split section alone (with ``input_cfg``) works too.
+training run call. ``data_cfg`` is the ``data`` section of a stage config (``conf/data/*.yaml``), split into
+Audex's options and NeMo's Lhotse dataloader keys by :func:`audex.data.options.split_config`. Skipped cuts are
+counted by :class:`audex.data.skips.LoaderSkips`.
 
 **Blending in epochs** (:mod:`audex.data.blend`). Each ``input_cfg`` item names its data type
 (``blend: tts``, a key of ``blend_epochs``: the rows of Table 3) or its own ``epochs``; its NeMo ``weight``
@@ -52,7 +50,6 @@ Example::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Iterator, Mapping
 
@@ -61,93 +58,29 @@ from lhotse import CutSet
 from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
 from lhotse.dataset.sampling.base import TokenConstraint
 from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
+from nemo.collections.common.data.lhotse.cutset import read_cutset_from_config
+from nemo.collections.common.data.lhotse.dataloader import (
+    get_lhotse_dataloader_from_config,
+    make_structured_with_schema_warnings,
+)
 from omegaconf import DictConfig, OmegaConf
 
 from audex.data.blend import BlendPlan, annotate_input_cfg, item_name, leaf_items, used_blends
 from audex.data.collate import PackedBatch
-from audex.data.dataset import AudexDataset, PackedStream, SequenceDataset, SkipEvents, SkipRecord
+from audex.data.dataset import AudexDataset, PackedStream, SequenceDataset
 from audex.data.filters import PaperFilterConfig, PaperFilters
-from audex.data.packing import PAPER_CONTEXT_LENGTH, PAPER_PACKING_BUFFER, OnlinePacker
-from audex.data.prompts import SYSTEM_PROMPT
-from audex.data.sequence import SequenceBuilder, WindowedFrames
-from audex.data.skips import (
-    AUDIO_TOO_LONG,
-    AUDIO_TOO_SHORT,
-    TEXT_TOO_LONG,
-    TOO_LONG_FOR_CONTEXT,
-    SkipCounter,
-    SkipSample,
-)
+from audex.data.options import make_builder, split_config
+from audex.data.packing import OnlinePacker
+from audex.data.sequence import SequenceBuilder
+from audex.data.skips import TOO_LONG_FOR_CONTEXT, LoaderSkips, SkipEvents, SkipSample
 
 log = logging.getLogger("audex.data")
 
-SPLIT_SECTIONS = {"train": "train_ds", "val": "validation_ds", "validation": "validation_ds", "test": "test_ds"}
-FILTER_REASONS = frozenset({AUDIO_TOO_SHORT, AUDIO_TOO_LONG, TEXT_TOO_LONG})
-
-
-# ---- options (NeMo's keys keep NeMo's schema; these are Audex's own) ------------------------------
-@dataclass
-class PackingOptions:
-    enabled: bool = True               # several samples per row (False: one sample per row, padded)
-    online: bool = True                # pack over a buffer of the stream (the paper); False: per mini-batch
-    buffer_size: int = PAPER_PACKING_BUFFER
-    rows_per_batch: int = 1            # packed rows per micro-batch
-    pad_to_multiple_of: int = 8
-    fixed_length: bool = False         # pad every row to max_length (static shapes)
-    max_carry: int = 2                 # times a sample may wait for a better-filled row
-
-
-@dataclass
-class AudexDataOptions:
-    manifest_dir: str | None = None    # relative cuts_path / shar_path are resolved against it
-    max_length: int = PAPER_CONTEXT_LENGTH
-    prompt_format: str = "audex"
-    system_prompt: str | None = SYSTEM_PROMPT
-    tta_num_frames: int = 500
-    packing: PackingOptions = field(default_factory=PackingOptions)
-    filters: dict = field(default_factory=lambda: dict(PaperFilterConfig().__dict__))
-    max_skip_rate: float | None = 0.05
-    min_examples_for_skip_rate: int = 100
-    blend_epochs: dict = field(default_factory=dict)
-    global_batch_size: int | None = None
-    plan_estimate_cuts: int = 200      # examples per source measured to estimate its mean length
-    trust_manifest_num_tokens: bool = True
-
-
-def split_config(data_cfg: Mapping | DictConfig, split: str) -> tuple[DictConfig, DictConfig]:
-    """``(audex_options, nemo_loader_config)`` of one split (see the module docstring)."""
-    if not isinstance(data_cfg, DictConfig):
-        data_cfg = OmegaConf.create(dict(data_cfg))
-    cfg = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
-    ours = {f for f in AudexDataOptions.__dataclass_fields__}
-    if "input_cfg" in cfg:
-        merged = cfg
-    else:
-        section = SPLIT_SECTIONS.get(split, split)
-        if section not in cfg:
-            raise KeyError(f"the data config has no {section!r} section for split {split!r}; it has "
-                           f"{sorted(cfg.keys())}. Add {section}.input_cfg (see conf/data/default.yaml)")
-        shared = {k: cfg[k] for k in cfg if k in ours}
-        merged = OmegaConf.merge(OmegaConf.create(shared), cfg[section])
-    options = OmegaConf.merge(OmegaConf.structured(AudexDataOptions),
-                              {k: merged[k] for k in merged if k in ours})
-    nemo = OmegaConf.create({k: merged[k] for k in merged if k not in ours})
-    if "input_cfg" not in nemo:
-        raise KeyError(f"split {split!r} has no input_cfg: list its manifests (type: lhotse, cuts_path: ...)")
-    return options, nemo
-
-
-def make_builder(options: DictConfig, tokenizer, frames_fn: Callable[[int], int] | None) -> SequenceBuilder:
-    return SequenceBuilder(tokenizer, frames_fn or WindowedFrames(), max_length=int(options.max_length),
-                           prompt_format=options.prompt_format, system_prompt=options.system_prompt,
-                           tta_num_frames=int(options.tta_num_frames))
 
 
 # ---- reading the cuts -----------------------------------------------------------------------------
 def _read_cuts(nemo: DictConfig, input_cfg: list[dict], finite: bool, seed: int | str = 0) -> CutSet:
     """NeMo's ``read_cutset_from_config``: Lhotse JSONL/Shar, groups, tags; weights -> ``CutSet.mux``."""
-    from nemo.collections.common.data.lhotse.cutset import read_cutset_from_config
-
     if finite:  # validation: every manifest once, in order
         parts = []
         for item in input_cfg:
@@ -256,41 +189,26 @@ class AudexDataLoader:
         self.plan = plan
         self.sampler = sampler
         self.dataset = dataset
-        self.skips = SkipCounter(name, max_skip_rate=max_skip_rate, min_examples=min_examples)
-        self.filtered = SkipCounter(f"{name} filters")
-
-    def _account(self, records: list[SkipRecord], kept: int) -> None:
-        bad = 0
-        for reason, detail, cut_id in records:
-            if reason in FILTER_REASONS:
-                self.filtered.skip(reason, cut_id=cut_id, detail=detail)
-            else:
-                bad += 1
-                self.skips.skip(reason, cut_id=cut_id, detail=detail)
-        self.skips.accept(kept)
-        self.filtered.accept(kept + bad)
+        self.accounts = LoaderSkips(name, max_skip_rate=max_skip_rate, min_examples=min_examples)
+        self.skips, self.filtered = self.accounts.skips, self.accounts.filtered
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        self.skips.reset()
-        self.filtered.reset()
+        self.accounts.reset()
         finished = False
         try:
             for batch in self.loader:
-                self._account(batch.skipped + self.sampler_events.drain(), batch.num_samples)
+                self.accounts.account(batch.skipped + self.sampler_events.drain(), batch.num_samples)
                 if batch.num_samples:
                     yield batch
-            self._account(self.sampler_events.drain(), 0)
+            self.accounts.account(self.sampler_events.drain(), 0)
             finished = True
         finally:
             self.log_summary()
         if finished:
-            self.skips.check(final=True)
+            self.accounts.check()
 
     def log_summary(self) -> str:
-        text = self.skips.log_summary()
-        if self.filtered.skipped:
-            text += "\n" + self.filtered.log_summary()
-        return text
+        return self.accounts.log_summary()
 
 
 def build_dataloader(data_cfg, tokenizer, frames_fn: Callable[[int], int] | None = None, split: str = "train",
@@ -301,8 +219,6 @@ def build_dataloader(data_cfg, tokenizer, frames_fn: Callable[[int], int] | None
     an exact mid-epoch resume needs). A training pass draws the whole stage (``BlendPlan.total_samples``); a
     validation pass reads every manifest once.
     """
-    from nemo.collections.common.data.lhotse.dataloader import make_structured_with_schema_warnings
-
     options, nemo_raw = split_config(data_cfg, split)
     train = split == "train"
     input_cfg, sources = annotate_input_cfg(nemo_raw.input_cfg, options.blend_epochs, options.manifest_dir,
@@ -367,8 +283,6 @@ def build_dataloader(data_cfg, tokenizer, frames_fn: Callable[[int], int] | None
 def _nemo_dataloader(nemo: DictConfig, input_cfg: list[dict], dataset: AudexDataset, rank: int, world_size: int,
                      epoch: int):
     """``get_lhotse_dataloader_from_config`` for audio-only blends (``use_multimodal_sampling: false``)."""
-    from nemo.collections.common.data.lhotse.dataloader import get_lhotse_dataloader_from_config
-
     for item in input_cfg:
         _require_audio_source(item)
     cfg = nemo.copy()
@@ -383,8 +297,6 @@ def _require_audio_source(item: Mapping) -> None:
         for child in item.get("input_cfg", []):
             _require_audio_source(child)
         return
-    from nemo.collections.common.data.lhotse.cutset import read_cutset_from_config
-
     cfg = OmegaConf.create({"input_cfg": [dict(item)], "force_finite": True, "metadata_only": True, "shard_seed": 0})
     first = next(iter(read_cutset_from_config(cfg)[0]), None)
     if first is not None and not first.has_recording:
@@ -397,8 +309,6 @@ def _require_audio_source(item: Mapping) -> None:
 def plan_blend(data_cfg, tokenizer, frames_fn: Callable[[int], int] | None = None, split: str = "train") -> BlendPlan:
     """The stage's :class:`BlendPlan` with mean tokens per source, measured on the first ``plan_estimate_cuts``
     examples of each manifest (manifests sorted by length bias this estimate)."""
-    from nemo.collections.common.data.lhotse.cutset import read_cutset_from_config
-
     options, nemo = split_config(data_cfg, split)
     input_cfg, sources = annotate_input_cfg(nemo.input_cfg, options.blend_epochs, options.manifest_dir)
     builder = make_builder(options, tokenizer, frames_fn)
@@ -419,40 +329,3 @@ def plan_blend(data_cfg, tokenizer, frames_fn: Callable[[int], int] | None = Non
                              "could be measured (all skipped): check the manifest")
         source.mean_tokens = sum(lengths) / len(lengths)
     return BlendPlan(sources)
-
-
-# ---- Lightning ------------------------------------------------------------------------------------
-try:
-    from lightning.pytorch import LightningDataModule as _DataModuleBase
-except ImportError:  # lightning ships with nemo-toolkit; a plain base keeps the module importable without it
-    _DataModuleBase = object
-
-
-class AudexDataModule(_DataModuleBase):
-    """A ``LightningDataModule`` over :func:`build_dataloader`.
-
-    Example::
-
-        >>> dm = AudexDataModule(cfg.data, model.tokenizer, model.frames_for_samples)
-        >>> trainer.fit(model, datamodule=dm)
-        >>> dm.plan().optimizer_steps(cfg.data.global_batch_size, max_length=cfg.data.max_length)
-    """
-
-    def __init__(self, data_cfg, tokenizer, frames_fn: Callable[[int], int] | None = None):
-        super().__init__()
-        self.data_cfg, self.tokenizer, self.frames_fn = data_cfg, tokenizer, frames_fn
-
-    def _rank(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-    def train_dataloader(self) -> AudexDataLoader:
-        trainer = getattr(self, "trainer", None)
-        epoch = trainer.current_epoch if trainer is not None else 0
-        return build_dataloader(self.data_cfg, self.tokenizer, self.frames_fn, "train", epoch, *self._rank())
-
-    def val_dataloader(self) -> AudexDataLoader:
-        return build_dataloader(self.data_cfg, self.tokenizer, self.frames_fn, "val", 0, *self._rank())
-
-    def plan(self) -> BlendPlan:
-        return plan_blend(self.data_cfg, self.tokenizer, self.frames_fn)
