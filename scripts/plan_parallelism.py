@@ -13,6 +13,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from hydra.core.hydra_config import HydraConfig
 from nemo.core.config import hydra_runner
 from omegaconf import DictConfig
 
@@ -35,8 +36,6 @@ def main(cfg: DictConfig) -> None:
 
 
 def _choice(group: str) -> str:
-    from hydra.core.hydra_config import HydraConfig
-
     return str(HydraConfig.get().runtime.choices.get(group, group))
 
 

@@ -15,7 +15,6 @@ from parallel_workers import spawn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from audex import config_path
-from audex.losses import IGNORE_INDEX, language_model_loss, token_cross_entropy
 from audex.parallel.context_parallel import (
     context_parallel,
     cp_sdpa_attention,
@@ -24,6 +23,7 @@ from audex.parallel.context_parallel import (
     shard_packed_batch,
     shift_labels,
 )
+from audex.parts.losses import IGNORE_INDEX, language_model_loss, token_cross_entropy
 
 LENGTHS = (11, 6, 17)
 ROW = 40

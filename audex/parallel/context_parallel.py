@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
-from audex.data.packing import packed_segments
-from audex.losses import IGNORE_INDEX
+from audex.modules.packed import packed_segments
+from audex.parts.losses import IGNORE_INDEX
 
 CP_SDPA = "audex_cp_sdpa"
 
@@ -112,7 +112,7 @@ def plan_context_parallel(sample_ids: torch.Tensor, cp_size: int, pad_multiple: 
 
 def shift_labels(labels: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
     """Targets ``[B, L]``: position t predicts ``labels[t+1]`` when t+1 is a trainable token of the same sample,
-    else ``-100`` (the rule of :func:`audex.losses.token_cross_entropy`, applied before the CP split)."""
+    else ``-100`` (the rule of :func:`audex.parts.losses.token_cross_entropy`, applied before the CP split)."""
     targets = torch.full_like(labels, IGNORE_INDEX)
     nxt, nxt_sid = labels[:, 1:], sample_ids[:, 1:]
     keep = (nxt != IGNORE_INDEX) & (nxt_sid >= 0) & (sample_ids[:, :-1] == nxt_sid)
