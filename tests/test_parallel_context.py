@@ -3,7 +3,8 @@
 A packed row of three samples of awkward lengths (11, 6, 17 tokens, then 6 padding) is split TE-THD style
 (each sample padded to a multiple of 2·CP, mirrored halves). Against one process on the same weights: the
 attention outputs and dQ/dK/dV, the logits of a tiny Llama and a tiny Nemotron-H (Mamba spans, MoE), the
-square-averaged loss of eq. (2) after the all-reduce of per-sample token counts, and the parameter gradients.
+square-averaged loss of eq. (2) after the all-reduce of per-sample token counts, and the parameter gradients;
+then the tiny AudexModel with two audio clips in the row (frames embedded row-wide, gradients to the frames).
 """
 
 import pytest
@@ -15,8 +16,10 @@ from parallel_workers import spawn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from audex import config_path
+from audex.models.audex_model import AudexModel
 from audex.parallel.context_parallel import (
     context_parallel,
+    cp_inputs_embeds,
     cp_sdpa_attention,
     cp_square_averaged_loss,
     plan_context_parallel,
@@ -145,6 +148,7 @@ def cp_worker(rank, world, tmp):
     attention_worker(rank, world, tmp)
     for kind in KINDS:
         backbone_worker(rank, world, tmp, kind)
+    audex_worker(rank, world, tmp)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +156,7 @@ def cp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cp2")
     for kind in KINDS:
         build_backbone(kind, tmp)                                                 # the weights both sides load
+    build_audex(tmp)
     spawn(cp_worker, 2, tmp)
     return tmp
 
@@ -235,3 +240,71 @@ def test_cp2_backbone_logits_loss_and_grads_equal_one_process(cp_run, kind):
         assert got["grads"].keys() == grads.keys()
         for name, g in grads.items():
             torch.testing.assert_close(got["grads"][name], g, rtol=0, atol=atol, msg=name)
+
+
+# ---- the Audex model: audio frames in a packed row, through the CP split -------------------------------------
+SO_RUNS = ((0, 3, 5), (2, 2, 4))   # (sample, offset, frames): one clip inside rank 1's chunk, one split over both ranks
+
+
+def build_audex(tmp):
+    torch.manual_seed(0)
+    model = AudexModel.from_config_file(str(config_path("model", "tiny.yaml")))
+    state = tmp / "audex.pt"
+    if state.exists():
+        model.load_state_dict(torch.load(state))
+    else:
+        torch.save(model.state_dict(), state)
+    return model.train()
+
+
+def audex_row(model):
+    ids, labels, pos, sids = packed_row()
+    ids = ids + 10                                                                # clear of the special tokens
+    ids[sids < 0] = model.tokenizer.pad_id
+    g = torch.Generator().manual_seed(5)
+    starts = [s for s, _ in spans()]
+    audio = []
+    for sample, offset, frames in SO_RUNS:
+        at = starts[sample] + offset
+        ids[0, at:at + frames] = model.tokenizer.so_embedding
+        labels[0, at:at + frames] = IGNORE_INDEX
+        audio.append(torch.randn(frames, model.backbone.config.hidden_size, generator=g).requires_grad_())
+    labels = torch.where(labels == IGNORE_INDEX, labels, ids)
+    return ids, labels, pos, sids, audio
+
+
+def audex_worker(rank, world, tmp):
+    model = build_audex(tmp)
+    ids, labels, pos, sids, audio = audex_row(model)
+    shard = shard_packed_batch(ids, labels, pos, sids, cp_size=world, cp_rank=rank, pad_id=model.tokenizer.pad_id,
+                               group=dist.group.WORLD)
+    with context_parallel(model.backbone):
+        embeds = cp_inputs_embeds(model.embed_inputs, shard, audio)
+        logits = model.backbone(inputs_embeds=embeds, position_ids=shard.position_ids, use_cache=False,
+                                audex_cp=shard).logits
+    share, loss = cp_square_averaged_loss(logits, shard)
+    share.backward()
+    grads = {n: p.grad for n, p in model.backbone.named_parameters() if p.grad is not None}
+    grads |= {f"audio{i}": a.grad for i, a in enumerate(audio)}
+    for g in grads.values():
+        dist.all_reduce(g)
+    torch.save({"src": shard.layout.source[0, shard.index[0]], "logits": logits.detach(), "loss": loss,
+                "grads": grads}, tmp / f"audex{rank}.pt")
+
+
+def test_cp2_audex_model_with_audio_frames_equals_one_process(cp_run):
+    model = build_audex(cp_run)
+    ids, labels, pos, sids, audio = audex_row(model)
+    out = model(input_ids=ids, position_ids=pos, sample_ids=sids, audio_embeds=audio)
+    loss, _ = language_model_loss(out.logits, labels, sids, reduction="square_averaged")
+    loss.backward()
+    grads = {n: p.grad for n, p in model.backbone.named_parameters() if p.grad is not None}
+    grads |= {f"audio{i}": a.grad for i, a in enumerate(audio)}
+    for rank in range(2):
+        got = torch.load(cp_run / f"audex{rank}.pt")
+        real = got["src"] >= 0
+        torch.testing.assert_close(got["logits"][0, real], out.logits[0, got["src"][real]].detach(), rtol=0, atol=1e-5)
+        assert abs(float(got["loss"]) - float(loss.detach())) <= 1e-6
+        assert got["grads"].keys() == grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(got["grads"][name], g, rtol=0, atol=1e-6, msg=name)

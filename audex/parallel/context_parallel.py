@@ -26,9 +26,10 @@ Example (each of the CP ranks, same batch on all)::
 
     shard = shard_packed_batch(batch.input_ids, batch.labels, batch.position_ids, batch.sample_ids,
                                cp_size=2, cp_rank=rank, pad_id=tok.pad_id, group=cp_group)
-    with context_parallel(lm):
-        logits = lm(input_ids=shard.input_ids, position_ids=shard.position_ids, use_cache=False,
-                    audex_cp=shard).logits
+    with context_parallel(model.backbone):
+        embeds = cp_inputs_embeds(model.embed_inputs, shard, audio_embeds)      # audio frames placed row-wide
+        logits = model.backbone(inputs_embeds=embeds, position_ids=shard.position_ids, use_cache=False,
+                                audex_cp=shard).logits
     loss_share, loss = cp_square_averaged_loss(logits, shard)
     loss_share.backward()        # then all-reduce (sum) the parameter gradients over the CP group
 """
@@ -125,11 +126,13 @@ class CPShard:
     """One CP rank's share of a packed batch: model inputs for its positions, and the layout to gather with.
 
     ``sample_ids`` is -1 on every padding token (for the loss and MoE statistics); ``chunks[b]`` lists the
-    rank's ``(local_start, padded_start, size, span_start)`` pieces of real sample spans."""
+    rank's ``(local_start, padded_start, size, span_start)`` pieces of real sample spans; ``padded_input_ids`` is
+    the whole padded row (every rank), for embeddings that need the row (:func:`cp_inputs_embeds`)."""
 
     layout: CPLayout
     rank: int
     group: object
+    padded_input_ids: torch.Tensor
     input_ids: torch.Tensor
     targets: torch.Tensor
     position_ids: torch.Tensor
@@ -176,7 +179,20 @@ def shard_packed_batch(input_ids: torch.Tensor, labels: torch.Tensor, position_i
         chunks.append(row_chunks)
     pick = lambda x: torch.gather(x, 1, index)  # noqa: E731
     num_samples = int(sample_ids.max().clamp(min=-1)) + 1
-    return CPShard(layout, cp_rank, group, pick(ids), pick(targets), pick(pos), pick(sids), chunks, num_samples)
+    return CPShard(layout, cp_rank, group, ids, pick(ids), pick(targets), pick(pos), pick(sids), chunks, num_samples)
+
+
+def select_local(x: torch.Tensor, shard: CPShard) -> torch.Tensor:
+    """``[B, length, ...]`` in padded order (identical on every rank) -> this rank's ``[B, L_local, ...]``."""
+    return x[torch.arange(x.shape[0]).unsqueeze(1), shard.index]
+
+
+def cp_inputs_embeds(embed, shard: CPShard, audio_embeds=None) -> torch.Tensor:
+    """This rank's ``inputs_embeds``: ``embed(ids, audio_embeds)`` (``AudexModel.embed_inputs``) over the whole
+    padded row, so that every clip's frames land on their ``<so_embedding>`` positions whichever rank holds them,
+    then this rank's positions. Gradients reach the adapter and the embeddings only through local positions;
+    the CP gradient sum completes them."""
+    return select_local(embed(shard.padded_input_ids, audio_embeds), shard)
 
 
 def gather_sequence(x: torch.Tensor, shard: CPShard) -> torch.Tensor:
