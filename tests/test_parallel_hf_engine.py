@@ -5,20 +5,31 @@
   gradients of the sequence-parallel norms are reduced where the optimizer uses them).
 * FSDP2 (torch ``fully_shard``) over 2 data-parallel ranks, each with half the batch: loss and gradients equal
   one process on the whole batch.
+* EP=2 on a tiny Nemotron-H (8 routed experts, 4 on each rank) through transformers' EP plan.
 """
 
 import pytest
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from parallel_workers import spawn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from audex import config_path
 from audex.parallel.config import ParallelismConfig
 from audex.parallel.hf_engine import distributed_config, fully_shard_backbone, load_tensor_parallel
 
 VOCAB, BATCH, LENGTH = 96, 4, 12
+EP2 = ParallelismConfig(world_size=2, tensor=2, expert=2, expert_tensor=1)
+
+
+def make_nemotron_folder(tmp):
+    cfg = OmegaConf.to_container(OmegaConf.load(config_path("model", "tiny_hybrid.yaml")).backbone.config)
+    cfg.update(vocab_size=VOCAB, max_position_embeddings=64)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("nemotron_h", **cfg)).save_pretrained(tmp / "nemotron_h")
 
 
 def make_folder(tmp):
@@ -45,7 +56,7 @@ def step(lm, ids):
     weights after one SGD step."""
     lm.train()
     positions = torch.arange(ids.shape[1]).expand_as(ids)
-    loss = lm(input_ids=ids, position_ids=positions, labels=ids).loss
+    loss = lm(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
     loss.backward()
     grads = {n: full(p.grad).detach().clone() for n, p in lm.named_parameters()}
     torch.optim.SGD(lm.parameters(), lr=0.5).step()
@@ -68,19 +79,29 @@ def hf_worker(rank, world, tmp):
     dist.all_reduce(loss)
     torch.save((loss / world, grads, weights), tmp / f"fsdp{rank}.pt")
 
+    ep = load_tensor_parallel(str(tmp / "nemotron_h"), EP2, dtype=torch.float32)
+    experts = ep.model.layers[1].mixer.experts
+    assert isinstance(experts.up_proj, DTensor) and experts.up_proj.to_local().shape[0] == 4     # 4 of 8 experts
+    torch.save(step(ep, batch()), tmp / f"ep{rank}.pt")
+
 
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf2")
     make_folder(tmp)
+    make_nemotron_folder(tmp)
     spawn(hf_worker, 2, tmp)
-    lm = AutoModelForCausalLM.from_pretrained(str(tmp / "llama"), local_files_only=True, dtype=torch.float32)
-    return tmp, step(lm, batch())
+    ref = {}
+    for name in ("llama", "nemotron_h"):
+        lm = AutoModelForCausalLM.from_pretrained(str(tmp / name), local_files_only=True, dtype=torch.float32)
+        ref[name] = step(lm, batch())
+    return tmp, ref
 
 
-@pytest.mark.parametrize("mode", ["tp", "sp", "fsdp"])
+@pytest.mark.parametrize("mode", ["tp", "sp", "fsdp", "ep"])
 def test_two_processes_equal_one(hf_run, mode):
-    tmp, (loss, grads, weights) = hf_run
+    tmp, ref = hf_run
+    loss, grads, weights = ref["nemotron_h" if mode == "ep" else "llama"]
     for rank in range(2):
         got_loss, got_grads, got_weights = torch.load(tmp / f"{mode}{rank}.pt")
         assert abs(float(got_loss) - float(loss)) <= 1e-5
@@ -93,8 +114,9 @@ def test_two_processes_equal_one(hf_run, mode):
 def test_layouts_engine_hf_does_not_have_yet_are_refused():
     with pytest.raises(NotImplementedError, match="sequence=true has a written plan for \\['llama'\\]"):
         distributed_config(ParallelismConfig(tensor=2, sequence=True), model_type="nemotron_h")
-    with pytest.raises(NotImplementedError, match="expert > 1"):
+    with pytest.raises(NotImplementedError, match="EP across data-parallel ranks"):
         distributed_config(ParallelismConfig(expert=2))
+    assert distributed_config(EP2, model_type="nemotron_h").ep_size == 2
     assert distributed_config(ParallelismConfig(tensor=2)).tp_size == 2
     sp = distributed_config(ParallelismConfig(tensor=2, sequence=True), model_type="llama")
     assert sp.tp_plan["model.layers.*.self_attn.o_proj"] == "audex_rowwise_to_sequence"

@@ -11,8 +11,13 @@
   the layout NeMo speechlm2 and torchtitan use;
 * context parallelism over packed rows: :mod:`audex.parallel.context_parallel`.
 
-Not here yet: expert parallelism for Nemotron-H (``DistributedConfig(ep_size=...)``) and SP plans for other
-architectures; both are refused with a clear error rather than ignored.
+* expert parallelism (Nemotron-H): transformers' own EP plan (``base_model_ep_plan``) with ``ep_size == tp_size``:
+  each rank of the TP group holds ``experts / EP`` experts, runs them on the group's shared batch, and the outputs
+  are summed (``ep_implementation="all_reduce"``). Mamba and attention layers stay replicated (Nemotron-H's TP
+  plan splits only the vocabulary).
+
+Not here yet: EP across data-parallel ranks (all-to-all dispatch), SP plans for architectures other than Llama;
+both are refused with a clear error rather than ignored.
 
 Example (every rank of a 2-process group)::
 
@@ -100,7 +105,15 @@ def distributed_config(p: ParallelismConfig, model_type: str = "llama") -> Distr
     """transformers' ``DistributedConfig`` for the tensor- (and sequence-) parallel part of ``p``: the model's own
     TP plan, or with ``sequence=true`` the written SP plan of its architecture (:data:`SP_PLANS`)."""
     if p.expert > 1:
-        raise NotImplementedError("parallelism.expert > 1 is not built for engine hf yet; use expert=1")
+        if p.expert != p.tensor or p.expert_tensor_size != 1:
+            raise NotImplementedError(
+                f"engine hf builds expert parallelism inside the tensor-parallel group (expert == tensor, "
+                f"expert_tensor=1: transformers' all_reduce dispatch, experts not split by TP); got expert="
+                f"{p.expert}, tensor={p.tensor}, expert_tensor={p.expert_tensor_size}. EP across data-parallel "
+                "ranks (all-to-all) is not built yet")
+        if p.sequence:
+            raise NotImplementedError("parallelism.sequence=true with experts: no SP plan for MoE backbones yet")
+        return DistributedConfig(tp_size=p.tensor, ep_size=p.expert, ep_implementation="all_reduce")
     if not p.sequence:
         return DistributedConfig(tp_size=p.tensor)
     if model_type not in SP_PLANS:
