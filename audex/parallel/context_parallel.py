@@ -17,9 +17,10 @@ shifted *before* the split (a rank's last token predicts a token another rank ho
   one-process loss, so parameter gradients are the **sum** over the CP group.
 
 Why hand-written: torch's ``context_parallel`` (``torch.distributed.tensor.experimental``, a prototype) runs
-ring attention only for whole-sequence causal SDPA on its CUDA kernels (flash / efficient / cuDNN ops); packed
-samples need FlexAttention with ``_PerDocumentHeadTailLoadBalancer``, and FlexAttention has no CPU backward in
-torch 2.13. Transformer Engine's THD CP and megatron-core's CP need CUDA. This module covers the CPU
+ring attention for whole-sequence causal SDPA only, and its handlers cover the CUDA flash / efficient / cuDNN
+ops only (not ``_scaled_dot_product_flash_attention_for_cpu``, the op SDPA runs on a CPU); packed
+samples need its FlexAttention path with ``_PerDocumentHeadTailLoadBalancer``, and FlexAttention has no CPU
+backward in torch 2.13. Transformer Engine's THD CP and megatron-core's CP need CUDA. This module covers the CPU
 (gloo) path and is the reference those GPU engines are tested against.
 
 Example (each of the CP ranks, same batch on all)::
