@@ -2,7 +2,8 @@
 
 * TP=2 through transformers' own Llama plan (``DistributedConfig``), and TP=2 + SP through the written Llama SP
   plan: loss within 1e-5, gradients within 1e-6, and the weights after one SGD step (so that the ``Partial``
-  gradients of the sequence-parallel norms are reduced where the optimizer uses them).
+  gradients of the sequence-parallel norms are reduced where the optimizer uses them); SP also with the row given
+  as ``inputs_embeds`` (AudexModel's way in, audio merged).
 * FSDP2 (torch ``fully_shard``) over 2 data-parallel ranks, each with half the batch: loss and gradients equal
   one process on the whole batch.
 * EP=2 on a tiny Nemotron-H (8 routed experts, 4 on each rank) through transformers' EP plan.
@@ -51,12 +52,13 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def step(lm, ids):
+def step(lm, ids, embeds: bool = False):
     """Loss (transformers' token mean; every position trainable, so halves weigh equally), gradients, and the
-    weights after one SGD step."""
+    weights after one SGD step. ``embeds``: the row goes in as ``inputs_embeds`` (as AudexModel sends it)."""
     lm.train()
     positions = torch.arange(ids.shape[1]).expand_as(ids)
-    loss = lm(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+    inputs = {"inputs_embeds": lm.get_input_embeddings()(ids) * 1.5} if embeds else {"input_ids": ids}
+    loss = lm(**inputs, position_ids=positions, labels=ids, use_cache=False).loss
     loss.backward()
     grads = {n: full(p.grad).detach().clone() for n, p in lm.named_parameters()}
     torch.optim.SGD(lm.parameters(), lr=0.5).step()
@@ -65,12 +67,15 @@ def step(lm, ids):
 
 def hf_worker(rank, world, tmp):
     folder = tmp / "llama"
-    for mode, sequence in (("tp", False), ("sp", True)):
+    for mode, sequence, embeds in (("tp", False, False), ("sp", True, False), ("sp_embeds", True, True)):
         tp = load_tensor_parallel(str(folder), ParallelismConfig(world_size=world, tensor=2, sequence=sequence),
                                   dtype=torch.float32)
         assert isinstance(tp.model.layers[0].self_attn.q_proj.weight, DTensor)             # really sharded
         assert ("audex_sp_gather" in tp.tp_plan.values()) == sequence
-        torch.save(step(tp, batch()), tmp / f"{mode}{rank}.pt")
+        torch.save(step(tp, batch(), embeds), tmp / f"{mode}{rank}.pt")
+        if sequence and not embeds:
+            with pytest.raises(ValueError, match="needs the whole row's position_ids"):
+                tp(input_ids=batch())
 
     lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
     fully_shard_backbone(lm, init_device_mesh("cpu", (world,)))
@@ -95,13 +100,15 @@ def hf_run(tmp_path_factory):
     for name in ("llama", "nemotron_h"):
         lm = AutoModelForCausalLM.from_pretrained(str(tmp / name), local_files_only=True, dtype=torch.float32)
         ref[name] = step(lm, batch())
+    lm = AutoModelForCausalLM.from_pretrained(str(tmp / "llama"), local_files_only=True, dtype=torch.float32)
+    ref["llama_embeds"] = step(lm, batch(), embeds=True)
     return tmp, ref
 
 
-@pytest.mark.parametrize("mode", ["tp", "sp", "fsdp", "ep"])
+@pytest.mark.parametrize("mode", ["tp", "sp", "sp_embeds", "fsdp", "ep"])
 def test_two_processes_equal_one(hf_run, mode):
     tmp, ref = hf_run
-    loss, grads, weights = ref["nemotron_h" if mode == "ep" else "llama"]
+    loss, grads, weights = ref[{"ep": "nemotron_h", "sp_embeds": "llama_embeds"}.get(mode, "llama")]
     for rank in range(2):
         got_loss, got_grads, got_weights = torch.load(tmp / f"{mode}{rank}.pt")
         assert abs(float(got_loss) - float(loss)) <= 1e-5

@@ -5,7 +5,8 @@
   (:func:`load_tensor_parallel`);
 * sequence parallelism: transformers 5.24 reserves ``DistributedConfig.enable_sequence_parallel`` but documents
   it as "not wired up yet", so :data:`LLAMA_SP_PLAN` writes Megatron's SP layout as a ``tp_plan`` of
-  transformers' own styles plus two small boundary styles (gather a block's input, scatter the embeddings).
+  transformers' own styles plus two small boundary styles (the row enters the layers as sequence shards, whether
+  given as token ids or as embeddings with audio merged in; each block gathers its input).
   Norm weights then get ``Partial`` gradients, which DTensor reduces when the optimizer reads them;
 * FSDP2: torch's ``fully_shard`` on every decoder layer and then on the whole model (:func:`fully_shard_backbone`),
   the layout NeMo speechlm2 and torchtitan use;
@@ -41,17 +42,33 @@ from transformers.distributed.tensor_parallel import (
 from audex.parallel.config import ParallelismConfig
 
 
-class _SequenceBoundary(TensorParallelLayer):
-    """Moves a module's hidden states between sequence shards (``Shard(1)``) and whole rows (``Replicate``):
-    ``gather_input`` all-gathers the input of an attention / MLP block (its backward keeps this rank's slice),
-    ``scatter_output`` keeps this rank's slice of a replicated output (the embeddings; backward all-gathers)."""
+def _to_sequence_shard(x, mesh):
+    """This rank's slice of a whole row along the sequence (backward all-gathers the gradient)."""
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False).redistribute(placements=[Shard(1)]).to_local()
 
-    def __init__(self, gather_input: bool):
-        self.gather_input = gather_input
+
+class _SequenceParallelEntry(TensorParallelLayer):
+    """On the base model (``LlamaModel``): the row enters the decoder layers as sequence shards. Token ids are
+    embedded whole first, so a caller that merges its own embeddings (``AudexModel.embed_inputs`` puts the audio
+    frames in) passes the whole row as ``inputs_embeds`` just the same. The row's ``position_ids`` are required:
+    the base model would otherwise number a shard's positions from 0."""
 
     def transform_inputs_pre_forward(self, module, args, kwargs, mesh):
-        if not self.gather_input:
-            return args, kwargs
+        if args:
+            raise ValueError("a sequence-parallel base model takes keyword arguments (input_ids=/inputs_embeds=)")
+        if kwargs.get("position_ids") is None:
+            raise ValueError("sequence parallelism needs the whole row's position_ids in the model call")
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = module.get_input_embeddings()(kwargs["input_ids"])
+        return args, {**kwargs, "input_ids": None, "inputs_embeds": _to_sequence_shard(embeds, mesh)}
+
+
+class _GatherSequenceInput(TensorParallelLayer):
+    """On an attention or MLP block: all-gather its input from sequence shards to the whole row (the backward
+    keeps this rank's slice of the gradient)."""
+
+    def transform_inputs_pre_forward(self, module, args, kwargs, mesh):
         key = "hidden_states" if "hidden_states" in kwargs else None
         x = kwargs[key] if key else args[0]
         x = DTensor.from_local(x, mesh, [Shard(1)], run_check=False).redistribute(placements=[Replicate()]).to_local()
@@ -59,24 +76,18 @@ class _SequenceBoundary(TensorParallelLayer):
             return args, {**kwargs, key: x}
         return (x,) + args[1:], kwargs
 
-    def transform_output_post_forward(self, module, output, mesh):
-        if self.gather_input:
-            return output
-        return DTensor.from_local(output, mesh, [Replicate()], run_check=False).redistribute(
-            placements=[Shard(1)]).to_local()
-
 
 #: Megatron-style sequence parallelism for Llama-family layers, written with transformers' TP styles: hidden states
 #: between blocks are sequence shards; each attention / MLP block gathers its input, its column-parallel projections
 #: run on whole rows, and its row-parallel output projection reduce-scatters back to sequence shards.
 SP_STYLES = {
-    "audex_sp_scatter": _SequenceBoundary(gather_input=False),
-    "audex_sp_gather": _SequenceBoundary(gather_input=True),
+    "audex_sp_entry": _SequenceParallelEntry(),
+    "audex_sp_gather": _GatherSequenceInput(),
     "audex_rowwise_to_sequence": RowwiseParallel(input_layouts=Shard(-1), output_layouts=Shard(1)),
     "audex_colwise_from_sequence_gather": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
 }
 LLAMA_SP_PLAN = {
-    "model.embed_tokens": "audex_sp_scatter",
+    "model": "audex_sp_entry",
     "model.layers.*.input_layernorm": "sequence_parallel",
     "model.layers.*.self_attn": "audex_sp_gather",
     "model.layers.*.self_attn.q_proj": "colwise",
@@ -125,7 +136,7 @@ def distributed_config(p: ParallelismConfig, model_type: str = "llama") -> Distr
 
 def load_tensor_parallel(folder: str, p: ParallelismConfig, dtype=None):
     """A causal LM from a local Hugging Face folder, its weights loaded as this rank's TP shards (DTensors).
-    With sequence parallelism, call it with the row's ``position_ids`` (the embeddings leave as sequence shards)."""
+    With sequence parallelism, call it with the row's ``position_ids`` and keyword arguments."""
     model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
     return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
                                                 distributed_config=distributed_config(p, model_type))
