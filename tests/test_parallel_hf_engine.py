@@ -37,7 +37,7 @@ def make_folder(tmp):
     torch.manual_seed(0)
     cfg = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                               tie_word_embeddings=False)
+                               tie_word_embeddings=True)                  # tied, as the 2B backbone
     lm = AutoModelForCausalLM.from_config(cfg)
     lm.save_pretrained(tmp / "llama")
     return tmp / "llama"
