@@ -60,8 +60,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["audex", "audex.*"]) + ["audex.assets"],
     py_modules=["audex_nemo_hook"],
-    package_data={"audex": ["assets/*.txt", "eval/reference_tables/*", "conf/*.yaml", "conf/**/*.yaml",
-                            "serving/triton/**/*", "export/triton_models/**/*"]},
+    package_data={"audex": ["assets/*.txt", "eval/reference_tables/*", "conf/*.yaml", "conf/**/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch==2.13.0",
@@ -86,6 +85,9 @@ setup(
         # nvidia-pytriton (the Triton server binary) is installed with --no-deps by scripts/setup_env.sh: its
         # numpy<2 pin would downgrade the whole environment
         "export": ["onnx", "onnxruntime", "tritonclient[all]"],
+        # the TensorRT-LLM release the deployment code is written and checked against (audex/export/executor_blocks.py
+        # TRTLLM_VERSION); CUDA hosts only, never installed by scripts/setup_env.sh
+        "trtllm": ["tensorrt_llm==1.2.0rc2"],
     },
     entry_points={
         "console_scripts": [
