@@ -17,7 +17,7 @@ from audex.modules.backbone import AudexBackbone
 from audex.parallel.config import ModelDims, ParallelismConfig, ParallelismError, check_engine
 from audex.parallel.planner import format_plan, plan_layout
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPER = dict(world_size=512, tensor=4, sequence=True, context=8, expert=32)
 DIMS_30B = ModelDims(num_attention_heads=32, num_key_value_heads=2, vocab_size=205312, hidden_size=2688,
                      num_layers=52, mamba_num_heads=64, mamba_groups=8, num_experts=128, experts_per_token=6)
