@@ -67,6 +67,7 @@ setup(
         "nemo-toolkit[common]==3.0.0",
         "lhotse==1.33.0",
         "transformers>=5.0,<6",
+        "accelerate",                  # transformers' sharded loading (DistributedConfig: TP, FSDP, EP)
         "hydra-core>=1.3,<=1.3.2",
         "omegaconf>=2.3,<=2.3.0",
         "lightning>=2.4",
