@@ -96,6 +96,7 @@ setup(
             "audex-infer=audex.cli.infer:main",
             "audex-eval=audex.cli.eval:main",
             "audex-params=audex.cli.params:main",
+            "audex-plan-parallelism=audex.cli.plan_parallelism:main",
             "audex-export=audex.cli.export:main",
             "audex-export-trtllm=audex.cli.export:main",  # the 0.1 name of audex-export, kept for existing scripts
             "audex-triton-repo=audex.cli.triton_repo:main",

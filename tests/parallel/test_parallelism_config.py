@@ -142,7 +142,7 @@ def test_planner_for_the_dense_2b_and_its_refusal():
 
 @pytest.mark.slow
 def test_plan_parallelism_script(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "plan_parallelism.py"), "model=audex_30b_a3b", "parallelism=paper"]
+    cmd = [sys.executable, str(ROOT / "examples" / "audex_plan_parallelism.py"), "model=audex_30b_a3b", "parallelism=paper"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "world 512 = TP 4 x CP 8 x PP 1 x DP 16" in out.stdout

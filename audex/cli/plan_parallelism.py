@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Print what each GPU holds under a parallel layout, as a dry run on the meta device (nothing allocated).
 
-    python scripts/plan_parallelism.py model=audex_30b_a3b parallelism=paper
-    python scripts/plan_parallelism.py model=audex_2b parallelism=paper parallelism.expert=1
-    python scripts/plan_parallelism.py model=audex_30b_a3b parallelism=paper parallelism.world_size=1024
+    python examples/audex_plan_parallelism.py model=audex_30b_a3b parallelism=paper
+    python examples/audex_plan_parallelism.py model=audex_2b parallelism=paper parallelism.expert=1
+    python examples/audex_plan_parallelism.py model=audex_30b_a3b parallelism=paper parallelism.world_size=1024
 
 An impossible layout (sizes that do not divide, EP larger than the experts, CP without packed rows, ...) ends
 with the error naming the key to change. The last line is the plan as JSON.
@@ -17,11 +16,12 @@ from hydra.core.hydra_config import HydraConfig
 from nemo.core.config import hydra_runner
 from omegaconf import DictConfig
 
+from audex import CONF_DIR
 from audex.parallel.config import ParallelismConfig, ParallelismError
 from audex.parallel.planner import format_plan, plan_layout
 
 
-@hydra_runner(config_path="../conf", config_name="plan_parallelism")
+@hydra_runner(config_path=str(CONF_DIR), config_name="plan_parallelism")
 def main(cfg: DictConfig) -> None:
     try:
         parallelism = ParallelismConfig.from_dict(cfg.parallelism)
@@ -38,6 +38,3 @@ def main(cfg: DictConfig) -> None:
 def _choice(group: str) -> str:
     return str(HydraConfig.get().runtime.choices.get(group, group))
 
-
-if __name__ == "__main__":
-    main()
