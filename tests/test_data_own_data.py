@@ -1,0 +1,290 @@
+"""Bring your own data: NeMo manifests (plain, tarred), a Lhotse recipe's CutSet and a Hugging Face dataset, each
+made here on generated audio, train two steps of a stage; the ASR suite evaluates the NeMo and HF data; bad rows
+are counted skips with their reasons."""
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import soundfile as sf
+from data_scripts import ROOT, load_script
+from hydra import compose, initialize_config_dir
+from lhotse import CutSet, RecordingSet, SupervisionSegment, SupervisionSet
+from lhotse.recipes import prepare_librispeech
+from lightning.pytorch import Callback
+from omegaconf import OmegaConf
+
+from audex.data import schema
+from audex.data.blend import annotate_input_cfg, count_samples
+from audex.data.datamodule import build_dataloader
+from audex.data.nemo_manifest import expand_paths, read_manifest_cuts
+from audex.data.sequence import IGNORE_INDEX, SequenceBuilder, WindowedFrames
+from audex.data.skips import CORRUPT_AUDIO, MISSING_AUDIO, MISSING_FIELD, UNKNOWN_TASK
+from audex.tokenizer import AudexTokenizer
+
+WORDS = ["red", "blue", "cat", "dog", "two", "three", "boxes", "keys"]
+TINY_FRAMES = WindowedFrames(window_samples=10 * 16000, frames_per_window=250)  # conf/model/tiny.yaml
+
+
+def tone_bytes(seconds: float, freq: float, fmt: str = "WAV") -> bytes:
+    t = np.arange(int(round(16000 * seconds))) / 16000
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * math.pi * freq * t)).astype(np.float32), 16000, format=fmt)
+    return buf.getvalue()
+
+
+def sentence(i: int) -> str:
+    return f"{WORDS[i % 8]} {WORDS[(i + 3) % 8]}"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AudexTokenizer.build_tiny()
+
+
+@pytest.fixture(scope="module")
+def nemo_dir(tmp_path_factory) -> Path:
+    """manifest.json (audio_filepath/duration/text only, relative paths) and a 2-shard tarred copy."""
+    root = tmp_path_factory.mktemp("nemo")
+    (root / "wav").mkdir()
+    lines = []
+    for i in range(8):
+        seconds = 0.5 + 0.05 * i
+        (root / "wav" / f"u{i}.wav").write_bytes(tone_bytes(seconds, 300 + 40 * i))
+        lines.append({"audio_filepath": f"wav/u{i}.wav", "duration": seconds, "text": sentence(i)})
+    (root / "manifest.json").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for shard in range(2):
+        with tarfile.open(root / f"audio_{shard}.tar", "w") as tar:
+            for i in range(4 * shard, 4 * shard + 4):
+                tar.add(root / "wav" / f"u{i}.wav", arcname=f"u{i}.wav")
+        (root / f"tarred_{shard}.json").write_text("".join(
+            json.dumps({"audio_filepath": f"u{i}.wav", "duration": lines[i]["duration"], "text": sentence(i),
+                        "shard_id": shard}) + "\n" for i in range(4 * shard, 4 * shard + 4)))
+    return root
+
+
+class StepRecorder(Callback):
+    def __init__(self):
+        self.losses, self.global_step = [], 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer, pl_module):
+        self.global_step = trainer.global_step
+
+
+def train_two_steps(input_cfg: list[dict], exp_dir: Path) -> tuple[StepRecorder, Path]:
+    """Stage 3 of the tiny model, two optimizer steps (2 micro-batches each) on ``input_cfg`` alone."""
+    from audex.training.run import train_stage
+
+    overrides = [
+        "model=tiny", "data=demo", "trainer=cpu", "~data.validation_ds", "data.max_length=1024",
+        "data.global_batch_size=2", "data.max_skip_rate=0.5", "trainer.max_steps=2", "trainer.limit_val_batches=0",
+        "trainer.enable_progress_bar=false", "model.text_gate.enabled=false", f"exp_manager.exp_dir={exp_dir}",
+        "exp_manager.create_tensorboard_logger=false",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="stage3", overrides=overrides)
+    cfg.data.manifest_dir = None
+    cfg.data.blend_epochs = {"asr_ast": 3.0}
+    cfg.data.train_ds.input_cfg = OmegaConf.create(input_cfg)
+    rec = StepRecorder()
+    nemo = train_stage(cfg, callbacks=[rec])
+    assert rec.global_step == 2 and len(rec.losses) == 4
+    assert all(math.isfinite(v) and v > 0 for v in rec.losses)
+    return rec, nemo
+
+
+def eval_asr(model: Path, manifest: Path, out: Path, **extra):
+    from audex.eval.runner import run_eval
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf" / "eval"), version_base=None):
+        cfg = compose(config_name="eval", overrides=[
+            f"model={model}", "suite=asr", f"manifest={manifest}", f"output_dir={out}", "progress=false",
+            "device=cpu", "+generation.asr.max_new_tokens=8"])
+    for k, v in extra.items():
+        cfg[k] = v
+    return run_eval(cfg)
+
+
+# ---- NeMo manifests --------------------------------------------------------------------------------
+def test_nemo_items_count_without_num_samples_and_route_to_audex_reader(nemo_dir):
+    item = {"type": "nemo", "manifest_filepath": "manifest.json", "tags": {"task": "asr"}, "blend": "asr_ast"}
+    items, sources = annotate_input_cfg([item], {"asr_ast": 2.0}, manifest_dir=str(nemo_dir))
+    assert items[0]["type"] == "audex_nemo" and items[0]["manifest_filepath"] == str(nemo_dir / "manifest.json")
+    assert sources[0].num_samples == 8 and items[0]["weight"] == 16.0
+    tarred = {"type": "nemo_tarred", "manifest_filepath": str(nemo_dir / "tarred__OP_0..1_CL_.json"),
+              "tarred_audio_filepaths": str(nemo_dir / "audio__OP_0..1_CL_.tar")}
+    assert count_samples(tarred) == 8
+    assert expand_paths(tarred["tarred_audio_filepaths"]) == [str(nemo_dir / "audio_0.tar"), str(nemo_dir / "audio_1.tar")]
+
+
+def test_nemo_reader_does_not_import_the_asr_collection(nemo_dir, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from audex.data.nemo_manifest import read_manifest_cuts as r; "
+            f"cuts = list(r({str(nemo_dir / 'manifest.json')!r})); "
+            f"tar = list(r({str(nemo_dir / 'tarred__OP_0..1_CL_.json')!r}, {str(nemo_dir / 'audio__OP_0..1_CL_.tar')!r})); "
+            "print(len(cuts), len(tar), cuts[3].load_audio().shape[1], tar[3].load_audio().shape[1], "
+            "any(m.startswith('nemo.collections.asr') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split()[-5:] == ["8", "8", str(int(16000 * 0.65)), str(int(16000 * 0.65)), "False"]
+
+
+def test_nemo_bad_rows_are_counted_skips(nemo_dir, tmp_path, tok):
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF" + b"\x00" * 60)
+    bad = [{"audio_filepath": str(nemo_dir / "wav" / "gone.wav"), "duration": 1.0, "text": "lost", "lang": "de"},
+           {"audio_filepath": str(tmp_path / "corrupt.wav"), "duration": 1.0, "text": "broken", "lang": "de"},
+           {"audio_filepath": str(nemo_dir / "wav" / "u1.wav"), "duration": 0.55, "text": "", "lang": "de"},
+           {"audio_filepath": str(nemo_dir / "wav" / "u2.wav"), "duration": 0.6, "text": "sing", "lang": "de",
+            "task": "karaoke"}]
+    good = [json.loads(x) for x in (nemo_dir / "manifest.json").read_text().splitlines()]
+    for x in good:
+        x["audio_filepath"] = str(nemo_dir / x["audio_filepath"])
+        x["lang"] = "de"  # per line; the item has no language tag
+    good[0]["task"] = "asr"  # per line
+    (tmp_path / "m.json").write_text("".join(json.dumps(x) + "\n" for x in good + bad))
+    cfg = {"input_cfg": [{"type": "nemo", "manifest_filepath": str(tmp_path / "m.json"), "blend": "asr_ast"}],
+           "blend_epochs": {"asr_ast": 1.0}, "batch_size": 4, "max_length": 1024, "max_skip_rate": None,
+           "use_multimodal_sampling": True, "num_workers": 0, "shuffle": False, "packing": {"enabled": False}}
+    loader = build_dataloader(cfg, tok, TINY_FRAMES, "val")
+    seen = [i for b in loader for i in b.cut_ids]
+    # without a task tag only the line that has its own task is used; the tag of the item then overrides lines
+    assert loader.skips.counts == {UNKNOWN_TASK: 11} and seen == [good[0]["audio_filepath"][:-4]]
+    cfg["input_cfg"][0]["tags"] = {"task": "asr"}
+    loader = build_dataloader(cfg, tok, TINY_FRAMES, "val")
+    seen = [i for b in loader for i in b.cut_ids]
+    assert loader.skips.counts == {MISSING_AUDIO: 1, CORRUPT_AUDIO: 1, MISSING_FIELD: 1}
+    assert len(seen) == 9 and loader.skips.kept == 9
+    cut = next(iter(read_manifest_cuts(tmp_path / "m.json")))
+    cut.custom["task"] = "asr"
+    seq = SequenceBuilder(tok, TINY_FRAMES, max_length=1024)(cut)
+    assert tok.decode(seq.input_ids[seq.labels != IGNORE_INDEX]).startswith(f"Language: de\nTranscription: {sentence(0)}")
+
+
+def test_train_and_evaluate_from_a_plain_nemo_manifest(nemo_dir, tmp_path):
+    items = [{"type": "nemo", "manifest_filepath": str(nemo_dir / "manifest.json"),
+              "tags": {"task": "asr", "language": "en"}, "blend": "asr_ast"}]
+    _, nemo = train_two_steps(items, tmp_path / "run")
+    summary = eval_asr(nemo, nemo_dir / "manifest.json", tmp_path / "eval")
+    assert summary.counts["total"] == 8 and summary.counts["scored"] == 8
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in rows} == {f"wav/u{i}" for i in range(8)}
+    assert {r["reference"]["text"] for r in rows} == {sentence(i) for i in range(8)}
+    assert {r["reference"]["language"] for r in rows} == {"en"}  # the suite's default: the manifest has no lang
+
+
+def test_train_from_a_tarred_nemo_manifest(nemo_dir, tmp_path):
+    items = [{"type": "nemo_tarred", "manifest_filepath": str(nemo_dir / "tarred__OP_0..1_CL_.json"),
+              "tarred_audio_filepaths": str(nemo_dir / "audio__OP_0..1_CL_.tar"),
+              "tags": {"task": "asr", "language": "en"}, "blend": "asr_ast"}]
+    train_two_steps(items, tmp_path / "run")
+
+
+# ---- a Lhotse recipe's output ----------------------------------------------------------------------
+def test_train_from_lhotse_librispeech_recipe_output(tmp_path, tok):
+    part = tmp_path / "LibriSpeech" / "dev-clean"
+    for spk, chap in ((19, 198), (26, 495)):
+        folder = part / str(spk) / str(chap)
+        folder.mkdir(parents=True)
+        lines = []
+        for u in range(4):
+            (folder / f"{spk}-{chap}-{u:04d}.flac").write_bytes(tone_bytes(0.5 + 0.1 * u, 200 + 50 * u, "FLAC"))
+            lines.append(f"{spk}-{chap}-{u:04d} {sentence(u + spk).upper()}")
+        (folder / f"{spk}-{chap}.trans.txt").write_text("\n".join(lines) + "\n")
+    manifests = prepare_librispeech(tmp_path / "LibriSpeech", dataset_parts="auto")  # Lhotse's own recipe
+    cuts = CutSet.from_manifests(**manifests["dev-clean"])
+    cuts.to_file(tmp_path / "recipe_cuts.jsonl.gz")
+    assert len(cuts) == 8 and next(iter(cuts)).supervisions[0].language == "English"
+    items = [{"type": "lhotse", "cuts_path": str(tmp_path / "recipe_cuts.jsonl.gz"),
+              "tags": {"task": "asr", "language": "en"}, "blend": "asr_ast"}]
+    train_two_steps(items, tmp_path / "run")
+
+
+def test_ast_translation_from_a_named_field(tmp_path, tok):
+    """A CutSet built by Lhotse (RecordingSet + SupervisionSet) whose supervisions carry the translation under
+    their own key: ``translation_field`` names it."""
+    for i in range(3):
+        (tmp_path / f"d{i}.flac").write_bytes(tone_bytes(0.6, 250 + 30 * i, "FLAC"))
+    recs = RecordingSet.from_dir(tmp_path, pattern="*.flac")
+    sups = SupervisionSet.from_segments([
+        SupervisionSegment(id=r.id, recording_id=r.id, start=0, duration=r.duration, text=f"rot blau {i}",
+                           language="de", custom={"en_text": f"red blue {i}"}) for i, r in enumerate(recs)])
+    CutSet.from_manifests(recordings=recs, supervisions=sups).to_file(tmp_path / "de_en.jsonl.gz")
+    cfg = {"input_cfg": [{"type": "lhotse", "cuts_path": str(tmp_path / "de_en.jsonl.gz"), "blend": "asr_ast",
+                          "tags": {"task": "ast", "translation_field": "en_text"}}],
+           "blend_epochs": {"asr_ast": 1.0}, "batch_size": 4, "max_length": 1024, "use_multimodal_sampling": True,
+           "num_workers": 0, "shuffle": False, "packing": {"enabled": False}}
+    loader = build_dataloader(cfg, tok, TINY_FRAMES, "val")
+    batches = list(loader)
+    assert loader.skips.skipped == 0 and sum(b.num_samples for b in batches) == 3
+    labels = batches[0].labels[0]
+    text = tok.decode(batches[0].input_ids[0][labels != IGNORE_INDEX])
+    assert text.startswith("Language: de\nTranscription: rot blau 0\nTranslation: red blue 0")
+
+
+# ---- a Hugging Face dataset ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_dataset(tmp_path_factory) -> Path:
+    """8 good rows (WAV and FLAC bytes, one row that names a local file) and 3 bad ones, saved to disk."""
+    root = tmp_path_factory.mktemp("hf")
+    sf.write(root / "local.wav", np.zeros(9600, dtype=np.float32) + 0.01, 16000)
+    audio = [{"bytes": tone_bytes(0.5 + 0.05 * i, 300 + 30 * i, "FLAC" if i % 2 else "WAV"),
+              "path": f"clip{i}.{'flac' if i % 2 else 'wav'}"} for i in range(7)]
+    audio.append({"bytes": None, "path": str(root / "local.wav")})
+    text = [sentence(i) for i in range(8)]
+    audio += [{"bytes": b"RIFFjunk", "path": "bad.wav"}, {"bytes": tone_bytes(0.5, 440), "path": "x.wav"},
+              {"bytes": None, "path": str(root / "gone.wav")}]
+    text += ["corrupt audio", "", "missing file"]
+    ds = datasets.Dataset.from_dict({"audio": audio, "text": text, "language": ["en"] * 11})
+    ds = ds.cast_column("audio", datasets.Audio(sampling_rate=16000))
+    ds.save_to_disk(str(root / "ds"))
+    return root
+
+
+def test_prepare_hf_dataset_then_train_and_evaluate(hf_dataset, tmp_path, capsys):
+    out = tmp_path / "hf_cuts.jsonl.gz"
+    code = load_script("prepare_hf_dataset").main([str(hf_dataset / "ds"), "--task", "asr", "--audio-column", "audio",
+                                                   "--text-column", "text", "-o", str(out), "--max-skip-rate", "0.3"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "prepare_hf_dataset: 8 kept, 3 skipped (27.27 %)" in printed
+    assert "corrupt_audio=1" in printed and "missing_audio=1" in printed and "missing_field=1" in printed
+    cuts = {c.id: c for c in CutSet.from_file(out)}
+    assert sorted(cuts) == [f"ds-{i:08d}" for i in range(8)]
+    written = sorted(p.name for p in (tmp_path / "hf_cuts.audio").iterdir())
+    assert written == [f"ds-{i:08d}.{'flac' if i % 2 else 'wav'}" for i in range(7)]  # bytes written once, as is
+    assert all(s.type == "file" for c in cuts.values() for s in c.recording.sources)
+    assert cuts["ds-00000003"].load_audio().shape == (1, int(16000 * 0.65))
+    assert schema.get_transcript(cuts["ds-00000005"]) == sentence(5) and schema.get_language(cuts["ds-00000005"]) == "en"
+    assert cuts["ds-00000007"].recording.sources[0].source == str(hf_dataset / "local.wav")
+
+    items = [{"type": "lhotse", "cuts_path": str(out), "blend": "asr_ast"}]
+    _, nemo = train_two_steps(items, tmp_path / "run")
+    summary = eval_asr(nemo, out, tmp_path / "eval")
+    assert summary.counts["total"] == 8 and summary.counts["scored"] == 8
+
+
+@pytest.mark.parametrize("task,extra,field,expected", [
+    ("ast", ["--translation-column", "en"], "translation", "in English 2"),
+    ("audio_qa", ["--question", "What is it?", "--answer-column", "text"], "answer", sentence(2)),
+    ("tta", [], "caption", sentence(2)),
+])
+def test_prepare_hf_dataset_other_tasks(tmp_path, capsys, task, extra, field, expected):
+    ds = datasets.Dataset.from_dict({"audio": [{"bytes": tone_bytes(0.5, 300 + 20 * i), "path": None} for i in range(3)],
+                                     "text": [sentence(i) for i in range(3)], "en": [f"in English {i}" for i in range(3)]})
+    ds.cast_column("audio", datasets.Audio()).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "cuts.jsonl"
+    code = load_script("prepare_hf_dataset").main([str(tmp_path / "ds"), "--task", task, "--language", "de",
+                                                   "-o", str(out), *extra])
+    assert code == 0, capsys.readouterr().out
+    cut = CutSet.from_file(out)[2]
+    assert schema.get_task(cut) == task and cut.custom[field] == expected
+    assert (tmp_path / "cuts.audio" / "ds-00000002.wav").is_file()
