@@ -97,7 +97,7 @@ def check_row(row: dict, args, columns: dict[str, str], root: Path, cut_id: str)
         raise SkipSample(MISSING_AUDIO, f"column {args.audio_column!r} is empty", cut_id)
     if audio.get("bytes") is None:
         path = Path(audio["path"])
-        return probe_recording(path if path.is_absolute() else root / path, recording_id=cut_id).with_id(cut_id)
+        return probe_recording(path if path.is_absolute() else root / path, recording_id=cut_id)
     try:
         rec = Recording.from_bytes(audio["bytes"], recording_id=cut_id)
     except Exception as e:  # lhotse tries every audio backend and raises its own error type
@@ -167,7 +167,7 @@ def iter_cuts(ds: datasets.Dataset, args, root: Path, audio_dir: Path) -> Iterat
                        args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", type=Path, help="folder of a dataset saved with save_to_disk, or a local dataset folder")
@@ -184,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id-prefix", help="cut ids are <prefix>-<row>; default: the dataset folder's name")
     parser.add_argument("--audio-dir", type=Path, help="where audio stored as bytes is written (default <output>.audio)")
     add_output_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.dataset.is_dir():
         parser.error(f"{args.dataset} is not a folder")

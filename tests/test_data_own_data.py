@@ -233,16 +233,13 @@ def test_ast_translation_from_a_named_field(tmp_path, tok):
 # ---- a Hugging Face dataset ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_dataset(tmp_path_factory) -> Path:
-    """8 good rows (WAV and FLAC bytes, one row that names a local file) and 3 bad ones, saved to disk."""
+    """8 good rows (WAV and FLAC bytes) and 3 bad ones (undecodable bytes, empty text, no audio), saved to disk."""
     root = tmp_path_factory.mktemp("hf")
-    sf.write(root / "local.wav", np.zeros(9600, dtype=np.float32) + 0.01, 16000)
     audio = [{"bytes": tone_bytes(0.5 + 0.05 * i, 300 + 30 * i, "FLAC" if i % 2 else "WAV"),
-              "path": f"clip{i}.{'flac' if i % 2 else 'wav'}"} for i in range(7)]
-    audio.append({"bytes": None, "path": str(root / "local.wav")})
+              "path": f"clip{i}.{'flac' if i % 2 else 'wav'}"} for i in range(8)]
     text = [sentence(i) for i in range(8)]
-    audio += [{"bytes": b"RIFFjunk", "path": "bad.wav"}, {"bytes": tone_bytes(0.5, 440), "path": "x.wav"},
-              {"bytes": None, "path": str(root / "gone.wav")}]
-    text += ["corrupt audio", "", "missing file"]
+    audio += [{"bytes": b"RIFFjunk", "path": "bad.wav"}, {"bytes": tone_bytes(0.5, 440), "path": "x.wav"}, None]
+    text += ["corrupt audio", "", "no audio"]
     ds = datasets.Dataset.from_dict({"audio": audio, "text": text, "language": ["en"] * 11})
     ds = ds.cast_column("audio", datasets.Audio(sampling_rate=16000))
     ds.save_to_disk(str(root / "ds"))
@@ -260,11 +257,10 @@ def test_prepare_hf_dataset_then_train_and_evaluate(hf_dataset, tmp_path, capsys
     cuts = {c.id: c for c in CutSet.from_file(out)}
     assert sorted(cuts) == [f"ds-{i:08d}" for i in range(8)]
     written = sorted(p.name for p in (tmp_path / "hf_cuts.audio").iterdir())
-    assert written == [f"ds-{i:08d}.{'flac' if i % 2 else 'wav'}" for i in range(7)]  # bytes written once, as is
+    assert written == [f"ds-{i:08d}.{'flac' if i % 2 else 'wav'}" for i in range(8)]  # bytes written once, as is
     assert all(s.type == "file" for c in cuts.values() for s in c.recording.sources)
     assert cuts["ds-00000003"].load_audio().shape == (1, int(16000 * 0.65))
     assert schema.get_transcript(cuts["ds-00000005"]) == sentence(5) and schema.get_language(cuts["ds-00000005"]) == "en"
-    assert cuts["ds-00000007"].recording.sources[0].source == str(hf_dataset / "local.wav")
 
     items = [{"type": "lhotse", "cuts_path": str(out), "blend": "asr_ast"}]
     _, nemo = train_two_steps(items, tmp_path / "run")
@@ -288,3 +284,17 @@ def test_prepare_hf_dataset_other_tasks(tmp_path, capsys, task, extra, field, ex
     cut = CutSet.from_file(out)[2]
     assert schema.get_task(cut) == task and cut.custom[field] == expected
     assert (tmp_path / "cuts.audio" / "ds-00000002.wav").is_file()
+
+
+def test_hf_rows_that_name_a_local_file(tmp_path):
+    """Datasets loaded from a local folder (audiofolder) hold paths, not bytes: the file is used where it is."""
+    script = load_script("prepare_hf_dataset")
+    args = script.build_parser().parse_args([str(tmp_path), "--task", "asr", "--language", "en", "-o", "x.jsonl"])
+    (tmp_path / "a.wav").write_bytes(tone_bytes(0.5, 300))
+    row = {"audio": {"bytes": None, "path": "a.wav"}, "text": "red cat"}
+    rec = script.check_row(row, args, script.text_columns(args), tmp_path, "ds-00000000")
+    assert rec.id == "ds-00000000" and rec.sources[0].source == str(tmp_path / "a.wav") and rec.num_samples == 8000
+    row["audio"]["path"] = "gone.wav"
+    with pytest.raises(script.SkipSample) as e:
+        script.check_row(row, args, script.text_columns(args), tmp_path, "ds-00000000")
+    assert e.value.reason == MISSING_AUDIO
