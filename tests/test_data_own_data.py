@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from audex.data import schema
 from audex.data.blend import annotate_input_cfg, count_samples
-from audex.data.datamodule import build_dataloader
+from audex.data.datamodule import build_dataloader, plan_blend
 from audex.data.nemo_manifest import expand_paths, read_manifest_cuts
 from audex.data.sequence import IGNORE_INDEX, SequenceBuilder, WindowedFrames
 from audex.data.skips import CORRUPT_AUDIO, MISSING_AUDIO, MISSING_FIELD, UNKNOWN_TASK
@@ -169,6 +169,39 @@ def test_nemo_bad_rows_are_counted_skips(nemo_dir, tmp_path, tok):
     assert tok.decode(seq.input_ids[seq.labels != IGNORE_INDEX]).startswith(f"Language: de\nTranscription: {sentence(0)}")
 
 
+def test_tarred_bad_members_plan_and_nemo_loader(nemo_dir, tmp_path, tok):
+    """A tarred shard with an undecodable member and a line without a member: counted skips. NeMo's own loader
+    (use_multimodal_sampling: false) and the blend plan read the same items."""
+    with tarfile.open(tmp_path / "audio_0.tar", "w") as tar:
+        tar.add(nemo_dir / "wav" / "u0.wav", arcname="u0.wav")
+        info = tarfile.TarInfo("junk.wav")
+        info.size = 40
+        tar.addfile(info, io.BytesIO(b"RIFF" + b"\x00" * 36))
+    rows = [{"audio_filepath": "u0.wav", "duration": 0.5, "text": sentence(0)},
+            {"audio_filepath": "junk.wav", "duration": 1.0, "text": "junk"},
+            {"audio_filepath": "absent.wav", "duration": 1.0, "text": "absent"}]
+    (tmp_path / "manifest_0.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    item = {"type": "nemo_tarred", "manifest_filepath": str(tmp_path / "manifest_0.json"),
+            "tarred_audio_filepaths": str(tmp_path / "audio_0.tar"), "tags": {"task": "asr", "language": "en"},
+            "blend": "asr_ast"}
+    cfg = {"input_cfg": [item], "blend_epochs": {"asr_ast": 1.0}, "batch_size": 4, "max_length": 1024,
+           "max_skip_rate": None, "use_multimodal_sampling": True, "num_workers": 0, "shuffle": False,
+           "packing": {"enabled": False}}
+    loader = build_dataloader(cfg, tok, TINY_FRAMES, "val")
+    assert [i for b in loader for i in b.cut_ids] == ["u0"]
+    assert loader.skips.counts == {CORRUPT_AUDIO: 1, MISSING_AUDIO: 1}
+
+    plain = {"type": "nemo", "manifest_filepath": str(nemo_dir / "manifest.json"), "tags": {"task": "asr", "language": "en"},
+             "blend": "asr_ast"}
+    plan = plan_blend({**cfg, "input_cfg": [plain]}, tok, TINY_FRAMES)
+    assert plan.total_samples == 8 and plan.sources[0].mean_tokens > 250  # one 10 s window: 250 frames + text
+    nemo_cfg = {**cfg, "input_cfg": [plain], "use_multimodal_sampling": False, "batch_duration": 2.0,
+                "batch_size": None}
+    batches = list(build_dataloader(nemo_cfg, tok, TINY_FRAMES, "train"))
+    assert sorted(i for b in batches for i in b.cut_ids) == [f"wav/u{i}" for i in range(8)]
+    assert all(b.tasks == ["asr"] * b.num_samples for b in batches)
+
+
 def test_train_and_evaluate_from_a_plain_nemo_manifest(nemo_dir, tmp_path):
     items = [{"type": "nemo", "manifest_filepath": str(nemo_dir / "manifest.json"),
               "tags": {"task": "asr", "language": "en"}, "blend": "asr_ast"}]
@@ -189,7 +222,7 @@ def test_train_from_a_tarred_nemo_manifest(nemo_dir, tmp_path):
 
 
 # ---- a Lhotse recipe's output ----------------------------------------------------------------------
-def test_train_from_lhotse_librispeech_recipe_output(tmp_path, tok):
+def test_train_from_lhotse_librispeech_recipe_output(tmp_path, capsys):
     part = tmp_path / "LibriSpeech" / "dev-clean"
     for spk, chap in ((19, 198), (26, 495)):
         folder = part / str(spk) / str(chap)
@@ -199,13 +232,32 @@ def test_train_from_lhotse_librispeech_recipe_output(tmp_path, tok):
             (folder / f"{spk}-{chap}-{u:04d}.flac").write_bytes(tone_bytes(0.5 + 0.1 * u, 200 + 50 * u, "FLAC"))
             lines.append(f"{spk}-{chap}-{u:04d} {sentence(u + spk).upper()}")
         (folder / f"{spk}-{chap}.trans.txt").write_text("\n".join(lines) + "\n")
-    manifests = prepare_librispeech(tmp_path / "LibriSpeech", dataset_parts="auto")  # Lhotse's own recipe
+    # Lhotse's own recipe, as `lhotse prepare librispeech` runs it
+    manifests = prepare_librispeech(tmp_path / "LibriSpeech", dataset_parts="auto", output_dir=tmp_path / "m")
     cuts = CutSet.from_manifests(**manifests["dev-clean"])
     cuts.to_file(tmp_path / "recipe_cuts.jsonl.gz")
     assert len(cuts) == 8 and next(iter(cuts)).supervisions[0].language == "English"
     items = [{"type": "lhotse", "cuts_path": str(tmp_path / "recipe_cuts.jsonl.gz"),
               "tags": {"task": "asr", "language": "en"}, "blend": "asr_ast"}]
     train_two_steps(items, tmp_path / "run")
+
+    # TTS from the same clean speech: the task written into the manifest, then pretokenize.py adds the codes
+    (part / "26" / "495" / "26-495-0003.flac").unlink()
+    tts = tmp_path / "tts.jsonl.gz"
+    code = load_script("prepare_lhotse_cuts").main([
+        "--recordings", str(tmp_path / "m" / "librispeech_recordings_dev-clean.jsonl.gz"),
+        "--supervisions", str(tmp_path / "m" / "librispeech_supervisions_dev-clean.jsonl.gz"),
+        "--task", "tts", "--language", "en", "-o", str(tts), "--max-skip-rate", "0.2"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "prepare_lhotse_cuts: 7 kept, 1 skipped (12.50 %): missing_audio=1" in printed
+    codes = tmp_path / "tts_codes.jsonl.gz"
+    code = load_script("pretokenize").main([str(tts), "-o", str(codes), "--model-config",
+                                            str(ROOT / "conf" / "model" / "tiny.yaml"), "--batch-size", "4"])
+    assert code == 0, capsys.readouterr().out
+    done = {c.id: c for c in CutSet.from_file(codes)}
+    assert len(done) == 7 and schema.get_language(done["19-198-0002"]) == "en"
+    assert schema.get_speech_codes(done["19-198-0002"], 256).shape == (35,)  # 0.7 s at 50 codes/s
+    assert schema.get_transcript(done["19-198-0002"]) == sentence(21).upper()
 
 
 def test_ast_translation_from_a_named_field(tmp_path, tok):
