@@ -214,11 +214,14 @@ def test_train_and_evaluate_from_a_plain_nemo_manifest(nemo_dir, tmp_path):
     assert {r["reference"]["language"] for r in rows} == {"en"}  # the suite's default: the manifest has no lang
 
 
-def test_train_from_a_tarred_nemo_manifest(nemo_dir, tmp_path):
+def test_train_and_evaluate_from_a_tarred_nemo_manifest(nemo_dir, tmp_path):
     items = [{"type": "nemo_tarred", "manifest_filepath": str(nemo_dir / "tarred__OP_0..1_CL_.json"),
               "tarred_audio_filepaths": str(nemo_dir / "audio__OP_0..1_CL_.tar"),
               "tags": {"task": "asr", "language": "en"}, "blend": "asr_ast"}]
-    train_two_steps(items, tmp_path / "run")
+    _, nemo = train_two_steps(items, tmp_path / "run")
+    summary = eval_asr(nemo, nemo_dir / "tarred__OP_0..1_CL_.json", tmp_path / "eval",
+                       tarred_audio_filepaths=str(nemo_dir / "audio__OP_0..1_CL_.tar"))
+    assert summary.counts["total"] == 8 and summary.counts["scored"] == 8
 
 
 # ---- a Lhotse recipe's output ----------------------------------------------------------------------
