@@ -60,7 +60,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["audex", "audex.*"]) + ["audex.assets"],
     py_modules=["audex_nemo_hook"],
-    package_data={"audex": ["assets/*.txt", "eval/reference_tables/*", "export/triton_models/**/*"]},
+    package_data={"audex": ["assets/*.txt", "eval/reference_tables/*", "conf/*.yaml", "conf/**/*.yaml",
+                            "serving/triton/**/*", "export/triton_models/**/*"]},
     include_package_data=True,
     install_requires=[
         "torch==2.13.0",
@@ -89,7 +90,16 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "audex-export-trtllm=audex.export.trtllm:main",
+            "audex-train=audex.cli.train:main",
+            "audex-train-chain=audex.cli.train_chain:main",
+            "audex-infer=audex.cli.infer:main",
+            "audex-eval=audex.cli.eval:main",
+            "audex-params=audex.cli.params:main",
+            "audex-export=audex.cli.export:main",
+            "audex-export-trtllm=audex.cli.export:main",  # the 0.1 name of audex-export, kept for existing scripts
+            "audex-triton-repo=audex.cli.triton_repo:main",
+            "audex-serve=audex.cli.serve:main",
+            "audex-client=audex.cli.client:main",
         ]
     },
     cmdclass={"build_py": BuildPyWithPth, "develop": DevelopWithPth, "editable_wheel": EditableWheelWithPth},

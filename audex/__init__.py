@@ -5,7 +5,22 @@ Importing ``audex`` registers its ``_target_`` prefix with NeMo's allow-list so 
 that never imports it (see ``audex_nemo_hook``).
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+#: the package's YAML configs (model, data, trainer, stages, inference presets, eval, export): package data, so an
+#: installed Audex finds its defaults outside a checkout; a checkout's ``conf/`` is a link onto this folder
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def config_path(*parts: str) -> Path:
+    """A file or folder of Audex's configs: ``config_path("infer", "presets.yaml")``, ``config_path("model")``."""
+    path = CONF_DIR.joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(f"Audex config {'/'.join(parts)!r} not found under {CONF_DIR} (the package's conf/); "
+                                "reinstall Audex or give the path of your own YAML")
+    return path
 
 NEMO_TARGET_PREFIXES = ("audex.",)
 

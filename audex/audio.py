@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
+from lhotse.augmentation.resample import resample
 
 TARGET_SR = 16000
 
@@ -55,16 +57,12 @@ def to_model_audio(audio, sample_rate: int, name: str = "audio") -> torch.Tensor
     if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise AudioInputError(f"{name}: sample_rate must be a positive integer, got {sample_rate!r}")
     if sample_rate != TARGET_SR:
-        from lhotse.augmentation.resample import resample
-
         x = resample(x.unsqueeze(0), int(sample_rate), TARGET_SR).squeeze(0)
     return x.contiguous()
 
 
 def load_audio(path: str | os.PathLike, name: str | None = None) -> torch.Tensor:
     """Read an audio file and return it as 16 kHz mono float32."""
-    import soundfile as sf
-
     name = name or str(path)
     p = Path(path)
     if not p.exists():

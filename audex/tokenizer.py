@@ -28,6 +28,8 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from audex.vocab import TEXT_SPECIALS, AudexVocab
 
@@ -56,8 +58,6 @@ class AudexTokenizer:
     # ---- construction --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, vocab: AudexVocab, special_token_map=None) -> "AudexTokenizer":
-        from transformers import AutoTokenizer
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(
@@ -69,9 +69,6 @@ class AudexTokenizer:
     @classmethod
     def build_tiny(cls, vocab: AudexVocab | None = None, bpe_size: int = 512) -> "AudexTokenizer":
         """Byte-level BPE trained deterministically on the bundled corpus (the tiny model's tokenizer)."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import PreTrainedTokenizerFast
-
         vocab = vocab or AudexVocab(text_vocab_size=bpe_size, speech_codebook_size=256, audio_codebook_size=64,
                                     pad_to_multiple_of=64)
         tk = Tokenizer(models.BPE())

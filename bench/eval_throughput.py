@@ -64,8 +64,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from audex.eval.engine import EvalEngine, load_model
+    from audex.eval.engine import EvalEngine
     from audex.eval.suites import suite_class
+    from audex.models.checkpoint import load_model
 
     torch.manual_seed(0)
     model = load_model(args.model, args.device)

@@ -56,9 +56,9 @@ from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler  # noqa: E
 from lhotse.dataset.sampling.base import TokenConstraint  # noqa: E402
 
 from audex.data import schema  # noqa: E402
-from audex.data.datamodule import build_dataloader  # noqa: E402
+from audex.data.loader import build_dataloader  # noqa: E402
 from audex.data.packing import PAPER_CONTEXT_LENGTH, PAPER_PACKING_BUFFER, OnlinePacker  # noqa: E402
-from audex.data.sequence import WindowedFrames  # noqa: E402
+from audex.modules.audio_encoder import WindowedFrames  # noqa: E402
 from audex.tokenizer import AudexTokenizer  # noqa: E402
 
 # Table 2: samples per task (millions)

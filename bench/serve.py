@@ -1,7 +1,7 @@
-"""Triton endpoint vs direct in-process calls of the same Audex engine, on the same mixed requests.
+"""Triton endpoint vs direct in-process calls of the same Audex local engine, on the same mixed requests.
 
-Both sides run :class:`~audex.export.serving.AudexServingEngine` on the same weights with one torch thread: through
-the real Triton server (python backend, engine worker, dynamic batching) from ``--concurrency`` client threads over
+Both sides run :class:`~audex.serving.local_engine.LocalEngine` on the same weights with one torch thread: through
+the real Triton server (python backend, handler worker, dynamic batching) from ``--concurrency`` client threads over
 HTTP/gRPC, and in this process from the same number of threads (one engine call at a time, as one model instance
 serves). Prints requests/s and p50/p95 latency side by side; the last line is JSON with ``triton_overhead``
 (direct req/s over Triton req/s, minus 1), ``p50_ms``/``p95_ms`` (Triton) and ``failures``.
@@ -25,13 +25,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
-from audex.export.client import AudexTritonClient
-from audex.export.serve import TritonServer
-from audex.export.serving import AudexServingEngine, ServeLimits, ServeRequest
-from audex.export.triton_repo import write_cpu_repository
+from audex import config_path
+from audex.export.bundle import export_bundle
+from audex.models.checkpoint import load_model
+from audex.serving.client import AudexTritonClient
+from audex.serving.local_engine import LocalEngine
+from audex.serving.requests import ServeLimits, ServeRequest
+from audex.serving.triton.handlers import LlmHandler, PostprocessingHandler, PreprocessingHandler
+from audex.serving.triton.launcher import TritonServer
+from audex.serving.triton.repository import ModelSummary, write_cpu_repository, write_gpu_repository
+from audex.serving.triton.repository_check import read_config
 
-ROOT = Path(__file__).resolve().parents[1]
 LIMITS = ServeLimits(max_audio_seconds=30.0, max_new_tokens=16, max_speech_seconds=0.5, tta_seconds=0.2)
 
 
@@ -79,13 +85,7 @@ def run_load(call, requests, concurrency: int) -> tuple[list[float], int, float]
 
 def gpu_ensemble(model, work: Path):
     """The GPU repository over an export of ``model`` (reference executor), and the direct chain of its handlers."""
-    from omegaconf import OmegaConf
-
-    from audex.export.bundle import export_bundle
-    from audex.export.triton_models.trtllm_handlers import LlmHandler, PostprocessingHandler, PreprocessingHandler
-    from audex.export.triton_repo import ModelSummary, read_config, write_gpu_repository
-
-    cfg = OmegaConf.load(ROOT / "conf" / "export.yaml")
+    cfg = OmegaConf.load(config_path("export.yaml"))
     cfg.trtllm.dtype = "float32"
     export_bundle(model, work / "export", cfg)
     repo = write_gpu_repository(work / "repo", work / "export", ModelSummary.from_export(work / "export"),
@@ -130,23 +130,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--model", default=str(ROOT / "conf" / "model" / "tiny.yaml"), help=".nemo, folder or YAML")
+    parser.add_argument("--model", default=str(config_path("model", "tiny.yaml")), help=".nemo, folder or YAML")
     parser.add_argument("--layout", choices=["cpu", "gpu"], default="cpu",
                         help="cpu: the one-model CPU repository; gpu: the ensemble with CFG pairs (reference executor)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from audex.export.loading import load_audex_model
-
     work = Path(tempfile.mkdtemp(prefix="audex_bench_serve_"))
     model_path = Path(args.model)
     torch.manual_seed(0)
-    model = load_audex_model(model_path)
+    model = load_model(model_path, device="cpu")
     if model_path.suffix in (".yaml", ".yml"):  # freeze the random weights so both sides share them
         model_path = work / "model.nemo"
         model.save_to(str(model_path))
     requests = make_requests(args.requests)
 
-    engine, engine_lock = AudexServingEngine(model, LIMITS), threading.Lock()
+    engine, engine_lock = LocalEngine(model, LIMITS), threading.Lock()
 
     def direct(req):  # the CPU layout's direct path: one engine call at a time, as one model instance serves
         with engine_lock:

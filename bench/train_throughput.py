@@ -39,9 +39,8 @@ sys.path.insert(0, str(ROOT))
 from audex.data.collate import collate_padded  # noqa: E402
 from audex.data.packing import OnlinePacker  # noqa: E402
 from audex.data.sequence import SequenceBuilder  # noqa: E402
-from audex.training.packed_attention import enable_varlen_attention  # noqa: E402
+from audex.models.checkpoint import load_model  # noqa: E402
 from audex.training.stages import apply_stage  # noqa: E402
-from audex.training.steps import compute_loss  # noqa: E402
 
 TASKS = ("text", "asr", "audio_qa", "tts", "tta")
 
@@ -121,7 +120,7 @@ def run(model, batches, warmup: int) -> tuple[float, int, int, float]:
     for i, batch in enumerate(batches):
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        loss, _ = compute_loss(model, batch)
+        loss, _ = model.compute_loss(batch)
         loss.backward()
         if i >= warmup:
             seconds += time.perf_counter() - start
@@ -154,16 +153,9 @@ def main(argv=None) -> dict:
     tta_frames = args.tta_num_frames or (500 if args.mix == "paper" else 50)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from audex.models.audex_model import AudexModel
-
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
-    if args.model.exists():
-        from nemo.core.classes import ModelPT
-
-        model = ModelPT.restore_from(str(args.model), map_location="cpu")
-    else:
-        model = AudexModel.from_config_file(str(args.model_config))
+    model = load_model(args.model if args.model.exists() else args.model_config, device="cpu").train()
     builder = SequenceBuilder(model.tokenizer, model.frames_for_samples, max_length=max_length,
                               tta_num_frames=tta_frames)
     tmp = tempfile.TemporaryDirectory()
@@ -184,7 +176,7 @@ def main(argv=None) -> dict:
     assert sum(b.num_samples for b in packed) == sum(b.num_samples for b in padded) == len(sequences)
 
     if args.attention == "varlen":
-        enable_varlen_attention(model)  # what training uses (model.packed_attention: varlen)
+        model.use_packed_attention("varlen")  # what training uses (model.packed_attention: varlen)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     results = {}
     for name, batches in (("padded", padded), ("packed", packed)):

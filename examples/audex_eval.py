@@ -1,32 +1,6 @@
-"""Evaluate an Audex checkpoint on one of the paper's benchmarks (section 5, appendix A).
+"""``audex-eval``: see :mod:`audex.cli.eval` (``python examples/audex_eval.py --help`` lists the config groups)."""
 
-    python examples/audex_eval.py model=audex_2b.nemo suite=asr manifest=librispeech_test_clean.jsonl.gz
-    python examples/audex_eval.py model=ckpt/ suite=noisy_asr suite.noise.folder=musan/noise manifest=...
-    python examples/audex_eval.py model=ckpt/ suite=mcq references=mmau.jsonl folder=mmau_audio/
-    python examples/audex_eval.py model=after_stage1.nemo baseline_model=backbone/ suite=text references=chats.jsonl
-    python examples/audex_eval.py hypotheses=whisper_outputs.jsonl suite=asr manifest=...   # score another system
-
-Writes <output_dir>/samples.jsonl (per sample, with the reason of every sample not scored), summary.json,
-summary.md (our numbers beside the paper's Tables 1, 6-13) and plots; re-running resumes where it stopped.
-Configs: conf/eval/eval.yaml and conf/eval/suite/<name>.yaml.
-"""
-
-import logging
-
-import hydra
-from omegaconf import DictConfig
-
-from audex.eval.runner import run_eval
-
-
-@hydra.main(config_path="../conf/eval", config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO)
-    summary = run_eval(cfg)
-    metrics = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.metrics.items())
-    print(f"{summary.suite}: {metrics} | scored {summary.counts.get('scored', 0)}/{summary.counts.get('total', 0)} "
-          f"-> {cfg.output_dir}/summary.md")
-
+from audex.cli.eval import main
 
 if __name__ == "__main__":
     main()

@@ -34,12 +34,7 @@ sys.path.insert(0, str(ROOT))
 from audex.data.cfg_uncond import make_uncond_copy  # noqa: E402
 from audex.data.collate import collate_padded  # noqa: E402
 from audex.data.sequence import IGNORE_INDEX, SequenceBuilder, load_cut_audio  # noqa: E402
-
-
-def load_model(path: Path):
-    from nemo.core.classes import ModelPT
-
-    return ModelPT.restore_from(str(path), map_location="cpu").eval()
+from audex.models.checkpoint import load_model  # noqa: E402
 
 
 def asr_wer(model, cuts, silence: bool = False) -> tuple[float, list[tuple[str, str]]]:
@@ -213,8 +208,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model_path = args.model or args.runs / args.stages[-1] / f"{args.stages[-1]}.nemo"
     baseline_path = args.baseline or args.data / "tiny_init.nemo"
-    trained = evaluate(load_model(model_path), args.data, args.tta_num_frames)
-    untrained = evaluate(load_model(baseline_path), args.data, args.tta_num_frames)
+    trained = evaluate(load_model(model_path, device="cpu"), args.data, args.tta_num_frames)
+    untrained = evaluate(load_model(baseline_path, device="cpu"), args.data, args.tta_num_frames)
 
     print("\n=== Audex demo: what the tiny model learned (held-out test data) ===")
     print(f"{'metric':<44}{'untrained':>12}{'trained':>12}")

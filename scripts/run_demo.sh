@@ -25,7 +25,7 @@ if [ ! -f demo_data/stats.json ]; then
 fi
 DATA_DONE=$(date +%s)
 
-python examples/audex_train_chain.py --chain conf/demo_chain.yaml
+python examples/audex_train_chain.py --config-name=demo_chain
 TRAIN_DONE=$(date +%s)
 
 python scripts/demo_report.py --data demo_data --runs runs/demo --tta-num-frames 50

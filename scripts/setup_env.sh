@@ -21,6 +21,11 @@ if ! python -c "import audex, nemo, lhotse, transformers, pytest, tritonclient, 
   pip install -q --no-deps nvidia-pytriton==0.7.0
   touch .venv/.audex-installed
 fi
+# the NumPy 1.26 of the Triton python-backend stub (its pybind11 predates NumPy 2's ABI), installed now so that
+# starting a server needs no network: audex.serving.triton.launcher puts this folder first on the stub's path
+if [ ! -f .venv/triton-numpy1/numpy/__init__.py ]; then
+  pip install -q --no-deps --target .venv/triton-numpy1 numpy==1.26.4
+fi
 if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v sox >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null) \

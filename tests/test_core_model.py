@@ -205,3 +205,51 @@ def test_tiny_hybrid_packed_rows_equal_separate_samples(tiny_yaml, monkeypatch):
     torch.testing.assert_close(lp[0, : len(a)], la[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lp[0, len(a): len(a) + len(b)], lb[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(leak[0, len(a): len(a) + len(b)], lb[0], atol=1e-3)
+
+
+def test_one_loader_for_nemo_folder_and_yaml(tiny_model, tiny_yaml, tmp_path):
+    """audex.models.checkpoint.load_model: a .nemo and a pretrained folder give the same weights; the dtype
+    casts the LLM only; a folder or a file that is no checkpoint is named with what to give instead."""
+    from audex.models.checkpoint import CorruptCheckpointError, load_model
+
+    tiny_model.save_to(str(tmp_path / "tiny.nemo"))
+    folder = tiny_model.save_pretrained(str(tmp_path / "hf"))
+    ids = torch.tensor([tiny_model.tokenizer.encode("<|im_start|>user\nHi<|im_end|>")])
+    with torch.no_grad():
+        reference = tiny_model(input_ids=ids).logits
+        for path in (tmp_path / "tiny.nemo", folder):
+            model = load_model(path, device="cpu")
+            assert not model.training and model.device.type == "cpu"
+            assert torch.equal(model(input_ids=ids).logits, reference)
+    half = load_model(folder, device="cpu", dtype="bfloat16")
+    assert half.backbone.dtype == torch.bfloat16 and half.adapter.linear_1.weight.dtype == torch.float32
+    assert load_model(tiny_yaml, device="cpu").vocab.size == tiny_model.vocab.size  # random weights, same layout
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(CorruptCheckpointError, match="without audex_config.yaml"):
+        load_model(tmp_path / "empty_dir")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="expected a .nemo file, a pretrained folder or a model YAML"):
+        load_model(tmp_path / "weights.bin")
+
+
+def test_varlen_attention_and_mamba_reset_together(tiny_yaml):
+    """Packed rows through AudexModel.forward: with varlen attention on (what training uses) a hybrid backbone
+    still restarts its Mamba state per sample, so a packed row equals its samples run alone (before the model
+    owned its training step, the varlen path bypassed forward and skipped the Mamba reset)."""
+    from audex.models.audex_model import AudexModel
+
+    m = AudexModel.from_config_file(str(tiny_yaml.parent / "tiny_hybrid.yaml")).eval()
+    assert m.use_packed_attention("varlen")  # Nemotron-H's attention layers run SDPA: varlen is on
+    tok = m.tokenizer
+    a = torch.tensor(tok.encode("<|im_start|>user\nHello there, how are you?<|im_end|>"))
+    b = torch.tensor(tok.encode("<|im_start|>assistant\nFine, thank you.<|im_end|>"))
+    packed = torch.cat([a, b, torch.full((3,), tok.pad_id)]).unsqueeze(0)
+    sample_ids = torch.tensor([[0] * len(a) + [1] * len(b) + [-1] * 3])
+    pos = torch.cat([torch.arange(len(a)), torch.arange(len(b)), torch.zeros(3, dtype=torch.long)]).unsqueeze(0)
+    with torch.no_grad():
+        lp = m(input_ids=packed, sample_ids=sample_ids, position_ids=pos).logits
+        la, lb = m(input_ids=a.unsqueeze(0)).logits, m(input_ids=b.unsqueeze(0)).logits
+    torch.testing.assert_close(lp[0, : len(a)], la[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp[0, len(a): len(a) + len(b)], lb[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'varlen' or 'dense'"):
+        m.use_packed_attention("flash")

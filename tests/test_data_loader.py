@@ -11,9 +11,10 @@ from omegaconf import OmegaConf
 
 from audex.data import schema
 from audex.data.blend import blend_from_epochs
-from audex.data.datamodule import AudexDataModule, build_dataloader, plan_blend, split_config
-from audex.data.sequence import WindowedFrames
+from audex.data.loader import build_dataloader, plan_blend
+from audex.data.options import split_config
 from audex.data.skips import INVALID_BASE64, MISSING_AUDIO, TOO_LONG_FOR_CONTEXT, UNKNOWN_TASK, TooManySkipsError
+from audex.modules.audio_encoder import WindowedFrames
 from audex.tokenizer import AudexTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,9 +249,9 @@ def test_stage_blends_and_plan(manifests, tok):
     assert plan.total_samples == 0.5 * 24 + 2 * 6 + 12 + 2 * 6
     tta = next(s for s in plan.sources if s.blend == "tta")
     assert 2000 < tta.mean_tokens < 2200  # 2,000 codec tokens + the TTA prompt
-    dm = AudexDataModule(cfg, tok, TINY_FRAMES)
-    assert dm.plan().total_samples == plan.total_samples
-    assert next(iter(dm.train_dataloader())).num_samples > 0
+    loader = build_dataloader(cfg, tok, TINY_FRAMES, "train")  # what the training run attaches to the model
+    assert loader.plan.total_samples == plan.total_samples
+    assert next(iter(loader)).num_samples > 0
 
 
 def test_default_config_is_the_papers():

@@ -21,10 +21,11 @@ from omegaconf import OmegaConf
 
 from audex.data import schema
 from audex.data.blend import annotate_input_cfg, count_samples
-from audex.data.datamodule import build_dataloader, plan_blend
+from audex.data.loader import build_dataloader, plan_blend
 from audex.data.nemo_manifest import expand_paths, read_manifest_cuts
-from audex.data.sequence import IGNORE_INDEX, SequenceBuilder, WindowedFrames
+from audex.data.sequence import IGNORE_INDEX, SequenceBuilder
 from audex.data.skips import CORRUPT_AUDIO, MISSING_AUDIO, MISSING_FIELD, UNKNOWN_TASK
+from audex.modules.audio_encoder import WindowedFrames
 from audex.tokenizer import AudexTokenizer
 
 WORDS = ["red", "blue", "cat", "dog", "two", "three", "boxes", "keys"]

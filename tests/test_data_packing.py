@@ -14,7 +14,7 @@ from audex.data.collate import PackedBatch, collate_padded, collate_rows
 from audex.data.packing import OnlinePacker, pack_balanced_greedy
 from audex.data.sequence import IGNORE_INDEX, BuiltSequence, SequenceBuilder
 from audex.data.skips import TOO_LONG_FOR_CONTEXT
-from audex.losses import language_model_loss
+from audex.parts.losses import language_model_loss
 
 
 def fake_sequence(n: int, cut_id: str, seed: int = 0, n_audio: int = 0, task: str = "text") -> BuiltSequence:

@@ -7,9 +7,10 @@ import torch
 from lhotse import Recording
 
 from audex.data import schema
-from audex.data.prompts import asr_target
-from audex.data.sequence import IGNORE_INDEX, SequenceBuilder, WindowedFrames
+from audex.data.sequence import IGNORE_INDEX, SequenceBuilder
 from audex.data.skips import INVALID_CODEC_CODES, TOO_LONG_FOR_CONTEXT, SkipSample
+from audex.modules.audio_encoder import WindowedFrames, encoder_frames, frames_per_window
+from audex.prompts import SoundPlaceholderError, asr_target, expand_sound
 from audex.tokenizer import AudexTokenizer
 from audex.vocab import AudexVocab
 
@@ -45,6 +46,26 @@ def test_windowed_frames_paper_numbers():
     assert f(1) == 750 and f(30 * 16000) == 750 and f(30 * 16000 + 1) == 1500 and f(16000 * 90) == 2250
     with pytest.raises(ValueError, match="at least one sample"):
         f(0)
+    # the one formula: the encoder, the data pipeline and the Triton LLM step all call encoder_frames
+    assert frames_per_window(30.0) == 750 and frames_per_window(10.0) == 250
+    assert encoder_frames(16000 * 31) == 1500 == f(16000 * 31)
+    with pytest.raises(ValueError, match="multiple of 0.04 s"):
+        frames_per_window(0.05)
+
+
+def test_sound_expander_is_shared_and_strict(tok):
+    """audex.prompts.expand_sound (used by the data pipeline, the pipelines and serving): <sound> ->
+    <so_start> + N x <so_embedding> + <so_end>, never trainable; a count mismatch or placeholder text is refused."""
+    ids = tok.encode("<sound>\nDescribe the audio<sound>")
+    out, trainable = expand_sound(ids, [750, 3], tok)
+    assert out.count(tok.so_embedding) == 753 and out.count(tok.so_start) == out.count(tok.so_end) == 2
+    assert len(trainable) == len(out) and not any(trainable)
+    with pytest.raises(SoundPlaceholderError, match="2 <sound> tokens for 1 audios"):
+        expand_sound(ids, [750], tok)
+    with pytest.raises(SoundPlaceholderError, match="trainable"):
+        expand_sound(ids, [1, 1], tok, trainable=[True] * len(ids))
+    with pytest.raises(SoundPlaceholderError, match="so_start"):
+        expand_sound(tok.encode("<so_start>"), [], tok)
 
 
 def test_asr_sound_expansion_and_mask(builder, tok, wav_file):

@@ -1,6 +1,7 @@
 """Every bad-input class gives its skip reason; counts, summaries, the max skip rate; the paper's filters."""
 
 import logging
+import pickle
 
 import pytest
 import soundfile as sf
@@ -120,6 +121,26 @@ def test_max_skip_rate_under_min_examples_checked_at_the_end():
         counter.check(final=True)
     merged = SkipCounter("all").merge(counter).merge(counter)
     assert merged.kept == 4 and merged.counts[skips.ZERO_LENGTH_AUDIO] == 2
+
+
+def test_loader_accounts_filters_apart_from_bad_input():
+    """Skips travel as records (SkipEvents, picklable for workers); LoaderSkips counts the paper's filters apart
+    from bad input, and only bad input counts against max_skip_rate."""
+    events = skips.SkipEvents()
+    events.skip(SkipSample(skips.AUDIO_TOO_LONG, "31 s", "long"))
+    events.skip(skips.MISSING_AUDIO, cut_id="gone", detail="/x.flac")
+    assert len(events) == 2 and pickle.loads(pickle.dumps(events)).drain() == []  # a worker's copy starts empty
+    acc = skips.LoaderSkips("train data", max_skip_rate=0.4, min_examples=1000)
+    acc.account(events.drain(), kept=2)
+    assert (acc.skips.kept, acc.skips.skipped) == (2, 1) and acc.filtered.counts == {skips.AUDIO_TOO_LONG: 1}
+    assert acc.filtered.kept == 3  # the filters saw the bad cut too, and let it through
+    acc.check()  # 1 of 3 bad: under 40 %
+    acc.account([(skips.CORRUPT_AUDIO, "", "c")], kept=0)
+    with pytest.raises(TooManySkipsError, match=r"2 of 4 examples \(50.00 %\)"):
+        acc.check()
+    assert "train data filters" in acc.log_summary()
+    acc.reset()
+    assert acc.skips.seen == acc.filtered.seen == 0
 
 
 def test_unknown_reason_is_a_programming_error():

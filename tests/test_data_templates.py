@@ -5,8 +5,8 @@ import torch
 from nemo.collections.common.data.prompt_fn import apply_prompt_format_fn
 from nemo.collections.common.prompts.formatter import PromptFormatter
 
-from audex.data import prompts
-from audex.data.prompts import AudexPromptFormatter, AudexSoundLastPromptFormatter, get_prompt_formatter
+from audex import prompts
+from audex.prompts import AudexPromptFormatter, AudexSoundLastPromptFormatter, get_prompt_formatter
 from audex.tokenizer import AudexTokenizer
 from audex.vocab import AudexVocab
 

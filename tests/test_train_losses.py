@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from audex.losses import (
+from audex.parts.losses import (
     IGNORE_INDEX,
-    MoeBalancer,
     language_model_loss,
     mean_token_loss,
     square_averaged_loss,
     token_cross_entropy,
 )
+from audex.parts.moe import MoeBalancer
 
 V = 37
 

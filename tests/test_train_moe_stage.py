@@ -10,9 +10,8 @@ from hydra import compose, initialize_config_dir
 from audex.data.collate import collate_padded
 from audex.data.schema import make_text_cut
 from audex.data.sequence import SequenceBuilder
-from audex.training.optim import build_optimizer_and_scheduler
+from audex.parts.optim import build_optimizer_and_scheduler
 from audex.training.run import build_model
-from audex.training.steps import compute_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,14 +33,15 @@ def test_moe_terms_in_training_step_and_bias_update():
     torch.manual_seed(0)
     cfg = _stage("stage2")
     model, report = build_model(cfg)
-    balancer = model._audex_moe_balancer
+    balancer = model.moe_balancer
     assert balancer is not None and len(balancer.routers) == 2  # "ME*E": two MoE layers
     batch = _batch(model)
-    loss, stats = compute_loss(model, batch)
+    loss, stats = model.compute_loss(batch)
     aux = stats["moe_aux_loss"]
     assert torch.isfinite(loss) and torch.isfinite(aux)
     assert 1e-6 <= aux.item() <= 8e-6  # coefficient x (E * sum f_i P_i in [1, E])
-    optimizer, _ = build_optimizer_and_scheduler(model, cfg.model.optim, max_steps=10)
+    optimizer, _ = build_optimizer_and_scheduler(model, cfg.model.optim, max_steps=10,
+                                                 moe_balancer=model.moe_balancer)
     before = [r.e_score_correction_bias.clone() for _, r in balancer.routers]
     optimizer.zero_grad()
     loss.backward()
@@ -55,6 +55,6 @@ def test_moe_terms_in_training_step_and_bias_update():
 def test_frozen_llm_keeps_its_routing_bias():
     torch.manual_seed(0)
     model, report = build_model(_stage("stage1"))
-    assert model._audex_moe_balancer is None  # stage1 trains adapter + audio rows: routers stay as they are
-    _, stats = compute_loss(model, _batch(model))
+    assert model.moe_balancer is None  # stage1 trains adapter + audio rows: routers stay as they are
+    _, stats = model.compute_loss(_batch(model))
     assert "moe_aux_loss" not in stats

@@ -4,8 +4,7 @@ attention of AudexModel.forward, and leaves unpacked use (generation) untouched.
 import pytest
 import torch
 
-from audex.training.packed_attention import enable_varlen_attention, packed_segments, uses_varlen_attention
-from audex.training.steps import forward_batch
+from audex.modules.packed import enable_varlen_attention, packed_segments, uses_varlen_attention
 
 
 @pytest.fixture
@@ -37,12 +36,12 @@ def test_packed_segments_reads_sample_ids():
 
 def test_varlen_equals_dense_masked_attention(model):
     batch = _packed_batch(model, [[(0, 40), (40, 130), (130, 150)], [(0, 160)]], 160)
-    dense = forward_batch(model, batch).logits
+    dense = model.forward_batch(batch).logits
     (dense * torch.linspace(-1, 1, dense.shape[-1])).sum().backward()
     dense_grad = model.backbone.model.layers[0].self_attn.q_proj.weight.grad.clone()
     model.zero_grad()
-    assert enable_varlen_attention(model) and uses_varlen_attention(model)
-    varlen = forward_batch(model, batch).logits
+    assert enable_varlen_attention(model.backbone) and uses_varlen_attention(model.backbone)
+    varlen = model.forward_batch(batch).logits
     (varlen * torch.linspace(-1, 1, varlen.shape[-1])).sum().backward()
     valid = batch["sample_ids"] >= 0
     assert torch.allclose(varlen[valid], dense[valid], atol=2e-5)
@@ -54,6 +53,6 @@ def test_unpacked_calls_are_plain_sdpa(model):
     mask = torch.ones(2, 24, dtype=torch.long)
     mask[1, :5] = 0  # left padding, as generation has
     before = model(input_ids=ids, attention_mask=mask).logits
-    enable_varlen_attention(model)
+    enable_varlen_attention(model.backbone)
     after = model(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(before[mask.bool()], after[mask.bool()], atol=1e-5)

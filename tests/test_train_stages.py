@@ -4,10 +4,9 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from audex.losses import IGNORE_INDEX
-from audex.training.optim import build_optimizer_and_scheduler
+from audex.parts.losses import IGNORE_INDEX
+from audex.parts.optim import build_optimizer_and_scheduler
 from audex.training.stages import apply_stage, load_init_weights
-from audex.training.steps import compute_loss
 
 
 @pytest.fixture
@@ -68,7 +67,7 @@ def test_stage1_keeps_text_rows_and_backbone_bit_identical(model, tone):
     before = _snapshot(model)
     batch = _batch(model, tone)
     for _ in range(3):
-        loss, _ = compute_loss(model, batch)
+        loss, _ = model.compute_loss(batch)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)

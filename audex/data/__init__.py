@@ -1,2 +1,2 @@
-"""Audex data: manifests (schema), Figure 2 prompts, the sequence builder, CFG pre-processing, filters,
-skip accounting; packing and the datamodule build batches from them."""
+"""Audex data: manifests (schema), the sequence builder, CFG pre-processing, filters, skip accounting; packing,
+collation, datasets and the loader (options, sampling, blend plan) build batches from them."""

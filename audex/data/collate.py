@@ -6,7 +6,7 @@ One type for both ways of batching, so that the model, the loss and the logging 
 * **packed** (:func:`collate_rows` with several samples per row, rows from :mod:`audex.data.packing`):
   samples are concatenated in a row; ``position_ids`` restart at 0 for every sample and ``sample_ids``
   number the samples of a row (0, 1, 2, ...; -1 on padding). ``AudexModel.forward`` turns ``sample_ids``
-  into a block-diagonal causal mask (no attention across samples) and ``audex.losses`` into the
+  into a block-diagonal causal mask (no attention across samples) and ``audex.parts.losses`` into the
   per-sample sums of the square-averaging loss, eq. (2); a target that starts a new sample is never trained.
 
 ``labels`` are the samples' unshifted labels (-100 = not trained; padding is -100). ``audios`` lists the
@@ -31,6 +31,13 @@ import torch
 from audex.data.sequence import IGNORE_INDEX, BuiltSequence
 
 PADDING_SAMPLE_ID = -1
+
+
+def batch_field(batch, name: str, default=None):
+    """``batch.name`` (a :class:`PackedBatch`) or ``batch[name]`` (a dict with the same fields)."""
+    if isinstance(batch, dict):
+        return batch.get(name, default)
+    return getattr(batch, name, default)
 
 
 @dataclass

@@ -13,7 +13,7 @@ as NeMo's speechlm2 datasets do. Then:
 
 Bad cuts never crash a run: every :class:`~audex.data.skips.SkipSample` is recorded in a :class:`SkipEvents`
 and travels with the next chunk or batch (``.skipped``) to the training process, where
-:class:`~audex.data.datamodule.AudexDataLoader` counts it, logs a per-reason summary at the end of the pass and
+:class:`~audex.data.loader.AudexDataLoader` counts it (:class:`~audex.data.skips.LoaderSkips`), logs a per-reason summary at the end of the pass and
 stops with a clear error above ``max_skip_rate``. A batch whose cuts were all skipped comes out empty
 (``num_samples == 0``), carrying only its skips; the loader drops it.
 
@@ -37,39 +37,7 @@ from lhotse.cut import Cut
 from audex.data.collate import PackedBatch, collate_padded, collate_rows
 from audex.data.packing import OnlinePacker, pack_balanced_greedy
 from audex.data.sequence import BuiltSequence, SequenceBuilder
-from audex.data.skips import SkipSample
-
-SkipRecord = tuple[str, str, "str | None"]
-
-
-class SkipEvents:
-    """Skips recorded in this process, waiting for a chunk or batch to carry them to the training process.
-
-    It has the ``accept``/``skip`` methods of :class:`~audex.data.skips.SkipCounter`, so it can stand in for one
-    (e.g. as the counter of :class:`~audex.data.filters.PaperFilters`); the counting itself happens once, in
-    the loader of the training process, from the records that :meth:`drain` hands out.
-    """
-
-    def __init__(self):
-        self._records: list[SkipRecord] = []
-
-    def accept(self, n: int = 1) -> None:
-        """Kept examples are counted from the batches; nothing to record."""
-
-    def skip(self, error: SkipSample | str, cut_id: str | None = None, detail: str = "") -> None:
-        if isinstance(error, str):
-            error = SkipSample(error, detail, cut_id)
-        self._records.append((error.reason, error.detail, error.cut_id if error.cut_id is not None else cut_id))
-
-    def drain(self) -> list[SkipRecord]:
-        records, self._records = self._records, []
-        return records
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __getstate__(self):  # a copy sent to a worker starts empty: records are drained where they were made
-        return {"_records": []}
+from audex.data.skips import SkipEvents, SkipRecord, SkipSample
 
 
 def empty_batch(skipped: list[SkipRecord]) -> PackedBatch:

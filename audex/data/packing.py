@@ -44,8 +44,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
-import torch
-
 from audex.data.collate import PackedBatch, collate_rows
 from audex.data.sequence import BuiltSequence
 from audex.data.skips import TOO_LONG_FOR_CONTEXT, SkipSample
@@ -198,19 +196,3 @@ class OnlinePacker:
         batches = [rows[k:k + self.rows_per_batch] for k in range(0, len(rows), self.rows_per_batch)]
         carried = [_Pending(buffer[j].seq, buffer[j].carried + 1) for j in held]
         return batches, carried
-
-
-def packed_segments(sample_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """``[B, L]`` sample ids (-1 = padding) -> per row the ``(start, end)`` span of each sample, in order."""
-    spans = []
-    ids = sample_ids.tolist()
-    for row in ids:
-        row_spans, start = [], None
-        for i, sid in enumerate(row + [-2]):
-            if start is not None and sid != row[start]:
-                row_spans.append((start, i))
-                start = None
-            if start is None and i < len(row) and sid >= 0:
-                start = i
-        spans.append(row_spans)
-    return spans

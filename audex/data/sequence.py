@@ -1,7 +1,7 @@
 """The sequence builder: one cut -> token ids, labels and the audios its ``<sound>`` placeholders stand for.
 
 For every task of :mod:`audex.data.schema` the builder writes the dialog of Figure 2 with
-:mod:`audex.data.prompts`, tokenises it, and then
+:mod:`audex.prompts`, tokenises it, and then
 
 * expands each ``<sound>`` to ``<so_start>`` + N x ``<so_embedding>`` + ``<so_end>``, N = ``frames_fn(samples)``
   (the model's :meth:`~audex.models.audex_model.AudexModel.frames_for_samples`: 750 per started 30 s window);
@@ -28,7 +28,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,20 +35,10 @@ from typing import Callable
 import torch
 from lhotse.cut import Cut, MixedCut
 from lhotse.utils import compute_num_samples
+from nemo.collections.common.data.prompt_fn import registered_prompt_format_fn
 
 from audex.audio import AudioInputError, to_model_audio
 from audex.data import schema
-from audex.data.prompts import (
-    AST_PROMPT,
-    SYSTEM_PROMPT,
-    AudexPromptFormatter,
-    asr_question,
-    asr_target,
-    ast_target,
-    get_prompt_formatter,
-    tta_user_content,
-    tts_user_content,
-)
 from audex.data.skips import (
     AUDIO_PLACEHOLDER_MISMATCH,
     CORRUPT_AUDIO,
@@ -62,37 +51,25 @@ from audex.data.skips import (
     SkipSample,
 )
 from audex.data.sources import adapt_cut
+from audex.modules.audio_encoder import WindowedFrames
+from audex.prompts import (
+    AST_PROMPT,
+    SYSTEM_PROMPT,
+    AudexPromptFormatter,
+    SoundPlaceholderError,
+    asr_question,
+    asr_target,
+    ast_target,
+    expand_sound,
+    get_prompt_formatter,
+    tta_user_content,
+    tts_user_content,
+)
 
 IGNORE_INDEX = -100
 SAMPLE_RATE = 16000
 TTA_SECONDS = 10.0
 PAPER_CONTEXT_LENGTH = 262144
-
-
-@dataclass(frozen=True)
-class WindowedFrames:
-    """``frames_fn`` of the audio encoder: ceil(samples / window) x frames per window (30 s -> 750 in the paper).
-
-    A picklable stand-in for ``model.frames_for_samples`` (dataloader workers should not pickle the model).
-
-    Example::
-
-        >>> WindowedFrames()(16000 * 31)
-        1500
-    """
-
-    window_samples: int = 30 * SAMPLE_RATE
-    frames_per_window: int = 750
-
-    @classmethod
-    def from_model(cls, model) -> "WindowedFrames":
-        enc = model.audio_encoder
-        return cls(int(enc.window_samples), int(enc.frames_per_window))
-
-    def __call__(self, num_samples: int) -> int:
-        if num_samples <= 0:
-            raise ValueError(f"audio must have at least one sample, got {num_samples}")
-        return math.ceil(num_samples / self.window_samples) * self.frames_per_window
 
 
 @dataclass
@@ -178,7 +155,6 @@ class SequenceBuilder:
         self.formatter = get_prompt_formatter(prompt_format, tokenizer, system_prompt=system_prompt)
         self.tta_num_frames = int(tta_num_frames)
         self.load_audio = load_audio
-        self._audio_placeholders = {tokenizer.so_start, tokenizer.so_embedding, tokenizer.so_end}
 
     # ---- public --------------------------------------------------------------------------------
     def __call__(self, cut: Cut) -> BuiltSequence:
@@ -275,38 +251,16 @@ class SequenceBuilder:
         return BuiltSequence(input_ids, labels, audios, task, cut.id, frames)
 
     def _expand_sound(self, ids: list[int], trainable: list[bool], frames: list[int], cut_id: str):
-        sound = self.tokenizer.sound
-        n_sound = ids.count(sound)
-        if n_sound != len(frames):
-            raise SkipSample(AUDIO_PLACEHOLDER_MISMATCH, f"{n_sound} <sound> tokens for {len(frames)} audios", cut_id)
-        if not self._audio_placeholders.isdisjoint(ids):
-            raise SkipSample(AUDIO_PLACEHOLDER_MISMATCH, "the text contains <so_start>/<so_embedding>/<so_end>", cut_id)
-        if not n_sound:
-            return ids, trainable
-        tok = self.tokenizer
-        out_ids: list[int] = []
-        out_train: list[bool] = []
-        k = 0
-        for i, t in zip(ids, trainable):
-            if i == sound:
-                if t:
-                    raise SkipSample(AUDIO_PLACEHOLDER_MISMATCH, "<sound> in a trainable (assistant) turn", cut_id)
-                block = [tok.so_start] + [tok.so_embedding] * frames[k] + [tok.so_end]
-                out_ids.extend(block)
-                out_train.extend([False] * len(block))
-                k += 1
-            else:
-                out_ids.append(i)
-                out_train.append(t)
-        return out_ids, out_train
+        try:
+            return expand_sound(ids, frames, self.tokenizer, trainable)
+        except SoundPlaceholderError as e:
+            raise SkipSample(AUDIO_PLACEHOLDER_MISMATCH, str(e), cut_id) from None
 
 
 def _register_with_nemo() -> None:
     """Make ``prompt_format: audex`` work in NeMo's Lhotse dataloader (``pretokenize: true``): it calls this
     for every cut and attaches ``input_ids``/``context_ids``/``answer_ids``/``mask`` (audio sized from the
     manifest durations, not read)."""
-    from nemo.collections.common.data.prompt_fn import registered_prompt_format_fn
-
     @registered_prompt_format_fn(Cut, AudexPromptFormatter)
     def audex_cut_prompt(cut: Cut, prompt: AudexPromptFormatter) -> dict[str, torch.Tensor]:
         seq = SequenceBuilder(prompt.tokenizer, prompt_format=prompt, system_prompt=prompt.system_prompt,

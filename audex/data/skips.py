@@ -68,6 +68,10 @@ SKIP_REASONS: dict[str, str] = {
     AUDIO_TOO_LONG: "filtered: audio longer than the paper's maximum",
     TEXT_TOO_LONG: "filtered: text example over the paper's token limit",
 }
+#: the reasons that are the paper's filters: counted apart from bad input (never against ``max_skip_rate``)
+FILTER_REASONS = frozenset({AUDIO_TOO_SHORT, AUDIO_TOO_LONG, TEXT_TOO_LONG})
+#: one skip as it travels from a dataloader worker to the training process: (reason, detail, cut id)
+SkipRecord = tuple[str, str, "str | None"]
 
 
 class SkipSample(Exception):
@@ -217,3 +221,77 @@ class SkipCounter:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kept": self.kept, "skipped": dict(self.counts)}
+
+
+# ---- across processes ------------------------------------------------------------------------------
+class SkipEvents:
+    """Skips recorded in this process, waiting for a chunk or batch to carry them to the training process.
+
+    It has the ``accept``/``skip`` methods of :class:`SkipCounter`, so it can stand in for one
+    (e.g. as the counter of :class:`~audex.data.filters.PaperFilters`); the counting itself happens once, in
+    the loader of the training process, from the records that :meth:`drain` hands out.
+    """
+
+    def __init__(self):
+        self._records: list[SkipRecord] = []
+
+    def accept(self, n: int = 1) -> None:
+        """Kept examples are counted from the batches; nothing to record."""
+
+    def skip(self, error: SkipSample | str, cut_id: str | None = None, detail: str = "") -> None:
+        if isinstance(error, str):
+            error = SkipSample(error, detail, cut_id)
+        self._records.append((error.reason, error.detail, error.cut_id if error.cut_id is not None else cut_id))
+
+    def drain(self) -> list[SkipRecord]:
+        records, self._records = self._records, []
+        return records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getstate__(self):  # a copy sent to a worker starts empty: records are drained where they were made
+        return {"_records": []}
+
+
+class LoaderSkips:
+    """What a data loader does with the skip records its batches carry, in the training process: bad input is
+    counted in ``skips`` (checked against ``max_skip_rate``), the paper's filters in ``filtered`` (choices, not
+    errors, never checked), both with per-reason summaries.
+
+    Example::
+
+        >>> acc = LoaderSkips("train data", max_skip_rate=0.05)
+        >>> acc.account(batch.skipped + sampler_events.drain(), kept=batch.num_samples)
+        >>> acc.check()                              # at the end of a pass: TooManySkipsError above 5 %
+    """
+
+    def __init__(self, name: str, max_skip_rate: float | None = None, min_examples: int = 100):
+        self.skips = SkipCounter(name, max_skip_rate=max_skip_rate, min_examples=min_examples)
+        self.filtered = SkipCounter(f"{name} filters")
+
+    def reset(self) -> None:
+        self.skips.reset()
+        self.filtered.reset()
+
+    def account(self, records: list[SkipRecord], kept: int) -> None:
+        """Count ``records`` and ``kept`` examples (a filtered example was seen by the filters but not kept)."""
+        bad = 0
+        for reason, detail, cut_id in records:
+            if reason in FILTER_REASONS:
+                self.filtered.skip(reason, cut_id=cut_id, detail=detail)
+            else:
+                bad += 1
+                self.skips.skip(reason, cut_id=cut_id, detail=detail)
+        self.skips.accept(kept)
+        self.filtered.accept(kept + bad)
+
+    def check(self) -> None:
+        """The end-of-pass check of the skip rate (:meth:`SkipCounter.check`)."""
+        self.skips.check(final=True)
+
+    def log_summary(self) -> str:
+        text = self.skips.log_summary()
+        if self.filtered.skipped:
+            text += "\n" + self.filtered.log_summary()
+        return text

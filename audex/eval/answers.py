@@ -30,6 +30,7 @@ import re
 import string
 from typing import Sequence
 
+from audex.eval.normalize import normalize_for_wer
 from audex.inference.answers import extract_boxed, extract_short_answer, final_answer_text  # noqa: F401 (re-exported)
 
 LETTERS = string.ascii_uppercase
@@ -193,8 +194,6 @@ def extract_label(response: str, labels: Sequence[str] = ("yes", "no", "maybe"))
 # ---- free-form short answers (speech-to-speech) --------------------------------------------------
 def normalize_short_answer(answer: str) -> str:
     """Comparable form of a short answer: the English WER normaliser ("Seven." -> "7", "Valid" -> "valid")."""
-    from audex.eval.normalize import normalize_for_wer
-
     return normalize_for_wer(answer, "en")
 
 

@@ -31,6 +31,8 @@ from typing import Mapping
 
 import numpy as np
 import torch
+from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
+from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
 SAMPLE_RATE = 16000
 
@@ -79,8 +81,6 @@ class LogMelStatsEmbedder(AudioEmbedder):
     name, metric, is_fallback = "logmel", "fd_logmel", True
 
     def __init__(self, num_mel_bins: int = 64, window_seconds: float = 1.0, hop_seconds: float = 0.5):
-        from transformers.audio_utils import mel_filter_bank, window_function
-
         self.n_fft, self.frame_hop = 400, 160  # 25 ms windows, 10 ms hop
         self.window = window_function(self.n_fft, "hann")
         self.mel_filters = mel_filter_bank(num_frequency_bins=self.n_fft // 2 + 1, num_mel_filters=num_mel_bins,
@@ -92,8 +92,6 @@ class LogMelStatsEmbedder(AudioEmbedder):
                             f"hop {hop_seconds:g} s) — FALLBACK, not OpenL3")
 
     def embed(self, wav: torch.Tensor) -> np.ndarray:
-        from transformers.audio_utils import spectrogram
-
         x = wav.detach().cpu().double().numpy().reshape(-1)
         if x.size < self.n_fft:
             x = np.pad(x, (0, self.n_fft - x.size))
@@ -124,8 +122,6 @@ class SpeakerEmbedder:
     """x-vector speaker embeddings from a local Hugging Face folder (``AutoModelForAudioXVector``)."""
 
     def __init__(self, pretrained_path: str, device: str | torch.device = "cpu"):
-        from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
-
         path = Path(pretrained_path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"speaker model folder {str(path)!r} has no config.json: give a local Hugging Face "

@@ -25,35 +25,14 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+from transformers import pipeline as hf_pipeline
+
+from audex.inference.pipelines import AudexPipeline
+from audex.inference.presets import load_presets
+from audex.models.checkpoint import load_model
+from audex.tasks import task
 
 log = logging.getLogger(__name__)
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """An :class:`~audex.models.audex_model.AudexModel` in eval mode from a ``.nemo``, a pretrained folder or a
-    model YAML (random init: for smoke tests and benchmarks of the harness, never for reported numbers)."""
-    from audex.models.audex_model import AudexModel
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"model {str(p)!r} does not exist: give a .nemo file, a folder written by "
-                                "AudexModel.save_pretrained, or a model YAML (random weights)")
-    if p.is_dir():
-        model = AudexModel.from_pretrained(str(p))
-    elif p.suffix == ".nemo":
-        model = AudexModel.restore_from(str(p), map_location=torch.device(device))
-    elif p.suffix in (".yaml", ".yml"):
-        log.warning("building %s with RANDOM weights (a model YAML, not a checkpoint)", p)
-        model = AudexModel.from_config_file(str(p))
-    else:
-        raise ValueError(f"model {str(p)!r} is neither a .nemo, a pretrained folder nor a model YAML")
-    return model.to(device).eval()
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class EvalEngine:
@@ -69,9 +48,6 @@ class EvalEngine:
 
     def __init__(self, model, seed: int = 0, generation: Mapping[str, Mapping] | None = None,
                  preset_overrides: Sequence[str] = (), presets_path: str | None = None):
-        from audex.inference.pipelines import AudexPipeline
-        from audex.inference.presets import load_presets
-
         self.model = model
         self.seed = int(seed)
         self.generation = {k: dict(v or {}) for k, v in dict(generation or {}).items()}
@@ -82,26 +58,34 @@ class EvalEngine:
     def overrides(self, preset: str) -> dict:
         return {"seed": self.seed, **self.generation.get(preset, {})}
 
+    def run(self, name: str, preset: str | None = None, **columns) -> list:
+        """Task ``name`` of :mod:`audex.tasks` over columns of equal length (``audio=[...]``, ``question=[...]``),
+        with the run's seed and the overrides of ``preset`` (default: the task's own preset)."""
+        spec = task(name)
+        n = len(next(iter(columns.values())))
+        records = [{k: v[i] for k, v in columns.items()} for i in range(n)]
+        return spec.run(self.pipeline, records, **self.overrides(preset or spec.preset))
+
     # ---- understanding -------------------------------------------------------------------------
     def asr(self, audios: Sequence[torch.Tensor], languages: Sequence[str] | None = None) -> list[str]:
         """Transcripts (the answer's ``Transcription:`` field; the whole answer if the model ignored the format)."""
         preset = "asr" if languages is None else "asr_multilingual"
-        results = self.pipeline.asr(list(audios), languages=languages, **self.overrides(preset))
+        results = self.run("asr", preset, audio=list(audios), language=list(languages or [None] * len(audios)))
         return [(r.fields or {}).get("transcription") or "" for r in results]
 
     def ast(self, audios: Sequence[torch.Tensor]) -> list[dict]:
         """``{"language", "transcription", "translation", "raw"}`` per audio."""
-        results = self.pipeline.ast(list(audios), **self.overrides("ast"))
+        results = self.run("ast", audio=list(audios))
         return [{**(r.fields or {}), "translation": (r.fields or {}).get("translation") or "", "raw": r.text} for r in results]
 
     def mcq(self, audios, questions: Sequence[str], choices: Sequence[Sequence[str]]) -> list[str]:
-        return [r.text for r in self.pipeline.mcq(list(audios), list(questions), list(choices), **self.overrides("mcq"))]
+        return [r.text for r in self.run("mcq", audio=list(audios), question=list(questions), choices=list(choices))]
 
     def entailment(self, audios, descriptions: Sequence[str]) -> list[str]:
-        return [r.text for r in self.pipeline.entailment(list(audios), list(descriptions), **self.overrides("entailment"))]
+        return [r.text for r in self.run("entailment", audio=list(audios), description=list(descriptions))]
 
     def hallucination(self, audios, sound_events: Sequence[str]) -> list[str]:
-        return [r.text for r in self.pipeline.hallucination(list(audios), list(sound_events), **self.overrides("hallucination"))]
+        return [r.text for r in self.run("hallucination", audio=list(audios), sound_event=list(sound_events))]
 
     def chat(self, messages: Sequence[str], thinking: bool | None = None, preset: str = "chat") -> list[str]:
         """Final answers of text chats (reasoning dropped in thinking mode)."""
@@ -139,10 +123,10 @@ class EvalEngine:
 
     # ---- generation ----------------------------------------------------------------------------
     def tts(self, texts: Sequence[str]) -> list[torch.Tensor]:
-        return [r.waveform for r in self.pipeline.tts(list(texts), **self.overrides("tts"))]
+        return [r.waveform for r in self.run("tts", text=list(texts))]
 
     def tta(self, captions: Sequence[str]) -> list[torch.Tensor]:
-        return [r.waveform for r in self.pipeline.tta(list(captions), **self.overrides("tta"))]
+        return [r.waveform for r in self.run("tta", text=list(captions))]
 
     def s2s(self, audios: Sequence[torch.Tensor]) -> list[dict]:
         """The A.8 cascade: ``{"transcript", "response", "thinking", "pipeline_answer", "spoken_text", "speech"}``;
@@ -159,11 +143,9 @@ class HfAsrTranscriber:
     """A local Hugging Face ASR model (e.g. Whisper) as the judge of TTS intelligibility."""
 
     def __init__(self, folder: str, device: torch.device | str = "cpu", batch_size: int = 8):
-        from transformers import pipeline
-
         if not (Path(folder) / "config.json").exists():
             raise FileNotFoundError(f"ASR model folder {folder!r} has no config.json: give a local Hugging Face ASR folder")
-        self.asr = pipeline("automatic-speech-recognition", model=folder, device=torch.device(device),
+        self.asr = hf_pipeline("automatic-speech-recognition", model=folder, device=torch.device(device),
                             model_kwargs={"local_files_only": True})
         self.batch_size = batch_size
         self.name = f"hf:{folder}"

@@ -21,7 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import jiwer
 import numpy as np
+import sacrebleu
+from scipy import linalg
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,6 @@ class WordErrorCounts:
 
 def word_errors(reference: str, hypothesis: str) -> WordErrorCounts:
     """Align two *already normalised* strings (see :mod:`audex.eval.normalize`) with jiwer."""
-    import jiwer
-
     if not reference.split():
         raise ValueError("the reference has no words: an empty reference cannot be scored (the Open ASR leaderboard drops such samples)")
     out = jiwer.process_words(reference, hypothesis)
@@ -86,8 +87,6 @@ def corpus_wer(counts: Iterable[WordErrorCounts]) -> float:
 # ---- BLEU / COMET --------------------------------------------------------------------------------
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], tokenize: str = "13a") -> float:
     """sacrebleu corpus BLEU (0-100) with one reference per segment; ``13a`` is sacrebleu's default for English."""
-    import sacrebleu
-
     if len(hypotheses) != len(references):
         raise ValueError(f"corpus_bleu got {len(hypotheses)} hypotheses but {len(references)} references")
     if not hypotheses:
@@ -97,8 +96,6 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], tokenize: 
 
 def sentence_bleu(hypothesis: str, reference: str, tokenize: str = "13a") -> float:
     """sacrebleu sentence BLEU (0-100): per-sample diagnostics only; the benchmark number is :func:`corpus_bleu`."""
-    import sacrebleu
-
     return float(sacrebleu.sentence_bleu(hypothesis, [reference], tokenize=tokenize).score)
 
 
@@ -147,8 +144,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     finite, ``eps`` is added to both diagonals and it is retried; a complex result whose imaginary part is
     numerical noise is reduced to its real part, a large imaginary part raises.
     """
-    from scipy import linalg
-
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:

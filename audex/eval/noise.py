@@ -26,6 +26,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from lhotse import load_manifest
+
+from audex.audio import load_audio, to_model_audio
 
 SNR_LEVELS_DB: tuple[float, ...] = (-5, 0, 5, 10, 25, 50, 100)
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
@@ -92,8 +95,6 @@ class NoiseBank:
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, folder: str | Path) -> "NoiseBank":
-        from audex.audio import load_audio
-
         root = Path(folder)
         if not root.is_dir():
             raise FileNotFoundError(f"noise folder {str(root)!r} does not exist")
@@ -104,10 +105,6 @@ class NoiseBank:
     @classmethod
     def from_manifest(cls, path: str | Path) -> "NoiseBank":
         """A Lhotse ``RecordingSet`` or ``CutSet`` manifest (JSONL, optionally gzipped)."""
-        from lhotse import load_manifest
-
-        from audex.audio import to_model_audio
-
         manifest = load_manifest(str(path))
         clips = []
         for item in manifest:

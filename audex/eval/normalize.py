@@ -21,6 +21,9 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from whisper_normalizer.basic import BasicTextNormalizer
+from whisper_normalizer.english import EnglishTextNormalizer
+
 ENGLISH_CODES = frozenset({"en", "eng", "english", "en-us", "en_us", "en-gb", "en_gb"})
 _WHITESPACE = re.compile(r"\s+")
 
@@ -32,15 +35,11 @@ def is_english(language: str | None) -> bool:
 
 @lru_cache(maxsize=None)
 def _english():
-    from whisper_normalizer.english import EnglishTextNormalizer
-
     return EnglishTextNormalizer()
 
 
 @lru_cache(maxsize=None)
 def _basic(remove_diacritics: bool):
-    from whisper_normalizer.basic import BasicTextNormalizer
-
     return BasicTextNormalizer(remove_diacritics=remove_diacritics)
 
 

@@ -15,16 +15,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from audex.eval.engine import EvalEngine, load_model, resolve_device
+from audex.eval.engine import EvalEngine
 from audex.eval.report import SuiteSummary
 from audex.eval.samples import load_hypotheses, load_samples
 from audex.eval.suites import suite_class
+from audex.models.checkpoint import load_model, resolve_device
 
 log = logging.getLogger(__name__)
 
 
 def _engine(cfg: DictConfig, model_path: str, device) -> EvalEngine:
-    generation = OmegaConf.to_container(cfg.get("generation") or {}, resolve=True)
+    generation = cfg.get("generation")  # an empty DictConfig is falsy: never `or {}` it into a plain dict
+    generation = OmegaConf.to_container(generation, resolve=True) if generation is not None else {}
     overrides = list(cfg.get("preset_overrides") or [])
     return EvalEngine(load_model(model_path, device), seed=int(cfg.get("seed", 0)), generation=generation,
                       preset_overrides=overrides, presets_path=cfg.get("presets_path"))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from lhotse import CutSet
 
 from audex.audio import load_audio, to_model_audio
 from audex.data.nemo_manifest import is_nemo_manifest, read_manifest_cuts
@@ -124,8 +125,6 @@ def _cut_to_sample(cut) -> EvalSample:
 
 
 def load_manifest_samples(manifest: str | Path, tarred_audio_filepaths=None) -> list[EvalSample]:
-    from lhotse import CutSet
-
     path = Path(manifest)
     if tarred_audio_filepaths is not None or is_nemo_manifest(path):  # NeMo JSON manifest (plain or tarred)
         return [_cut_to_sample(c) for c in read_manifest_cuts(path, tarred_audio_filepaths)]

@@ -1,3 +1,2 @@
-"""Deployment: TensorRT-LLM checkpoints and HF folders, the ONNX audio front end, CFG pairing for in-flight
-batching, Triton model repositories and a live Triton server (see each module). Importing this package is
-cheap on purpose: the Triton python-backend proxy imports from it inside a NumPy-1 interpreter."""
+"""Offline export of an Audex model: the Hugging Face folder, the TensorRT-LLM checkpoint, the ONNX audio front end,
+and the export folder that bundles them (see each module). Online serving lives in :mod:`audex.serving`."""

@@ -10,31 +10,28 @@
     engine/                the TensorRT-LLM engine, when tensorrt_llm is importable (GPU hosts)
     manifest.json          what was written, the vocabulary layout and the trtllm-build command
 
-Run ``audex-export-trtllm model_path=x.nemo export_dir=out`` (or ``python scripts/export_trtllm.py ...``); keys come
-from ``conf/export.yaml``. Without TensorRT-LLM the last line printed is the exact ``trtllm-build`` command.
+The command is ``audex-export model_path=x.nemo export_dir=out`` (or ``python examples/audex_export.py ...``, see
+:mod:`audex.cli.export`); keys come from the package's ``export.yaml``. Without TensorRT-LLM the last line printed is
+the exact ``trtllm-build`` command.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from audex.export.frontend_onnx import export_frontend_onnx
 from audex.export.hf_folder import export_hf_folder
-from audex.export.loading import load_audex_model
-from audex.export.trtllm import (
+from audex.export.trtllm_checkpoint import (
     LLAMA_FAMILY,
     build_engine,
     tensorrt_llm_available,
     trtllm_build_command,
     write_trtllm_checkpoint,
 )
-
-CONF = Path(__file__).resolve().parents[2] / "conf" / "export.yaml"
 
 
 def export_bundle(model, out_dir: str | Path, cfg: DictConfig) -> dict:
@@ -68,19 +65,3 @@ def export_bundle(model, out_dir: str | Path, cfg: DictConfig) -> dict:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
-
-def main(argv=None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    cfg = OmegaConf.merge(OmegaConf.load(CONF), OmegaConf.from_dotlist(args))
-    if OmegaConf.is_missing(cfg, "model_path"):
-        raise SystemExit("give model_path=<.nemo | pretrained folder | model YAML> (and export_dir=...)")
-    model = load_audex_model(cfg.model_path)
-    manifest = export_bundle(model, cfg.export_dir, cfg)
-    for key in ("hf", "trtllm_checkpoint", "frontend_onnx", "speech_codec", "audio_codec"):
-        if manifest.get(key):
-            print(f"wrote {key}: {manifest[key]}")
-    print(manifest["engine"])
-
-
-if __name__ == "__main__":
-    main()

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -25,8 +26,6 @@ def export_hf_folder(model, out_dir: str | Path, dtype: str | None = None) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     lm = model.backbone
     if dtype is not None:
-        import copy
-
         lm = copy.deepcopy(lm).to(getattr(torch, dtype))
     lm.save_pretrained(out, safe_serialization=True)
     model.tokenizer.save(out)

@@ -9,8 +9,8 @@
 * :mod:`~audex.inference.waveform` - codec tokens -> 16 kHz waveforms -> WAV files
 * :mod:`~audex.inference.runner` - batch inference with per-input error reports (``examples/audex_infer.py``)
 
-The pipeline and runner pull in the data stack (NeMo prompt formats, Lhotse); they load on first access, so
-that ``from audex.inference import cfg_mix`` stays light (the TensorRT-LLM logits post-processor uses it).
+Import the pipeline and the runner from their modules (``from audex.inference.pipelines import AudexPipeline``);
+this package re-exports only the light pieces, so that ``from audex.inference import cfg_mix`` stays cheap.
 """
 
 from audex.inference.cfg import CfgPairBatch, cfg_mix
@@ -18,20 +18,5 @@ from audex.inference.constraints import CodecConstraint
 from audex.inference.decoding import AudexDecoder, GenerationOutput
 from audex.inference.sampling import SamplingParams, TokenSampler
 
-_LAZY = {
-    "AudexPipeline": "audex.inference.pipelines",
-    "load_presets": "audex.inference.presets",
-    "run_inference": "audex.inference.runner",
-    "load_model": "audex.inference.runner",
-}
-
 __all__ = ["AudexDecoder", "CfgPairBatch", "CodecConstraint", "GenerationOutput", "SamplingParams", "TokenSampler",
-           "cfg_mix", *_LAZY]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'audex.inference' has no attribute {name!r}")
+           "cfg_mix"]

@@ -2,7 +2,7 @@
 
 Each conditional prompt (a TTS transcript or TTA caption inside its Figure 2 template) is paired with an
 unconditional twin: the same template with the transcript/caption replaced by as many ``<pad>`` tokens as
-the transcript has tokens (``tts_user_content(num_pads=...)`` of :mod:`audex.data.prompts`), which is how
+the transcript has tokens (``tts_user_content(num_pads=...)`` of :mod:`audex.prompts`), which is how
 the CFG training samples were made (section 4.3: untrainable padding in place of the condition). Both
 rows sit in the *same* decoding batch (conditional rows first, their twins after them), so one forward
 pass per step serves both; their next-token logits are combined with eq. (3)::

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from audex.inference.cfg import CfgPairBatch
 from audex.inference.constraints import CodecConstraint
@@ -110,8 +111,6 @@ class AudexDecoder:
         return next(self.lm.parameters()).device
 
     def new_cache(self):
-        from transformers import DynamicCache
-
         return DynamicCache(config=self.lm.config)
 
     def _forward(self, attention_mask, position_ids, cache, input_ids=None, inputs_embeds=None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Task pipelines: ASR, AST, audio QA, chat, TTS, TTA and speech-to-speech, all with one Audex model.
 
-Each pipeline writes the paper's prompt (:mod:`audex.data.prompts`: Figure 2 templates, appendix A.6-A.10
+Each pipeline writes the paper's prompt (:mod:`audex.prompts`: Figure 2 templates, appendix A.6-A.10
 prompts), expands ``<sound>`` into the encoder's frames as training did (:class:`~audex.data.sequence.SequenceBuilder`),
 decodes with its preset (``conf/infer/presets.yaml``) under the task's token grammar, and turns the tokens into
 its result: text (with the ASR/AST fields parsed), or codec codes and a 16 kHz waveform.
@@ -31,7 +31,18 @@ from typing import Callable, Sequence
 
 import torch
 
-from audex.data.prompts import (
+from audex.data.sequence import SequenceBuilder
+from audex.data.skips import SkipSample
+from audex.inference.answers import extract_short_answer
+from audex.inference.constraints import CodecConstraint
+from audex.inference.decoding import AudexDecoder, GenerationOutput
+from audex.inference.presets import Presets, TaskPreset, load_presets
+from audex.inference.waveform import (
+    audio_tokens_to_codes,
+    speech_tokens_to_codes,
+    speech_tokens_to_waveform,
+)
+from audex.prompts import (
     AST_PROMPT,
     SYSTEM_PROMPT,
     asr_question,
@@ -45,17 +56,6 @@ from audex.data.prompts import (
     speech_target_prefix,
     tta_user_content,
     tts_user_content,
-)
-from audex.data.sequence import SequenceBuilder
-from audex.data.skips import SkipSample
-from audex.inference.answers import extract_short_answer
-from audex.inference.constraints import CodecConstraint
-from audex.inference.decoding import AudexDecoder, GenerationOutput
-from audex.inference.presets import Presets, TaskPreset, load_presets
-from audex.inference.waveform import (
-    audio_tokens_to_codes,
-    speech_tokens_to_codes,
-    speech_tokens_to_waveform,
 )
 
 

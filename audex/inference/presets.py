@@ -19,16 +19,17 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from audex import config_path
 from audex.inference.sampling import SamplingParams
 
-DEFAULT_PRESETS_PATH = Path(__file__).resolve().parents[2] / "conf" / "infer" / "presets.yaml"
+DEFAULT_PRESETS_PATH = config_path("infer", "presets.yaml")
 OUTPUTS = ("text", "speech", "audio")
 _TASK_KEYS = {"output", "thinking", "sampling", "max_speech_seconds", "long_form_max_chars", "audio_seconds"}
 
 
 @dataclass(frozen=True)
 class TaskPreset:
-    """How one task is decoded; its prompt is the task's own (:mod:`audex.data.prompts`, see the pipelines)."""
+    """How one task is decoded; its prompt is the task's own (:mod:`audex.prompts`, see the pipelines)."""
 
     name: str
     output: str = "text"

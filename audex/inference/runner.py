@@ -23,8 +23,6 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import torch
-
 from audex.inference.pipelines import AudexPipeline
 from audex.inference.waveform import write_wav
 
@@ -36,32 +34,6 @@ TASKS = AUDIO_TASKS + TEXT_TASKS
 #: the record field each task needs besides the audio
 _NEEDS = {"audio_qa": "question", "mcq": "question", "entailment": "description", "hallucination": "sound_event",
           "chat": "text", "tts": "text", "tta": "text"}
-
-
-# ---- the model ----------------------------------------------------------------------------------
-def load_model(path: str | Path, device: str = "auto", dtype: str | None = None):
-    """An AudexModel from a ``.nemo`` file, a pretrained folder (``save_pretrained``) or a model YAML
-    (random weights: for demos and tests)."""
-    from audex.models.audex_model import AudexModel
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model {str(path)!r} does not exist: give a .nemo file, a folder written by "
-                                "AudexModel.save_pretrained, or a model YAML such as conf/model/tiny.yaml")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if path.suffix == ".nemo":
-        model = AudexModel.restore_from(str(path), map_location=torch.device(device))
-    elif path.is_dir():
-        model = AudexModel.from_pretrained(str(path))
-    elif path.suffix in (".yaml", ".yml"):
-        logger.warning("building %s with random weights (a model YAML, not a checkpoint)", path)
-        model = AudexModel.from_config_file(str(path))
-    else:
-        raise ValueError(f"model {str(path)!r}: expected a .nemo file, a pretrained folder or a model YAML")
-    model = model.to(device)
-    if dtype:
-        model.llm.to(getattr(torch, dtype))
-    return model.eval()
 
 
 # ---- inputs -------------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,6 @@ class TokenSampler:
     """
 
     def __init__(self, params: SamplingParams):
-        from transformers.generation.logits_process import (
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
         self.params = params
         self.warpers = []
         if params.do_sample:

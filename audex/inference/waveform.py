@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 from typing import Callable, Sequence
 
+import soundfile as sf
 import torch
 
 SAMPLE_RATE = 16000
@@ -143,8 +144,6 @@ def audio_tokens_to_waveform(model, token_ids: Sequence[int]) -> torch.Tensor:
 
 def write_wav(path: str | Path, wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> Path:
     """Float waveform ``[T]`` -> 16-bit PCM WAV (peaks above full scale are clipped, not wrapped)."""
-    import soundfile as sf
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     samples = torch.as_tensor(wav, dtype=torch.float32).reshape(-1).clamp(-1.0, 1.0).numpy()

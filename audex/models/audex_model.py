@@ -14,6 +14,10 @@ Example::
     model.save_to("tiny.nemo")
     same = ModelPT.restore_from("tiny.nemo")        # works without importing audex first
 
+Packed rows (``sample_ids``) run through :mod:`audex.modules.packed`; the training hooks (loss of eq. 2 and MoE
+balancing from :mod:`audex.parts`) are methods of the model, so that Lightning, the training run and the tests
+all go through :meth:`forward`.
+
 Audio in the prompt: a prompt holds ``<so_start>`` + N x ``<so_embedding>`` + ``<so_end>`` per clip
 (N = :meth:`frames_for_samples`); :meth:`embed_inputs` writes the adapter outputs of clip i over the i-th
 run of ``<so_embedding>`` rows (runs counted row-major over the batch).
@@ -21,25 +25,42 @@ run of ``<so_embedding>`` rows (runs counted row-major over the batch).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
 import torch
 from lightning.pytorch import Trainer
 from nemo.core.classes import ModelPT
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from audex import register_nemo_targets
-from audex.data.packing import packed_segments
-from audex.tokenizer import AudexTokenizer
+from audex.data.collate import batch_field
+from audex.data.loader import build_dataloader
+from audex.models.artifacts import (
+    COMPONENTS,
+    build_tokenizer,
+    node_for_build,
+    read_pretrained_folder,
+    record_resolved_configs,
+    register_codec_config_artifacts,
+    write_pretrained_folder,
+)
+from audex.modules.packed import (
+    MambaSpanReset,
+    enable_varlen_attention,
+    packed_attention_mask,
+    packed_segments,
+    uses_varlen_attention,
+)
+from audex.parts.losses import language_model_loss
+from audex.parts.moe import MoeBalancer
+from audex.parts.optim import build_optimizer_and_scheduler
 from audex.vocab import AudexVocab
 
 register_nemo_targets()
-
-_COMPONENTS = ("audio_encoder", "backbone", "adapter", "speech_codec", "audio_codec")
 
 
 def _instantiate(node: DictConfig | None, **kwargs):
@@ -63,15 +84,15 @@ class AudexModel(ModelPT):
         cfg = self._cfg
 
         self.vocab = AudexVocab(**OmegaConf.to_container(cfg.vocab, resolve=True))
-        self.tokenizer = self._build_tokenizer(cfg)
+        self.tokenizer = build_tokenizer(self, cfg)
 
         parts = {}
-        for name in _COMPONENTS:
+        for name in COMPONENTS:
             node = cfg.get(name)
             if node is None:
                 parts[name] = None
                 continue
-            node = self._node_for_build(node, restoring)
+            node = node_for_build(node, restoring)
             if name == "backbone":
                 parts[name] = _instantiate(node, vocab_size=self.vocab.size, text_vocab_size=self.vocab.text_vocab_size)
             elif name == "adapter":
@@ -85,11 +106,10 @@ class AudexModel(ModelPT):
         self.speech_codec = parts["speech_codec"]
         self.audio_codec = parts["audio_codec"]
         self._check_consistency()
-        self._record_resolved_configs()
-        self._register_codec_config_artifacts(cfg)
-        self._mamba_segments = None
-        if self.has_recurrent_layers:
-            self._install_mamba_sample_resets()
+        record_resolved_configs(self)
+        register_codec_config_artifacts(self, cfg)
+        self.mamba_reset = MambaSpanReset(self.backbone) if self.has_recurrent_layers else None
+        self.moe_balancer: MoeBalancer | None = None  # set by enable_moe_balancing (stages that train the LLM)
         if self.audio_encoder is not None:
             self.audio_encoder.requires_grad_(False)  # frozen in every stage (Table 3)
         for codec in (self.speech_codec, self.audio_codec):
@@ -106,97 +126,6 @@ class AudexModel(ModelPT):
         for key, value in overrides.items():
             OmegaConf.update(cfg, key, value, merge=True)
         return cls(cfg)
-
-    def _build_tokenizer(self, cfg: DictConfig) -> AudexTokenizer:
-        tcfg = cfg.tokenizer
-        artifacts = tcfg.get("artifacts")
-        if artifacts:  # restoring a .nemo: the tokenizer files were packed as artifacts
-            return self._load_tokenizer_folder(self._scratch_dir("tokenizer"), artifacts)
-        if tcfg.get("pretrained_path"):
-            tok = AudexTokenizer.from_pretrained(tcfg.pretrained_path, self.vocab, tcfg.get("special_token_map"))
-        elif tcfg.get("kind", "tiny_bpe") == "tiny_bpe":
-            tok = AudexTokenizer.build_tiny(self.vocab, bpe_size=self.vocab.text_vocab_size)
-        else:
-            raise ValueError(f"model.tokenizer needs pretrained_path or kind: tiny_bpe, got {OmegaConf.to_container(tcfg)}")
-        self._register_tokenizer_artifacts(tok)
-        return tok
-
-    def _register_tokenizer_artifacts(self, tok: AudexTokenizer) -> None:
-        folder = self._scratch_dir("tokenizer")
-        tok.save(folder)
-        files = {}
-        for f in sorted(folder.iterdir()):
-            key = f.name.replace(".", "_")
-            files[key] = self.register_artifact(f"tokenizer.artifacts.{key}", str(f))
-        with open_dict(self._cfg):
-            self._cfg.tokenizer.artifacts = {k: v for k, v in files.items()}
-            self._cfg.tokenizer.artifact_names = {f.name.replace(".", "_"): f.name for f in folder.iterdir()}
-
-    def _load_tokenizer_folder(self, folder: Path, artifacts) -> AudexTokenizer:
-        names = self._cfg.tokenizer.get("artifact_names", {})
-        for key in artifacts:
-            real = Path(self.register_artifact(f"tokenizer.artifacts.{key}", artifacts[key]))
-            shutil.copy(real, folder / names.get(key, real.name))
-        return AudexTokenizer.load(folder)
-
-    def _scratch_dir(self, name: str) -> Path:
-        """A folder for files that must outlive __init__ (artifacts are copied at save time); removed with the model."""
-        if getattr(self, "_scratch", None) is None:
-            self._scratch = tempfile.TemporaryDirectory(prefix="audex_model_")
-        folder = Path(self._scratch.name) / name
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    @staticmethod
-    def _node_for_build(node: DictConfig, restoring: bool) -> DictConfig:
-        """On restore, build from the recorded HF config instead of the (possibly absent) pretrained folder."""
-        node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
-        resolved = node.pop("resolved_config", None)
-        node.pop("config_file", None)  # an artifact of the .nemo, not a constructor argument
-        if restoring and resolved is not None and node.get("pretrained_path"):
-            node.pretrained_path = None
-            node.config = resolved.get("config")
-            if "model_type" in resolved:
-                node.model_type = resolved.model_type
-        return node
-
-    def _record_resolved_configs(self) -> None:
-        def hf_dict(module):
-            d = module.config.to_dict()
-            d.pop("transformers_version", None)
-            d.pop("architectures", None)
-            return d
-
-        with open_dict(self._cfg):
-            if self.llm is not None:
-                d = hf_dict(self.llm.lm)
-                model_type = d.pop("model_type")
-                d["vocab_size"] = self.llm.text_vocab_size
-                self._cfg.backbone.resolved_config = {"model_type": model_type, "config": d}
-            if self.audio_encoder is not None:
-                d = hf_dict(self.audio_encoder.encoder)
-                d.pop("model_type", None)
-                self._cfg.audio_encoder.resolved_config = {"config": d}
-            for name, codec in (("speech_codec", self.speech_codec), ("audio_codec", self.audio_codec)):
-                if codec is not None:
-                    d = hf_dict(codec.model)
-                    d.pop("model_type", None)
-                    self._cfg[name].resolved_config = {"config": d}
-
-    def _register_codec_config_artifacts(self, cfg: DictConfig) -> None:
-        """Pack each codec's Hugging Face ``config.json`` into the ``.nemo`` (``<codec>.config_file``), so that a
-        user can rebuild the codec alone (e.g. for the Triton post-processing step) from the archive."""
-        for name, codec in (("speech_codec", self.speech_codec), ("audio_codec", self.audio_codec)):
-            if codec is None:
-                continue
-            src = cfg[name].get("config_file")
-            if not src:
-                folder = self._scratch_dir(name)
-                src = str(folder / f"{name}_config.json")
-                Path(src).write_text(codec.model.config.to_json_string())
-            path = self.register_artifact(f"{name}.config_file", src)
-            with open_dict(self._cfg):
-                self._cfg[name].config_file = path
 
     def _check_consistency(self) -> None:
         if self.llm is None:
@@ -280,19 +209,6 @@ class AudexModel(ModelPT):
         emb[is_so] = frames
         return emb
 
-    @staticmethod
-    def packed_attention_mask(sample_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[B, L] sample ids (-1 = padding) -> additive [B, 1, L, L] mask: causal within each sample only."""
-        L = sample_ids.shape[1]
-        same = sample_ids.unsqueeze(2) == sample_ids.unsqueeze(1)
-        causal = torch.ones(L, L, dtype=torch.bool, device=sample_ids.device).tril()
-        valid = (sample_ids >= 0).unsqueeze(2) & (sample_ids >= 0).unsqueeze(1)
-        allowed = same & causal & valid
-        allowed |= torch.eye(L, dtype=torch.bool, device=sample_ids.device)  # padding rows attend to themselves
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=sample_ids.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask.unsqueeze(1)
-
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, audios: list[torch.Tensor] | None = None,
                 audio_embeds: list[torch.Tensor] | None = None, sample_ids: torch.Tensor | None = None,
@@ -307,67 +223,121 @@ class AudexModel(ModelPT):
         if sample_ids is None:
             return self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
-        attention_mask = self.packed_attention_mask(sample_ids, inputs_embeds.dtype)
-        packed = self.has_recurrent_layers and bool((sample_ids.amax(dim=1) > 0).any())
+        # packed rows (audex.modules.packed): each sample attends to itself only, Mamba state restarts per sample
+        packed = self.mamba_reset is not None and bool((sample_ids.amax(dim=1) > 0).any())
         if packed and past_key_values is not None:
             raise ValueError("packed rows (several samples per row) cannot continue from a cache")
-        self._mamba_segments = packed_segments(sample_ids) if packed else None
-        try:
+        varlen = uses_varlen_attention(self.backbone)
+        spans = packed_segments(sample_ids) if packed or varlen else None
+        if varlen:
+            attention_mask, kwargs["audex_segments"] = None, spans
+        else:
+            attention_mask = packed_attention_mask(sample_ids, inputs_embeds.dtype)
+        with self.mamba_reset.spans(spans if packed else None) if self.mamba_reset is not None else nullcontext():
             return self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
-        finally:
-            self._mamba_segments = None
 
-    def _install_mamba_sample_resets(self) -> None:
-        """Make every Mamba mixer restart its recurrent (conv and SSM) state at packed-sample boundaries.
+    # ---- training ------------------------------------------------------------------------------
+    def use_packed_attention(self, kind: str = "varlen") -> bool:
+        """How packed rows attend: ``varlen`` (per-sample SDPA, cost sum n_j^2; SDPA backbones only) or ``dense``
+        (an ``[L, L]`` block-diagonal mask). Returns whether varlen attention is on."""
+        if kind not in ("varlen", "dense"):
+            raise ValueError(f"model.packed_attention must be 'varlen' or 'dense', got {kind!r}")
+        return enable_varlen_attention(self.backbone) if kind == "varlen" else uses_varlen_attention(self.backbone)
 
-        transformers' Nemotron-H mixer takes no per-token sequence ids (mamba-ssm's ``seq_idx``), so a packed row
-        would carry one sample's state into the next. While :meth:`forward` runs on a packed batch, each mixer
-        instead runs once per sample span of the row and the outputs are stitched back: exact, and the token
-        layout seen by attention, MoE routers and the loss is unchanged.
-        """
-        owner = self
-        for module in self.backbone.modules():
-            if type(module).__name__.endswith("Mamba2Mixer"):
-                original = module.forward
+    def enable_moe_balancing(self, bias_update_rate: float = 1e-3, aux_loss_coeff: float = 1e-6,
+                             routing_scale: float = 2.5, train_routers: bool = True) -> MoeBalancer | None:
+        """Balance the routed experts of a MoE backbone while training (section 4.3, :mod:`audex.parts.moe`).
 
-                def forward(hidden_states, cache_params=None, attention_mask=None, _orig=original, **kw):
-                    spans = owner._mamba_segments
-                    if spans is None or cache_params is not None:
-                        return _orig(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kw)
-                    out = torch.zeros_like(hidden_states)  # padding positions stay zero (masked everywhere)
-                    for b, row_spans in enumerate(spans):
-                        for s, e in row_spans:
-                            out[b:b + 1, s:e] = _orig(hidden_states[b:b + 1, s:e], **kw)
-                    return out
+        The routers' ``routed_scaling_factor`` is checked against ``routing_scale``. With ``train_routers`` (the
+        stage trains the LLM) the load-balancing loss joins the training loss and the routing bias moves after
+        every optimizer step; otherwise (stage1 keeps the LLM bit-identical) nothing is attached. Returns
+        :attr:`moe_balancer` (None for dense backbones)."""
+        balancer = MoeBalancer(self.backbone, bias_update_rate=bias_update_rate, aux_loss_coeff=aux_loss_coeff)
+        if balancer.active:
+            balancer.check_routing_scale(float(routing_scale))
+        if balancer.active and train_routers:
+            self.moe_balancer = balancer
+        else:
+            balancer.remove()
+            self.moe_balancer = None
+        return self.moe_balancer
 
-                module.forward = forward
+    @property
+    def loss_reduction(self) -> str:
+        """``model.loss.reduction``: ``square_averaged`` (eq. 2 of the paper, the default) or ``token_mean`` (eq. 1)."""
+        loss_cfg = self.cfg.get("loss") if self.cfg is not None else None
+        return str(loss_cfg.get("reduction", "square_averaged")) if loss_cfg is not None else "square_averaged"
 
-    # ---- training hooks (the logic lives in audex.training / audex.losses) ----------------------
+    def forward_batch(self, batch) -> CausalLMOutputWithPast:
+        """:meth:`forward` on a data-pipeline batch (:class:`~audex.data.collate.PackedBatch` or a dict)."""
+        return self(input_ids=batch_field(batch, "input_ids"), position_ids=batch_field(batch, "position_ids"),
+                    sample_ids=batch_field(batch, "sample_ids"), audios=batch_field(batch, "audios") or None)
+
+    def compute_loss(self, batch, reduction: str | None = None, with_moe: bool = True):
+        """Loss on a packed batch and detached statistics (``token_mean_loss``, ``token_accuracy``,
+        ``trainable_tokens``, ``real_tokens``, and ``moe_aux_loss`` for balanced MoE backbones).
+
+        The loss is :attr:`loss_reduction` plus, while :attr:`moe_balancer` is set, the load-balancing loss
+        (coefficient 1e-6)."""
+        sample_ids, input_ids = batch_field(batch, "sample_ids"), batch_field(batch, "input_ids")
+        balancer = self.moe_balancer if with_moe else None
+        valid = sample_ids >= 0 if sample_ids is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        with balancer.recording(valid) if balancer is not None else nullcontext():
+            out = self.forward_batch(batch)
+        loss, stats = language_model_loss(out.logits, batch_field(batch, "labels"), sample_ids,
+                                          reduction=reduction or self.loss_reduction)
+        stats["real_tokens"] = valid.sum()
+        if balancer is not None:
+            aux = balancer.load_balancing_loss()
+            if aux is not None:
+                loss = loss + aux
+                stats["moe_aux_loss"] = aux.detach()
+        return loss, stats
+
     def training_step(self, batch, batch_idx):
-        from audex.training.steps import training_step
-
-        return training_step(self, batch, batch_idx)
+        loss, stats = self.compute_loss(batch)
+        batch_size = int(batch_field(batch, "input_ids").shape[0])
+        self.log("train_loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train_token_accuracy", stats["token_accuracy"], batch_size=batch_size)
+        self.log("train_real_tokens", stats["real_tokens"].float(), batch_size=batch_size, reduce_fx="sum")
+        if "moe_aux_loss" in stats:
+            self.log("train_moe_aux_loss", stats["moe_aux_loss"], batch_size=batch_size)
+            for key, value in self.moe_balancer.last_update_stats.items():
+                self.log(f"train_{key}", value, batch_size=batch_size)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        return loss
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        from audex.training.steps import validation_step
-
-        return validation_step(self, batch, batch_idx, dataloader_idx)
+        with torch.no_grad():
+            _, stats = self.compute_loss(batch, with_moe=False)
+        n = max(int(stats["trainable_tokens"]), 1)
+        # token-weighted means over the whole validation set (Lightning weights by batch_size)
+        self.log("val_loss", stats["token_mean_loss"], prog_bar=True, batch_size=n, add_dataloader_idx=False)
+        self.log("val_token_accuracy", stats["token_accuracy"], batch_size=n, add_dataloader_idx=False)
+        return stats["token_mean_loss"]
 
     def configure_optimizers(self):
-        """AdamW + cosine schedule of the stage config, with row-masked weight decay and the MoE bias update."""
-        from audex.training.optim import configure_optimizers
+        """AdamW + cosine schedule of ``model.optim`` (:mod:`audex.parts.optim`), with row-masked weight decay and
+        the MoE bias update."""
+        if self.cfg.get("optim") is None:
+            raise ValueError("model.optim is missing: a stage config (conf/stage*.yaml) sets it")
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if (max_steps is None or max_steps < 0) and self.cfg.optim.get("sched") is not None:
+            max_steps = self.cfg.optim.sched.get("max_steps", -1)
+        optimizer, scheduler = build_optimizer_and_scheduler(self, self.cfg.optim, max_steps, self.moe_balancer)
+        return optimizer if scheduler is None else ([optimizer], [scheduler])
 
-        return configure_optimizers(self)
+    def attach_dataloaders(self, train=None, validation=None) -> None:
+        """Use these loaders for ``trainer.fit`` (the training run builds them: resumable, rank-aware)."""
+        self._train_dl = train
+        self._validation_dl = validation
 
     def setup_training_data(self, train_data_config):
-        from audex.data.datamodule import build_dataloader
-
         self._train_dl = build_dataloader(train_data_config, self.tokenizer, self.frames_for_samples, "train")
 
     def setup_validation_data(self, val_data_config):
-        from audex.data.datamodule import build_dataloader
-
         self._validation_dl = build_dataloader(val_data_config, self.tokenizer, self.frames_for_samples, "val")
 
     @classmethod
@@ -382,61 +352,16 @@ class AudexModel(ModelPT):
         return {"audio_encoder": n(self.audio_encoder), "adapter": n(self.adapter), "backbone": n(self.llm),
                 "speech_codec": n(self.speech_codec), "audio_codec": n(self.audio_codec)}
 
-    # ---- Hugging Face folder export --------------------------------------------------------------
+    # ---- Hugging Face folder ---------------------------------------------------------------------
     def save_pretrained(self, folder: str) -> Path:
-        """Write a Hugging Face-style folder: ``backbone/`` (safetensors + config, loads with
-        ``AutoModelForCausalLM``), ``tokenizer/``, ``audio_encoder/``, ``adapter.safetensors``, codec folders, and
-        ``audex_config.yaml`` (the full model config), as NeMo's newer speech collections do."""
-        from safetensors.torch import save_file
-
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out / "backbone", safe_serialization=True)
-        self.tokenizer.save(out / "tokenizer")
-        if self.audio_encoder is not None:
-            self.audio_encoder.encoder.save_pretrained(out / "audio_encoder", safe_serialization=True)
-            save_file({k: v.contiguous() for k, v in self.adapter.state_dict().items()}, str(out / "adapter.safetensors"))
-        for name, codec in (("speech_codec", self.speech_codec), ("audio_codec", self.audio_codec)):
-            if codec is not None:
-                codec.model.save_pretrained(out / name, safe_serialization=True)
-        cfg = OmegaConf.create(OmegaConf.to_container(self._cfg, resolve=True))
-        with open_dict(cfg):
-            cfg.tokenizer = {"pretrained_path": str(out / "tokenizer"), "special_token_map": cfg.tokenizer.get("special_token_map")}
-            cfg.backbone.pretrained_path = str(out / "backbone")
-            if self.audio_encoder is not None:
-                cfg.audio_encoder.pretrained_path = str(out / "audio_encoder")
-                cfg.adapter.pretrained_path = str(out / "adapter.safetensors")
-            for name in ("speech_codec", "audio_codec"):
-                if cfg.get(name) is not None:
-                    cfg[name].pretrained_path = str(out / name)
-            for name in _COMPONENTS:
-                if cfg.get(name) is not None:
-                    cfg[name].pop("resolved_config", None)
-            cfg.tokenizer.pop("artifacts", None)
-        OmegaConf.save(cfg, out / "audex_config.yaml")
-        (out / "README.txt").write_text("Audex model folder. Load with AudexModel.from_pretrained(folder).\n")
-        return out
+        """Write a Hugging Face-style folder (:func:`audex.models.artifacts.write_pretrained_folder`)."""
+        return write_pretrained_folder(self, folder)
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "AudexModel":
         """Load a folder written by :meth:`save_pretrained` (local only)."""
-        path = Path(folder)
-        if not (path / "audex_config.yaml").exists():
-            raise FileNotFoundError(f"{folder!r} is not an Audex pretrained folder (no audex_config.yaml)")
-        cfg = OmegaConf.load(path / "audex_config.yaml")
-        # the folder may have moved since it was written: re-anchor the paths to it
-        with open_dict(cfg):
-            cfg.tokenizer.pretrained_path = str(path / "tokenizer")
-            cfg.backbone.pretrained_path = str(path / "backbone")
-            for name in ("audio_encoder", "speech_codec", "audio_codec"):
-                if cfg.get(name) is not None:
-                    cfg[name].pretrained_path = str(path / name)
-            adapter_file = None
-            if cfg.get("adapter") is not None:
-                adapter_file = cfg.adapter.pop("pretrained_path", None)
+        cfg, adapter_file = read_pretrained_folder(folder)
         model = cls(cfg)
         if adapter_file is not None:
-            from safetensors.torch import load_file
-
-            model.adapter.load_state_dict(load_file(str(path / "adapter.safetensors")))
+            model.adapter.load_state_dict(load_file(str(adapter_file)))
         return model

@@ -4,7 +4,7 @@
 ``torch.device("meta")`` and returns total and per-token *active* parameter counts (for MoE backbones, the
 routed experts a token does not visit are subtracted).
 
-Run ``python scripts/param_table.py`` for the table.
+Run ``python examples/audex_params.py`` (``audex-params``) for the table.
 """
 
 from __future__ import annotations

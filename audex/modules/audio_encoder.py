@@ -17,14 +17,60 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AudioFlamingo3Encoder, AudioFlamingo3EncoderConfig, WhisperFeatureExtractor
+
+from audex.audio import to_model_audio
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160  # Whisper mel hop (10 ms)
 ENCODER_DOWNSAMPLE = 4  # conv stride 2, then average pool 2 -> 25 Hz
+PAPER_WINDOW_SECONDS = 30.0
+
+
+def frames_per_window(window_seconds: float = PAPER_WINDOW_SECONDS) -> int:
+    """Encoder frames of one window: ``window_seconds x 25`` (750 for the paper's 30 s)."""
+    window_samples = int(round(float(window_seconds) * SAMPLE_RATE))
+    if window_samples <= 0 or window_samples % (HOP_LENGTH * ENCODER_DOWNSAMPLE):
+        raise ValueError(f"window_seconds={window_seconds} must be a positive multiple of 0.04 s (one 25 Hz frame)")
+    return window_samples // (HOP_LENGTH * ENCODER_DOWNSAMPLE)
+
+
+def encoder_frames(num_samples: int, window_samples: int = int(PAPER_WINDOW_SECONDS * SAMPLE_RATE),
+                   frames_per_window: int = 750) -> int:
+    """THE window->frames formula: a clip of ``num_samples`` (16 kHz) is cut into windows, the last one
+    zero-padded, so it gives ``ceil(num_samples / window_samples) x frames_per_window`` frames (31 s -> 1,500)."""
+    if num_samples <= 0:
+        raise ValueError(f"audio must have at least one sample, got {num_samples}")
+    return math.ceil(num_samples / window_samples) * frames_per_window
+
+
+@dataclass(frozen=True)
+class WindowedFrames:
+    """:func:`encoder_frames` with a fixed framing, as a picklable ``frames_fn`` (dataloader workers should not
+    pickle the model).
+
+    Example::
+
+        >>> WindowedFrames()(16000 * 31)
+        1500
+    """
+
+    window_samples: int = int(PAPER_WINDOW_SECONDS * SAMPLE_RATE)
+    frames_per_window: int = 750
+
+    @classmethod
+    def from_model(cls, model) -> "WindowedFrames":
+        enc = model.audio_encoder
+        return cls(int(enc.window_samples), int(enc.frames_per_window))
+
+    def __call__(self, num_samples: int) -> int:
+        return encoder_frames(num_samples, self.window_samples, self.frames_per_window)
 
 
 class AudexAudioEncoder(nn.Module):
@@ -44,20 +90,16 @@ class AudexAudioEncoder(nn.Module):
     def __init__(self, pretrained_path: str | None = None, config: dict | None = None, window_seconds: float = 30.0,
                  encoder_batch_size: int = 8):
         super().__init__()
-        from transformers import AudioFlamingo3EncoderConfig, WhisperFeatureExtractor
-
         self.window_seconds = float(window_seconds)
         self.window_samples = int(round(self.window_seconds * SAMPLE_RATE))
-        if self.window_samples % (HOP_LENGTH * ENCODER_DOWNSAMPLE):
-            raise ValueError(f"window_seconds={window_seconds} must be a multiple of 0.04 s (one 25 Hz frame)")
-        self.frames_per_window = self.window_samples // (HOP_LENGTH * ENCODER_DOWNSAMPLE)
+        self.frames_per_window = frames_per_window(self.window_seconds)
         self.encoder_batch_size = int(encoder_batch_size)
         if pretrained_path:
             self.encoder = self._load_pretrained(pretrained_path)
         else:
             cfg = dict(config or {})
             cfg.setdefault("max_source_positions", self.frames_per_window * 2)
-            self.encoder = self._encoder_cls()(AudioFlamingo3EncoderConfig(**cfg))
+            self.encoder = AudioFlamingo3Encoder(AudioFlamingo3EncoderConfig(**cfg))
         if self.encoder.config.max_source_positions != self.frames_per_window * 2:
             raise ValueError(
                 f"encoder max_source_positions={self.encoder.config.max_source_positions} does not match a "
@@ -73,23 +115,14 @@ class AudexAudioEncoder(nn.Module):
         self.feature_extractor.n_samples = self.window_samples
         self.feature_extractor.nb_max_frames = self.window_samples // HOP_LENGTH
 
-    @staticmethod
-    def _encoder_cls():
-        from transformers import AudioFlamingo3Encoder
-
-        return AudioFlamingo3Encoder
-
     def _load_pretrained(self, path: str):
-        from safetensors.torch import load_file
-        from transformers import AudioFlamingo3EncoderConfig
-
         folder = Path(path)
         cfg_file = folder / "config.json"
         if not cfg_file.exists():
             raise FileNotFoundError(f"audio encoder folder {path!r} has no config.json (expected a local Hugging Face folder)")
         raw = json.loads(cfg_file.read_text())
         if raw.get("model_type") == "audioflamingo3":  # full AF3 checkpoint: take its audio tower
-            enc = self._encoder_cls()(AudioFlamingo3EncoderConfig(**raw["audio_config"]))
+            enc = AudioFlamingo3Encoder(AudioFlamingo3EncoderConfig(**raw["audio_config"]))
             state = {}
             for f in sorted(folder.glob("*.safetensors")):
                 for k, v in load_file(str(f)).items():
@@ -99,13 +132,11 @@ class AudexAudioEncoder(nn.Module):
             if missing:
                 raise ValueError(f"AF3 checkpoint {path!r} lacks audio_tower weights: {missing[:5]} ...")
             return enc
-        return self._encoder_cls().from_pretrained(str(folder), local_files_only=True)
+        return AudioFlamingo3Encoder.from_pretrained(str(folder), local_files_only=True)
 
     def frames_for_samples(self, num_samples: int) -> int:
-        """Encoder frames for a clip of ``num_samples``: ceil(duration / window) * frames_per_window."""
-        if num_samples <= 0:
-            raise ValueError(f"audio must have at least one sample, got {num_samples}")
-        return math.ceil(num_samples / self.window_samples) * self.frames_per_window
+        """Encoder frames for a clip of ``num_samples``: :func:`encoder_frames` with this encoder's window."""
+        return encoder_frames(num_samples, self.window_samples, self.frames_per_window)
 
     def _features(self, windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.feature_extractor(
@@ -116,8 +147,6 @@ class AudexAudioEncoder(nn.Module):
 
     def forward(self, waveforms: list[torch.Tensor]) -> list[torch.Tensor]:
         """List of mono 16 kHz waveforms -> list of ``[frames_for_samples(T_i), hidden]`` features."""
-        from audex.audio import to_model_audio
-
         windows, owners = [], []
         for i, wav in enumerate(waveforms):
             wav = to_model_audio(wav, SAMPLE_RATE, name=f"audio[{i}]")  # rejects empty / NaN / non-audio input

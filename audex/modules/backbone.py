@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 
 def build_causal_lm(pretrained_path: str | None, config: dict | None, model_type: str | None, dtype=None):
     """A transformers causal LM from a local folder or an inline config (random init)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if pretrained_path:
         if not Path(pretrained_path).exists():
             raise FileNotFoundError(

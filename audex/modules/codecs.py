@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from transformers import SeamlessM4TFeatureExtractor, Xcodec2Config, Xcodec2Model, XcodecConfig, XcodecModel
+
+from audex.audio import to_model_audio
 
 SAMPLE_RATE = 16000
 
 
 def _check_wave(wav: torch.Tensor, who: str) -> torch.Tensor:
-    from audex.audio import to_model_audio
-
     return to_model_audio(wav, SAMPLE_RATE, name=f"{who}.encode input")
 
 
@@ -54,8 +55,6 @@ class SpeechCodec(nn.Module):
 
     def __init__(self, pretrained_path: str | None = None, config: dict | None = None):
         super().__init__()
-        from transformers import SeamlessM4TFeatureExtractor, Xcodec2Config, Xcodec2Model
-
         if pretrained_path:
             self.model = _load_pretrained(Xcodec2Model, pretrained_path)
         else:
@@ -108,8 +107,6 @@ class AudioCodec(nn.Module):
 
     def __init__(self, pretrained_path: str | None = None, config: dict | None = None, n_q: int = 4):
         super().__init__()
-        from transformers import XcodecConfig, XcodecModel
-
         if pretrained_path:
             self.model = _load_pretrained(XcodecModel, pretrained_path)
         else:

@@ -7,7 +7,7 @@ What is derived rather than configured:
 
 * ``trainer.max_steps = -1`` becomes the stage's length from the data blend: sum over sources of
   epochs x examples, as packed rows of ``data.max_length`` tokens (or samples, unpacked), divided by
-  ``data.global_batch_size`` (:meth:`audex.data.datamodule.BlendPlan.optimizer_steps`);
+  ``data.global_batch_size`` (:meth:`audex.data.blend.BlendPlan.optimizer_steps`);
 * ``trainer.accumulate_grad_batches`` = global batch / (rows per micro-batch x devices x nodes), so that Table 3's
   batch sizes hold on any number of GPUs;
 * the training loader is wrapped in a :class:`~audex.training.resumable.ResumableLoader`, so that a run killed
@@ -25,10 +25,15 @@ import logging
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Trainer, seed_everything
+from nemo.utils.exp_manager import exp_manager
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from audex.training.packed_attention import enable_varlen_attention
+from audex.data.loader import build_dataloader, plan_blend
+from audex.models.audex_model import AudexModel
+from audex.training.resumable import ExactResume, ResumableLoader
 from audex.training.stages import apply_stage, load_init_weights
+from audex.training.text_gate import TextRegressionGate
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +74,6 @@ def stage_max_steps(cfg: DictConfig, model) -> int:
     """``trainer.max_steps``, or (when -1) the optimizer steps of the stage's blend."""
     if int(cfg.trainer.get("max_steps", -1)) > 0:
         return int(cfg.trainer.max_steps)
-    from audex.data.datamodule import plan_blend
-
     plan = plan_blend(cfg.data, model.tokenizer, model.frames_for_samples)
     packing = cfg.data.get("packing") or {}
     max_length = int(cfg.data.max_length) if packing.get("enabled", True) else None
@@ -81,51 +84,35 @@ def stage_max_steps(cfg: DictConfig, model) -> int:
 
 
 def build_model(cfg: DictConfig, trainer=None):
-    """The model of the stage, initialised from ``model.init_from`` and frozen per ``model.stage``."""
-    from audex.losses import MoeBalancer
-    from audex.models.audex_model import AudexModel
-
+    """The model of the stage, initialised from ``model.init_from``, frozen per ``model.stage``, with the stage's
+    packed attention (``model.packed_attention``) and MoE balancing (``model.moe``)."""
     model = AudexModel(cfg.model, trainer=trainer)
     if cfg.model.get("init_from"):
         load_init_weights(model, cfg.model.init_from, strict=bool(cfg.model.get("init_from_strict", True)))
     report = apply_stage(model, cfg.model.stage)
-    attention = cfg.model.get("packed_attention", "varlen")
-    if attention not in ("varlen", "dense"):
-        raise ValueError(f"model.packed_attention must be 'varlen' or 'dense', got {attention!r}")
-    if attention == "varlen":
-        enable_varlen_attention(model)
+    model.use_packed_attention(cfg.model.get("packed_attention", "varlen"))
     moe = cfg.model.get("moe")
-    model._audex_moe_balancer = None
     if moe is not None:
-        balancer = MoeBalancer(model.backbone, bias_update_rate=moe.bias_update_rate, aux_loss_coeff=moe.aux_loss_coeff)
-        if balancer.active:
-            balancer.check_routing_scale(float(moe.routing_scale))
         # the routers learn, and their bias moves, only when the LLM trains (stage1 keeps the LLM bit-identical)
-        if balancer.active and "llm" in report.trainable_parts:
-            model._audex_moe_balancer = balancer
-        else:
-            balancer.remove()
+        model.enable_moe_balancing(moe.bias_update_rate, moe.aux_loss_coeff, float(moe.routing_scale),
+                                   train_routers="llm" in report.trainable_parts)
     return model, report
 
 
 def attach_data(model, cfg: DictConfig, trainer) -> None:
-    """Resumable training loader and the validation loader of ``cfg.data``."""
-    from audex.data.datamodule import build_dataloader
-    from audex.training.resumable import ResumableLoader
-
+    """Resumable training loader and the validation loader of ``cfg.data``, attached to the model."""
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     data_cfg, tokenizer, frames = cfg.data, model.tokenizer, model.frames_for_samples
-    model._train_dl = ResumableLoader(lambda epoch: build_dataloader(data_cfg, tokenizer, frames, "train", epoch,
-                                                                     rank, world))
+    train = ResumableLoader(lambda epoch: build_dataloader(data_cfg, tokenizer, frames, "train", epoch, rank, world))
+    validation = None
     if data_cfg.get("validation_ds") is not None:
-        model._validation_dl = build_dataloader(data_cfg, tokenizer, frames, "val", 0, rank, world)
+        validation = build_dataloader(data_cfg, tokenizer, frames, "val", 0, rank, world)
+    model.attach_dataloaders(train, validation)
 
 
 def gate_loaders(model, data_cfg: DictConfig) -> dict:
     """One validation loader per data type (the ``blend`` of the validation ``input_cfg`` items: text, asr_ast,
     understanding, tts, tta); items of the same type share a loader."""
-    from audex.data.datamodule import build_dataloader
-
     val = data_cfg.get("validation_ds")
     if val is None:
         return {}
@@ -145,8 +132,6 @@ def gate_loaders(model, data_cfg: DictConfig) -> dict:
 
 
 def build_trainer(cfg: DictConfig, max_steps: int):
-    from lightning.pytorch import Trainer
-
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["max_steps"] = int(max_steps)
     devices = _num_devices(cfg.trainer)
@@ -162,12 +147,6 @@ def build_trainer(cfg: DictConfig, max_steps: int):
 def train_stage(cfg: DictConfig, callbacks: list | None = None) -> Path:
     """Run one stage; returns the path of the ``.nemo`` written at its end (``cfg.output_nemo``).
     ``callbacks``: extra Lightning callbacks (loggers of your own, profilers, ...)."""
-    from lightning.pytorch import seed_everything
-    from nemo.utils.exp_manager import exp_manager
-
-    from audex.training.resumable import ExactResume
-    from audex.training.text_gate import TextRegressionGate
-
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     seed_everything(int(cfg.seed), workers=True)

@@ -17,7 +17,7 @@ The AF-Whisper encoder and the codecs are frozen in every stage (Table 3); askin
 
 Text rows stay **bit-identical** under ``audio_token_rows`` (appendix C.1): a gradient hook zeroes their
 gradient, the row-masked tables sit in an optimizer group without weight decay, and the decoupled weight decay
-is applied to the trainable rows only (:func:`audex.training.optim.build_optimizer_and_scheduler`). AdamW then
+is applied to the trainable rows only (:func:`audex.parts.optim.build_optimizer_and_scheduler`). AdamW then
 moves a row with an all-zero gradient history by exactly ``-lr * 0 / (0 + eps) = 0``.
 
 Example::
@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from audex.models.checkpoint import check_nemo_archive
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,6 @@ def apply_stage(model, stage_cfg) -> StageReport:
             frozen += 0 if mask is None else int((~mask).sum()) * p[0].numel()
         else:
             frozen += p.numel()
-    model._audex_stage_name = name
     report = StageReport(name, parts, trainable, frozen, row_masked)
     log.info("%s", report)
     return report
@@ -169,6 +170,7 @@ def apply_stage(model, stage_cfg) -> StageReport:
 # ---- init_from ---------------------------------------------------------------------------------------
 def _state_dict_from_nemo(path: Path) -> dict[str, torch.Tensor]:
     # Only the weights member is extracted: restoring the whole model would build it a second time.
+    check_nemo_archive(path)  # a truncated or renamed file fails here, with the file named and the cure
     with tarfile.open(path, "r:*") as tar:
         member = next((m for m in tar.getmembers() if os.path.basename(m.name) == "model_weights.ckpt"), None)
         if member is None:

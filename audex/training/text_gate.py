@@ -34,8 +34,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 from lightning.pytorch import Callback
 
-from audex.losses import token_cross_entropy
-from audex.training.steps import batch_field, forward_batch
+from audex.data.collate import batch_field
+from audex.parts.losses import token_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def evaluate_tasks(model, loaders: Mapping[str, Iterable], max_batches_per_task:
                 if max_batches_per_task is not None and i >= max_batches_per_task:
                     break
                 batch = _to_device(batch, model.device)
-                logits = forward_batch(model, batch).logits
+                logits = model.forward_batch(batch).logits
                 labels = batch_field(batch, "labels")
                 losses, trainable, _ = token_cross_entropy(logits, labels, batch_field(batch, "sample_ids"))
                 total += float(losses.sum())

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from audex.eval.engine import build_transcriber
 from audex.eval.reference import ReferenceTables
 from audex.eval.report import SuiteSummary, write_summary
 from audex.eval.samples import (
@@ -111,8 +112,6 @@ class Suite:
         """The judge ASR of generated speech: ``asr_model`` = self (the model under test), a checkpoint, or
         ``hf:<folder>``."""
         if self._transcriber is None:
-            from audex.eval.engine import build_transcriber
-
             self._transcriber = build_transcriber(self.cfg.get("asr_model"), self.engine)
         return self._transcriber
 

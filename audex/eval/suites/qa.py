@@ -1,7 +1,7 @@
 """Audio question answering suites (Table 12): multiple choice, entailment, hallucination.
 
 Prompts are appendix A.9's, built by the generation engine (:class:`audex.inference.pipelines.AudexPipeline`
-with :mod:`audex.data.prompts`); decoding is the task's preset (top-p 0.9, T 0.7), seeded. Answers are read with :mod:`audex.eval.answers`; a response that commits to no valid answer is
+with :mod:`audex.prompts`); decoding is the task's preset (top-p 0.9, T 0.7), seeded. Answers are read with :mod:`audex.eval.answers`; a response that commits to no valid answer is
 scored wrong and flagged ``no_answer_extracted``.
 
 * ``mcq`` (MMAU, MMAR, MMSU): fields ``question``, ``choices`` (list of option texts), ``answer`` (a letter or

@@ -24,6 +24,7 @@ from audex.eval.answers import extract_short_answer, short_answers_match
 from audex.eval.report import Comparison, SuiteSummary
 from audex.eval.samples import NO_ANSWER, EvalSample
 from audex.eval.suites.base import Suite, safe_name
+from audex.inference.waveform import write_wav
 
 
 class SpeechToSpeechSuite(Suite):
@@ -49,8 +50,6 @@ class SpeechToSpeechSuite(Suite):
         return outputs
 
     def score(self, sample: EvalSample, reference: dict, output) -> dict:
-        from audex.inference.waveform import write_wav
-
         path = write_wav(self.out_dir / "audio" / f"{safe_name(sample.id)}.wav", output["speech"])
         answer = extract_short_answer(output["response"]) or extract_short_answer(output.get("thinking") or "")
         record = {"reference": reference, "transcript": output["transcript"], "response": output["response"],

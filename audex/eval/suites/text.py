@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 
-from audex.data.prompts import mcq_question
+from audex.data.schema import validate_messages
 from audex.eval.answers import extract_choice, resolve_gold_choice
 from audex.eval.report import Comparison, SuiteSummary
 from audex.eval.samples import INVALID_REFERENCE, MISSING_REFERENCE, NO_ANSWER, EvalSample, SampleError
 from audex.eval.suites.base import Suite
+from audex.prompts import mcq_question
 
 BACKBONE = "Nemotron-Cascade-2-30B-A3B"
 AUDEX = "Audex 30B-A3B"
@@ -59,8 +60,6 @@ class TextRetentionSuite(Suite):
         if mode == "auto":
             mode = "loss" if "messages" in sample.fields else "accuracy"
         if mode == "loss":
-            from audex.data.schema import validate_messages
-
             messages = sample.fields.get("messages")
             if messages is None:
                 raise SampleError(MISSING_REFERENCE, f"sample {sample.id!r} has no 'messages' for loss mode")

@@ -19,20 +19,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from audex.eval.embeddings import AudioEmbedder, build_audio_embedder
 from audex.eval.metrics import NotComputed, frechet_distance_between
 from audex.eval.report import Comparison, SuiteSummary
 from audex.eval.samples import EvalSample, SampleError
 from audex.eval.suites.base import Suite, safe_name
+from audex.inference.waveform import write_wav
 
 NO_REFERENCE_AUDIO = "reference_audio_unavailable"
 
 
 def fit_to_seconds(wav, seconds: float, sample_rate: int = 16000):
     """Cut or zero-pad a waveform to exactly ``seconds``."""
-    import torch
-
     n = int(round(seconds * sample_rate))
     return wav[:n] if wav.numel() >= n else torch.nn.functional.pad(wav, (0, n - wav.numel()))
 
@@ -86,8 +86,6 @@ class TtaSuite(Suite):
         return str(path.relative_to(self.out_dir))
 
     def score(self, sample: EvalSample, reference: dict, output) -> dict:
-        from audex.inference.waveform import write_wav
-
         wav_path = write_wav(self.out_dir / "audio" / f"{safe_name(sample.id)}.wav", output["wav"])
         record = {"reference": reference, "audio": str(wav_path.relative_to(self.out_dir)),
                   "seconds": round(output["wav"].numel() / 16000, 3),

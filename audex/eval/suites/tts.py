@@ -12,6 +12,7 @@ Reference fields: ``text`` (what to say), ``language`` (optional), audio (option
 
 from __future__ import annotations
 
+from audex.audio import load_audio
 from audex.eval.embeddings import SpeakerEmbedder
 from audex.eval.metrics import NotComputed, corpus_wer, cosine_similarity, word_errors
 from audex.eval.normalize import normalize_for_wer
@@ -19,6 +20,7 @@ from audex.eval.report import Comparison, SuiteSummary
 from audex.eval.samples import EMPTY_HYPOTHESIS, EMPTY_REFERENCE, EvalSample, SampleError
 from audex.eval.suites.asr import counts_of
 from audex.eval.suites.base import Suite, safe_name
+from audex.inference.waveform import write_wav
 
 NO_SPEAKER_REFERENCE = "speaker_reference_unavailable"
 
@@ -58,8 +60,6 @@ class TtsSuite(Suite):
                     voice = sample.load_audio()
                 elif self.cfg.get("speaker_reference_audio"):
                     if self._reference_voice is None:
-                        from audex.audio import load_audio
-
                         self._reference_voice = load_audio(self.cfg["speaker_reference_audio"])
                     voice = self._reference_voice
                 else:
@@ -82,8 +82,6 @@ class TtsSuite(Suite):
                 for w, t, s, inp in zip(wavs, transcripts, sims, inputs)]
 
     def score(self, sample: EvalSample, reference: dict, output) -> dict:
-        from audex.inference.waveform import write_wav
-
         path = write_wav(self.out_dir / "audio" / f"{safe_name(sample.id)}.wav", output["wav"])
         ref_norm = normalize_for_wer(reference["text"], reference["language"])
         hyp_norm = normalize_for_wer(output["transcript"], reference["language"])

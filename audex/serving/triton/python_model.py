@@ -1,0 +1,147 @@
+"""The one Triton python-backend model of Audex: it hands every request to a handler, in process or in a worker.
+
+Every python model of both repositories is this class with a different handler (:mod:`audex.serving.triton.handlers`):
+the CPU repository's ``audex`` model (the local engine, all tasks) and the GPU ensemble's ``preprocessing``, LLM
+(``tensorrt_llm``) and ``postprocessing`` steps. The generated ``1/model.py`` only names the handler. It runs
+
+* **in process** (the default; TensorRT-LLM's Triton containers): the handler lives in the stub itself;
+* **in a worker** (``parameters.handler_process: "worker"``, or ``AUDEX_TRITON_HANDLER_WORKER=1``, which
+  :class:`~audex.serving.triton.launcher.TritonServer` sets when it gives the stub a NumPy 1.x overlay): the handler
+  runs in :mod:`audex.serving.triton.worker` with the project's interpreter, and this model only moves tensors.
+
+Each batch Triton hands ``execute`` goes to the handler as one batch (the local engine decodes requests of one task
+together). Requests are answered through their response senders (``execute`` returns None), so a handler may answer
+later and from another thread: the LLM step answers when the executor has finished, a streaming (decoupled) model
+sends one response per chunk and the final flag with the last. Every ``cancellation_check_ms`` the model asks Triton
+which requests were cancelled by their clients and tells the handler. A request the handler refuses gets a
+``TritonError`` naming the problem (``INVALID_ARG``, HTTP 400, for bad input); the model keeps serving.
+
+This module runs inside the stub: standard library + NumPy only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+
+import numpy as np
+
+from audex.serving.triton.link import (
+    WorkerProcess,
+    config_parameters,
+    error_response,
+    from_wire,
+    project_python,
+    to_wire,
+)
+from audex.serving.triton.worker import load_handler, submit_batch
+
+
+class AudexPythonModel:
+    """Base of every Audex python model: the generated ``model.py`` sets :attr:`handler` (``"package.module:Class"``)."""
+
+    handler: str = ""
+
+    def initialize(self, args):
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = config_parameters(config)
+        params["decoupled"] = "true" if pb_utils.using_decoupled_model_transaction_policy(config) else "false"
+        params["model_name"] = args.get("model_name", config.get("name", ""))
+        if args.get("model_repository"):
+            params["model_dir"] = os.path.join(args["model_repository"], str(args.get("model_version", "1")))
+        self._senders: dict[int, object] = {}
+        self._lock = threading.Lock()
+        self._rids = itertools.count(1)
+        self._running = True
+        mode = params.get("handler_process", "auto")
+        self.worker = None
+        if mode == "worker" or (mode == "auto" and os.environ.get("AUDEX_TRITON_HANDLER_WORKER") == "1"):
+            self.worker = WorkerProcess("audex.serving.triton.worker", ["--handler", self.handler, "--params",
+                                                                     json.dumps(params)],
+                                        project_python(params), float(params.get("startup_timeout_s", "600")))
+            hello = self.worker.conn.recv()
+            if not hello.get("ready"):
+                self.worker.stop()
+                raise RuntimeError(f"{params['model_name']}: the handler {self.handler} could not start: "
+                                   f"{hello.get('error')}")
+            self._send_lock = threading.Lock()
+            self._reader = threading.Thread(target=self._read_worker, daemon=True)
+            self._reader.start()
+        else:
+            self.step = load_handler(self.handler)(params)
+        self._period = float(params.get("cancellation_check_ms", "100")) / 1000.0
+        self._canceller = threading.Thread(target=self._check_cancelled, daemon=True)
+        self._canceller.start()
+
+    # ---- requests in -------------------------------------------------------------------------
+    def execute(self, requests):
+        batch = []
+        for request in requests:
+            rid = next(self._rids)
+            with self._lock:
+                self._senders[rid] = request.get_response_sender()
+            batch.append((rid, {t.name(): t.as_numpy() for t in request.inputs()}))
+        if self.worker is not None:
+            wire = [{"rid": rid, "inputs": {k: to_wire(v) for k, v in inputs.items()}} for rid, inputs in batch]
+            with self._send_lock:
+                self.worker.conn.send({"op": "submit", "batch": wire})
+        else:
+            submit_batch(self.step, batch, self._deliver)
+        return None
+
+    # ---- responses out -----------------------------------------------------------------------
+    def _deliver(self, rid, outputs, error=None, final=True, invalid=False) -> None:
+        pb = self.pb
+        with self._lock:
+            sender = self._senders.pop(rid, None) if final else self._senders.get(rid)
+        if sender is None:
+            return
+        if error is not None:
+            response = error_response(pb, error, invalid)
+        else:
+            response = pb.InferenceResponse([pb.Tensor(name, np.ascontiguousarray(value) if value.dtype != np.object_
+                                                       else value) for name, value in outputs.items()])
+        try:
+            sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+        except Exception as e:  # noqa: BLE001 - e.g. the client cancelled or went away: the other requests go on
+            pb.Logger.log_warn(f"could not deliver the response of request {rid}: {e}")
+
+    def _read_worker(self) -> None:
+        while self._running:
+            try:
+                message = self.worker.conn.recv()
+            except (EOFError, OSError):
+                break
+            outputs = message.get("outputs")
+            self._deliver(message["rid"], None if outputs is None else {k: from_wire(v) for k, v in outputs.items()},
+                          message.get("error"), message.get("final", True), message.get("invalid", False))
+        with self._lock:                       # the worker died: nothing pending may hang
+            pending = list(self._senders)
+        for rid in pending:
+            self._deliver(rid, None, "the Audex handler worker stopped; see the server log", True, False)
+
+    def _check_cancelled(self) -> None:
+        stop = threading.Event()
+        while self._running:
+            stop.wait(self._period)
+            with self._lock:
+                cancelled = [rid for rid, s in self._senders.items() if getattr(s, "is_cancelled", lambda: False)()]
+            for rid in cancelled:
+                if self.worker is not None:
+                    with self._send_lock:
+                        self.worker.conn.send({"op": "cancel", "rid": rid})
+                elif hasattr(self.step, "cancel"):
+                    self.step.cancel(rid)
+
+    def finalize(self):
+        self._running = False
+        if self.worker is not None:
+            with self._send_lock:
+                self.worker.stop({"op": "stop"})
+        elif hasattr(self.step, "close"):
+            self.step.close()

@@ -1,0 +1,157 @@
+"""Triton repositories: generated config.pbtxt files parse back into tritonclient's ModelConfig, the GPU ensemble is
+wired consistently, and the python steps around the TensorRT-LLM engine write the same prompts as the pipelines."""
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from audex import config_path
+from audex.cli.triton_repo import main as triton_repo_main
+from audex.export.bundle import export_bundle
+from audex.inference.pipelines import AudexPipeline
+from audex.prompts import tts_user_content
+from audex.serving.requests import BadRequest, ServeLimits
+from audex.serving.triton.llm_io import LlmInputBuilder, LlmOutputDecoder
+from audex.serving.triton.repository import ModelSummary, write_cpu_repository, write_gpu_repository
+from audex.serving.triton.repository_check import RepositoryError, read_config, validate_repository
+
+
+def test_cpu_repository_config(tiny_model, tmp_path):
+    nemo = tmp_path / "m.nemo"
+    tiny_model.save_to(str(nemo))
+    repo = write_cpu_repository(tmp_path / "repo", nemo, limits=ServeLimits(max_audio_seconds=30.0), max_batch_size=8)
+    assert validate_repository(repo) == ["audex"]
+    cfg = read_config(repo / "audex" / "config.pbtxt")
+    assert cfg.backend == "python" and cfg.max_batch_size == 8 and cfg.dynamic_batching.max_queue_delay_microseconds > 0
+    assert {i.name for i in cfg.input} == {"task", "text", "audio", "sample_rate", "max_new_tokens", "seed",
+                                           "guidance_scale"}
+    assert cfg.parameters["max_audio_seconds"].string_value == "30.0"
+    assert cfg.parameters["model_path"].string_value == str(nemo.resolve())
+    # one python-model stack: the CPU model is the ensemble steps' python model with the local engine as handler
+    model_py = (repo / "audex" / "1" / "model.py").read_text()
+    assert "class TritonPythonModel(AudexPythonModel)" in model_py and "handlers:LocalEngineHandler" in model_py
+    assert ServeLimits.from_params({k: v.string_value for k, v in cfg.parameters.items()}) == \
+        ServeLimits(max_audio_seconds=30.0)                                # the limits round-trip through config.pbtxt
+    (repo / "audex" / "config.pbtxt").write_text(cfg.__class__.__name__ + " { }")
+    with pytest.raises(RepositoryError, match="not a valid Triton ModelConfig"):
+        validate_repository(repo)
+
+
+def test_gpu_ensemble_is_filled_from_the_model_and_wired(tiny_model, tmp_path):
+    summary = ModelSummary.of(tiny_model)
+    assert (summary.hidden_size, summary.vocab_size, summary.frames_per_window) == (128, 1536, 250)
+    repo = write_gpu_repository(tmp_path / "repo", tmp_path / "export", summary, max_batch_size=64)
+    assert validate_repository(repo) == ["ensemble", "ensemble_stream", "postprocessing", "postprocessing_stream",
+                                         "preprocessing", "tensorrt_llm", "tensorrt_llm_stream"]
+    llm = read_config(repo / "tensorrt_llm" / "config.pbtxt")
+    # Audex's python LLM model: TensorRT-LLM's executor with the CFG pairing post-processor
+    assert llm.backend == "python" and not llm.model_transaction_policy.decoupled
+    assert llm.parameters["executor"].string_value == "tensorrt_llm"
+    assert llm.parameters["batch_scheduler_policy"].string_value == "guaranteed_no_evict"
+    assert llm.parameters["enable_chunked_context"].string_value == "false"
+    assert {"uncond_input_ids", "uncond_input_lengths", "guidance_scale", "output_kind"} <= {i.name for i in llm.input}
+    assert "AudexPythonModel" in (repo / "tensorrt_llm" / "1" / "model.py").read_text()
+    table = next(i for i in llm.input if i.name == "prompt_embedding_table")
+    assert list(table.dims) == [-1, 128]
+    pre = read_config(repo / "preprocessing" / "config.pbtxt")
+    assert pre.parameters["max_audio_seconds"].string_value == "30.0"      # the same limits as the CPU engine
+    assert (repo / "preprocessing" / "1" / "presets.yaml").exists()
+    stream = read_config(repo / "ensemble_stream" / "config.pbtxt")
+    assert stream.model_transaction_policy.decoupled            # TTS streaming
+    assert read_config(repo / "tensorrt_llm_stream" / "config.pbtxt").model_transaction_policy.decoupled
+    assert read_config(repo / "postprocessing_stream" / "config.pbtxt").parameters["partial"].string_value == "true"
+    ens = read_config(repo / "ensemble" / "config.pbtxt")
+    assert [o.name for o in ens.output] == ["text_output", "audio_output"]
+    ens.ensemble_scheduling.step[1].model_name = "tensorrt_llm_stream"
+    (repo / "ensemble" / "config.pbtxt").write_text(str(ens))
+    with pytest.raises(RepositoryError, match="not decoupled"):
+        validate_repository(repo)
+
+
+def test_gpu_ensemble_rules_triton_enforces_at_load_time(tiny_model, tmp_path):
+    """Two mistakes Triton only reports when it loads (or answers): an ensemble output named like an input (answered
+    twice), and a step fed from different decoupled sources (refused) -- both now caught when the repo is written."""
+    summary = ModelSummary.of(tiny_model)
+    repo = write_gpu_repository(tmp_path / "repo", tmp_path / "export", summary)
+    ens = read_config(repo / "ensemble" / "config.pbtxt")
+    ens.output[0].name = "text"
+    ens.ensemble_scheduling.step[2].output_map["text"] = "text"
+    (repo / "ensemble" / "config.pbtxt").write_text(str(ens))
+    with pytest.raises(RepositoryError, match="both an input and an output"):
+        validate_repository(repo)
+    repo = write_gpu_repository(tmp_path / "repo2", tmp_path / "export", summary)
+    stream = read_config(repo / "ensemble_stream" / "config.pbtxt")
+    post = stream.ensemble_scheduling.step[2]
+    post.input_map["output_kind"] = "_output_kind"         # from preprocessing, i.e. before the decoupled LLM
+    (repo / "ensemble_stream" / "config.pbtxt").write_text(str(stream))
+    with pytest.raises(RepositoryError, match="different decoupled sources"):
+        validate_repository(repo)
+    # TensorRT-LLM's C++ backend: no Python post-processor, so no CFG inputs (documented: TTS/TTA unguided)
+    cpp = write_gpu_repository(tmp_path / "cpp", tmp_path / "export", summary, llm_backend="tensorrtllm")
+    validate_repository(cpp)
+    llm = read_config(cpp / "tensorrt_llm" / "config.pbtxt")
+    assert llm.backend == "tensorrtllm" and "uncond_input_ids" not in {i.name for i in llm.input}
+    with pytest.raises(ValueError, match="executor must be one of"):
+        write_gpu_repository(tmp_path / "bad", tmp_path / "export", summary, executor="onnx")
+
+
+def test_engine_steps_write_the_pipeline_prompts_and_decode_codes(tiny_model, tmp_path):
+    cfg = OmegaConf.load(config_path("export.yaml"))
+    cfg.trtllm.dtype = "float32"
+    export_bundle(tiny_model, tmp_path / "export", cfg)
+    builder = LlmInputBuilder(tmp_path / "export", 250, 10.0)
+    pipe = AudexPipeline(tiny_model)
+    tts = builder.build("tts", text="Hello there.")
+    cond, uncond = pipe._generation_prompts(tts_user_content, ["Hello there."], tiny_model.vocab.speechgen_start, False)
+    assert tts["input_ids"][0].tolist() == cond[0]
+    assert tts["runtime_top_k"][0, 0] == 80 and abs(tts["temperature"][0, 0] - 0.1) < 1e-6   # the TTS preset
+    assert tts["uncond_input_ids"][0].tolist() == uncond[0] and tts["guidance_scale"][0, 0] == 1.5   # CFG twin, lambda
+    assert tts["output_kind"][0, 0] == b"speech"
+    plain = builder.build("tts", text="Hello there.", guidance_scale=1.0)
+    assert plain["uncond_input_lengths"][0, 0] == 0 and plain["uncond_input_ids"].shape == (1, 0)
+    assert builder.build("tta", text="A dog barks.")["guidance_scale"][0, 0] == 3.0
+    wav = (0.2 * np.sin(np.arange(8000) / 16000 * 2 * np.pi * 300)).astype(np.float32)
+    asr = builder.build("asr", audio=wav)
+    expected = pipe._with_audio(pipe.prompt_ids(pipe.formatter.audio_content("Transcribe the speech in the input audio")),
+                                [torch.from_numpy(wav)], "test")
+    ids = asr["input_ids"][0]
+    fake = ids >= 1536
+    assert fake.sum() == 250 and asr["prompt_embedding_table"].shape == (1, 250, 128)
+    assert np.where(fake, tiny_model.tokenizer.so_embedding, ids).tolist() == expected
+    with pytest.raises(BadRequest, match="unknown task"):
+        builder.build("sing", text="x")
+    with pytest.raises(BadRequest, match="over the server's limit"):        # the CPU engine's validation
+        builder.build("asr", audio=np.zeros(16000 * 31, np.float32))
+    with pytest.raises(BadRequest, match="NaN"):
+        builder.build("asr", audio=np.full(1600, np.nan, np.float32))
+    decoder = LlmOutputDecoder(tmp_path / "export")
+    codes = torch.tensor([3, 9, 27, 81, 200])
+    ids = [tiny_model.vocab.speechgen_start] + tiny_model.vocab.speech_codes_to_ids(codes).tolist() + \
+        [tiny_model.vocab.speechgen_end, tiny_model.tokenizer.im_end]
+    _, audio = decoder.decode("tts", ids)
+    np.testing.assert_allclose(audio, tiny_model.speech_codec.decode(codes).numpy(), atol=1e-5)
+
+
+def test_make_triton_repo_cli_writes_both_layouts(tiny_model, tmp_path, capsys):
+    def cli_main(overrides):
+        with initialize_config_dir(str(config_path()), version_base=None):
+            return triton_repo_main(compose("triton_repo", overrides=overrides))
+
+    nemo = tmp_path / "tiny.nemo"
+    tiny_model.save_to(str(nemo))
+    cli_main([f"model_path={nemo}", f"repo={tmp_path / 'cpu'}"])
+    assert "models ['audex']" in capsys.readouterr().out
+    cfg = OmegaConf.load(config_path("export.yaml"))
+    cfg.trtllm.dtype = "float32"
+    export_bundle(tiny_model, tmp_path / "export", cfg)
+    cli_main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu'}", "executor=torch",
+              "serve.max_audio_seconds=20"])
+    assert "'ensemble', 'ensemble_stream'" in capsys.readouterr().out
+    llm = read_config(tmp_path / "gpu" / "tensorrt_llm" / "config.pbtxt")
+    assert llm.parameters["executor"].string_value == "torch"
+    pre = read_config(tmp_path / "gpu" / "preprocessing" / "config.pbtxt")
+    assert float(pre.parameters["max_audio_seconds"].string_value) == 20.0
+    with pytest.raises(FileNotFoundError, match="not an export folder|no audex_export.json"):
+        cli_main(["layout=gpu", f"export_dir={tmp_path / 'nowhere'}", f"repo={tmp_path / 'gpu2'}"])
