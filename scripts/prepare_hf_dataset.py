@@ -2,8 +2,9 @@
 """A Hugging Face audio dataset on disk -> an Audex manifest, through Lhotse's ``CutSet.from_huggingface_dataset``.
 
 DATASET_DIR is a dataset written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (pick a split with
-``--split``) or a local folder ``datasets.load_dataset`` reads (audiofolder with metadata.csv, parquet,
-json); the hub is never contacted (``HF_HUB_OFFLINE=1``). Columns map to the task:
+``--split``) or a local folder ``datasets.load_dataset`` reads (parquet or arrow files, e.g. a copy of a hub
+dataset; an audiofolder with metadata.csv needs torchcodec, as datasets 5 encodes its audio); the hub is never
+contacted (``HF_HUB_OFFLINE=1``). Columns map to the task:
 
 =========  ======================================================================================
 asr        ``--text-column`` (transcript), ``--language-column`` or ``--language``
@@ -58,7 +59,16 @@ def load_dataset_dir(path: Path, split: str | None) -> datasets.Dataset:
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         ds = datasets.load_from_disk(str(path))
     else:
-        ds = datasets.load_dataset(str(path))
+        try:
+            ds = datasets.load_dataset(str(path))
+        except (ImportError, datasets.exceptions.DatasetGenerationError) as e:
+            cause = e if isinstance(e, ImportError) else e.__cause__ or e
+            raise SystemExit(
+                f"datasets cannot build {path}: {type(cause).__name__}: {cause}\n"
+                "Folders of parquet/arrow files and save_to_disk folders need no audio decoder. An audiofolder "
+                "(audio files + metadata.csv) needs torchcodec in datasets 5; without it, read the same layout with "
+                f"python scripts/prepare_tsv_pairs.py {path}/metadata.csv --audio-dir {path} --audio-column file_name "
+                "--transcript-column <column> --tasks asr") from None
     if isinstance(ds, datasets.DatasetDict):
         if split is None and len(ds) == 1:
             split = next(iter(ds))

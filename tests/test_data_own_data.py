@@ -2,6 +2,7 @@
 made here on generated audio, train two steps of a stage; the ASR suite evaluates the NeMo and HF data; bad rows
 are counted skips with their reasons."""
 
+import importlib.util
 import io
 import json
 import math
@@ -29,6 +30,7 @@ from audex.modules.audio_encoder import WindowedFrames
 from audex.tokenizer import AudexTokenizer
 
 WORDS = ["red", "blue", "cat", "dog", "two", "three", "boxes", "keys"]
+HAS_TORCHCODEC = importlib.util.find_spec("torchcodec") is not None
 TINY_FRAMES = WindowedFrames(window_samples=10 * 16000, frames_per_window=250)  # conf/model/tiny.yaml
 
 
@@ -326,6 +328,7 @@ def test_prepare_hf_dataset_then_train_and_evaluate(hf_dataset, tmp_path, capsys
 
 @pytest.mark.parametrize("task,extra,field,expected", [
     ("ast", ["--translation-column", "en"], "translation", "in English 2"),
+    ("tts", [], None, sentence(2)),
     ("audio_qa", ["--question", "What is it?", "--answer-column", "text"], "answer", sentence(2)),
     ("tta", [], "caption", sentence(2)),
 ])
@@ -338,7 +341,8 @@ def test_prepare_hf_dataset_other_tasks(tmp_path, capsys, task, extra, field, ex
                                                    "-o", str(out), *extra])
     assert code == 0, capsys.readouterr().out
     cut = CutSet.from_file(out)[2]
-    assert schema.get_task(cut) == task and cut.custom[field] == expected
+    assert schema.get_task(cut) == task
+    assert (cut.custom[field] if field else schema.get_transcript(cut)) == expected
     assert (tmp_path / "cuts.audio" / "ds-00000002.wav").is_file()
 
 
@@ -354,3 +358,26 @@ def test_hf_rows_that_name_a_local_file(tmp_path):
     with pytest.raises(script.SkipSample) as e:
         script.check_row(row, args, script.text_columns(args), tmp_path, "ds-00000000")
     assert e.value.reason == MISSING_AUDIO
+
+
+def test_hf_local_folders(hf_dataset, tmp_path, capsys):
+    """A folder of parquet files (a copy of a hub dataset) reads like a saved one; an audiofolder needs torchcodec
+    in datasets 5: with it the files are used where they are, without it the error names the way around."""
+    script = load_script("prepare_hf_dataset")
+    datasets.load_from_disk(str(hf_dataset / "ds")).select(range(8)).to_parquet(str(tmp_path / "pq" / "data" / "train.parquet"))
+    code = script.main([str(tmp_path / "pq"), "--task", "asr", "-o", str(tmp_path / "pq.jsonl")])
+    assert code == 0 and "prepare_hf_dataset: 8 kept, 0 skipped" in capsys.readouterr().out
+
+    folder = tmp_path / "af"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"a{i}.wav").write_bytes(tone_bytes(0.5, 300 + 50 * i))
+    (folder / "metadata.csv").write_text("file_name,text\na0.wav,red cat\na1.wav,blue dog\n")
+    argv = [str(folder), "--task", "asr", "--language", "en", "-o", str(tmp_path / "af.jsonl")]
+    if not HAS_TORCHCODEC:
+        with pytest.raises(SystemExit, match="scripts/prepare_tsv_pairs.py .*metadata.csv --audio-dir"):
+            script.main(argv)
+        return
+    assert script.main(argv) == 0
+    assert sorted(c.recording.sources[0].source for c in CutSet.from_file(tmp_path / "af.jsonl")) == \
+        [str(folder / "a0.wav"), str(folder / "a1.wav")]
