@@ -153,19 +153,21 @@ def test_nemo_bad_rows_are_counted_skips(nemo_dir, tmp_path, tok):
         x["audio_filepath"] = str(nemo_dir / x["audio_filepath"])
         x["lang"] = "de"  # per line; the item has no language tag
     good[0]["task"] = "asr"  # per line
-    (tmp_path / "m.json").write_text("".join(json.dumps(x) + "\n" for x in good + bad))
+    malformed = ['{"audio_filepath": "x.wav", "text": "no duration"}', '{"duration": 1.0, "text": "no file"}',
+                 '{"audio_filepath": "y.wav", "dura']
+    (tmp_path / "m.json").write_text("".join(json.dumps(x) + "\n" for x in good + bad) + "\n".join(malformed) + "\n")
     cfg = {"input_cfg": [{"type": "nemo", "manifest_filepath": str(tmp_path / "m.json"), "blend": "asr_ast"}],
            "blend_epochs": {"asr_ast": 1.0}, "batch_size": 4, "max_length": 1024, "max_skip_rate": None,
            "use_multimodal_sampling": True, "num_workers": 0, "shuffle": False, "packing": {"enabled": False}}
     loader = build_dataloader(cfg, tok, TINY_FRAMES, "val")
     seen = [i for b in loader for i in b.cut_ids]
     # without a task tag only the line that has its own task is used; the tag of the item then overrides lines
-    assert loader.skips.counts == {UNKNOWN_TASK: 11} and seen == [good[0]["audio_filepath"][:-4]]
+    assert loader.skips.counts == {UNKNOWN_TASK: 14} and seen == [good[0]["audio_filepath"][:-4]]
     cfg["input_cfg"][0]["tags"] = {"task": "asr"}
     loader = build_dataloader(cfg, tok, TINY_FRAMES, "val")
     seen = [i for b in loader for i in b.cut_ids]
-    assert loader.skips.counts == {MISSING_AUDIO: 1, CORRUPT_AUDIO: 1, MISSING_FIELD: 1}
-    assert len(seen) == 9 and loader.skips.kept == 9
+    assert loader.skips.counts == {MISSING_AUDIO: 1, CORRUPT_AUDIO: 1, MISSING_FIELD: 4}  # 3 malformed lines
+    assert len(seen) == 9 and loader.skips.kept == 9 and not loader.filtered.skipped
     cut = next(iter(read_manifest_cuts(tmp_path / "m.json")))
     cut.custom["task"] = "asr"
     seq = SequenceBuilder(tok, TINY_FRAMES, max_length=1024)(cut)

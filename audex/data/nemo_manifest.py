@@ -15,10 +15,11 @@ one pass over its manifests, so an item needs no ``num_samples``.
 Why not NeMo's own reader (``LazyNeMoIterator``, ``LazyNeMoTarredIterator``): both expand their paths
 with ``nemo.collections.asr.data.audio_to_text``, which imports NeMo's ASR collection and its
 dependencies (kaldialign, librosa, ...) that ``nemo-toolkit[common]`` does not install; and both stop
-the whole stream at an audio file that cannot be opened. Lhotse has no NeMo reader. These readers
-reuse Lhotse's JSONL reading, NeMo's path resolution (``get_full_path``) and NeMo's shard
-notation (``_OP_``/``_CL_`` for braces), and turn a missing or unreadable file into a cut whose audio
-fails to load, which the loader counts as a ``missing_audio`` / ``corrupt_audio`` skip.
+the whole stream at a malformed line or an audio file that cannot be opened. Lhotse has no NeMo reader.
+These readers reuse NeMo's path resolution (``get_full_path``) and shard notation (``_OP_``/``_CL_`` for
+braces), and turn a missing or unreadable file into a cut whose audio fails to load (counted by the loader
+as a ``missing_audio`` / ``corrupt_audio`` skip) and a malformed line into a cut without audio
+(``missing_field``).
 
 Audex registers them with NeMo's ``input_cfg`` parser as ``audex_nemo`` / ``audex_nemo_tarred``;
 :func:`audex.data.blend.annotate_input_cfg` routes ``type: nemo`` / ``nemo_tarred`` items to them.
@@ -27,19 +28,23 @@ Audex registers them with NeMo's ``input_cfg`` parser as ``audex_nemo`` / ``aude
 from __future__ import annotations
 
 import json
+import logging
 import random
 import tarfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 import braceexpand
 from lhotse import AudioSource, CutSet, MonoCut, Recording, SupervisionSegment
 from lhotse.dataset.dataloading import resolve_seed
-from lhotse.lazy import LazyIteratorChain, LazyJsonlIterator, count_newlines_fast
+from lhotse.lazy import LazyIteratorChain, count_newlines_fast
 from lhotse.serialization import open_best
 from lhotse.utils import compute_num_samples
 from nemo.collections.common.data.lhotse.cutset import data_type_parser
 from nemo.collections.common.parts.preprocessing.manifest import get_full_path
+
+log = logging.getLogger("audex.data")
 
 #: ``type`` of an ``input_cfg`` item -> the Audex parser registered for it
 NEMO_TYPES = {"nemo": "audex_nemo", "nemo_tarred": "audex_nemo_tarred"}
@@ -67,6 +72,33 @@ def count_manifest_lines(manifest_filepath) -> int:
             raise FileNotFoundError(f"NeMo manifest {path} does not exist (manifest_filepath of an input_cfg item)")
         total += count_newlines_fast(path)
     return total
+
+
+def read_lines(manifest: str) -> Iterator[dict | MonoCut]:
+    """The lines of one manifest shard as dicts; a line that is not JSON or lacks ``audio_filepath`` or a numeric
+    ``duration`` becomes a cut without audio (logged here, counted by the loader as a ``missing_field`` skip)
+    instead of stopping the stream. Lines with a true ``_skipme`` are left out, as in NeMo."""
+    with open_best(manifest, "r") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                problem = None if isinstance(data, dict) else "not a JSON object"
+            except json.JSONDecodeError as e:
+                data, problem = {}, f"not JSON ({e.msg})"
+            if problem is None and "audio_filepath" not in data:
+                problem = "no 'audio_filepath'"
+            if problem is None and not isinstance(data.get("duration"), (int, float)):
+                problem = f"'duration' is {data.get('duration')!r}, not a number"
+            if problem is not None:
+                log.warning("NeMo manifest %s:%d: %s; the line is skipped (counted as missing_field)", manifest,
+                            line_no, problem)
+                custom = {k: v for k, v in data.items() if k in ("task", "shard_id")} if isinstance(data, dict) else {}
+                yield MonoCut(id=f"{manifest}:{line_no}", start=0.0, duration=0.0, channel=0, recording=None,
+                              supervisions=[], custom=custom)
+            elif not data.get("_skipme", False):
+                yield data
 
 
 def _placeholder(rec_id: str, source: AudioSource, duration: float) -> Recording:
@@ -98,7 +130,7 @@ class NeMoManifestIterator:
     """Lazy ``Iterable[Cut]`` over a plain NeMo manifest (one or more shards); see the module docstring.
 
     Without ``sampling_rate`` in a line, the file's header is read (as NeMo does); ``metadata_only`` skips
-    that (for counting and measuring). Lines with a true ``_skipme`` are left out, as in NeMo.
+    that (for counting and measuring). Malformed lines: see :func:`read_lines`.
     """
 
     def __init__(self, path, text_field: str = "text", lang_field: str = "lang", metadata_only: bool = False,
@@ -112,10 +144,10 @@ class NeMoManifestIterator:
         if self.shuffle_shards:
             random.Random(resolve_seed(self.shard_seed)).shuffle(paths)
         for manifest in paths:
-            for data in LazyJsonlIterator(manifest):
-                if data.get("_skipme", False):
+            for data in read_lines(manifest):
+                if isinstance(data, MonoCut):  # a malformed line
+                    yield data
                     continue
-                data = dict(data)
                 written = str(data.pop("audio_filepath"))
                 audio = get_full_path(written, manifest, force_cache=False)
                 rate = data.pop("sampling_rate", None) or data.pop("sample_rate", None)
@@ -155,21 +187,27 @@ class NeMoTarredIterator:
         self.text_field, self.lang_field = text_field, lang_field
         self.shuffle_shards, self.shard_seed = shuffle_shards, shard_seed
 
-    def _shard_lines(self, shard: int) -> dict[str, list[dict]]:
+    def _shard_lines(self, shard: int) -> tuple[dict[str, list[dict]], list[MonoCut]]:
         by_name: dict[str, list[dict]] = defaultdict(list)
+        malformed = []
         one = len(self.manifests) == 1 and len(self.tars) > 1
-        for data in LazyJsonlIterator(self.manifests[0 if one else shard]):
-            if data.get("_skipme", False) or (one and int(data.get("shard_id", -1)) != shard):
+        for data in read_lines(self.manifests[0 if one else shard]):
+            line_shard = (data.custom if isinstance(data, MonoCut) else data).get("shard_id", -1)
+            if one and str(line_shard) != str(shard):
                 continue
-            by_name[str(data["audio_filepath"])].append(dict(data))
-        return by_name
+            if isinstance(data, MonoCut):
+                malformed.append(data)
+            else:
+                by_name[str(data["audio_filepath"])].append(data)
+        return by_name, malformed
 
     def __iter__(self):
         shards = list(range(len(self.tars)))
         if self.shuffle_shards:
             random.Random(resolve_seed(self.shard_seed)).shuffle(shards)
         for shard in shards:
-            tar_path, lines = self.tars[shard], self._shard_lines(shard)
+            tar_path, (lines, malformed) = self.tars[shard], self._shard_lines(shard)
+            yield from malformed
             with open_best(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
                     if not member.isfile() or member.name not in lines:
