@@ -35,6 +35,7 @@ import argparse
 import io
 import os
 import sys
+from array import array
 from pathlib import Path
 from typing import Iterator
 
@@ -117,15 +118,21 @@ def check_row(row: dict, args, columns: dict[str, str], root: Path, cut_id: str)
     return None
 
 
-def write_audio(rec: Recording, audio_dir: Path, cut_id: str, original_name: str | None) -> Recording:
-    """The in-memory recording Lhotse made from the row's bytes, written once to a file, as a file Recording."""
-    data = rec.sources[0].source
-    suffix = Path(original_name).suffix.lower() if original_name and Path(original_name).suffix else None
-    if suffix is None:  # bytes without a file name: the container's format
-        suffix = SUFFIX_OF_FORMAT.get(sf.info(io.BytesIO(data)).format, ".audio")
-    path = audio_dir / f"{cut_id}{suffix}"
-    path.write_bytes(data)
-    return Recording.from_file(path, recording_id=cut_id)
+def audio_suffix(audio: dict) -> str:
+    """The file suffix for a row's audio bytes: its file name's, else the container format's."""
+    name = audio.get("path")
+    if name and Path(name).suffix:
+        return Path(name).suffix.lower()
+    try:
+        return SUFFIX_OF_FORMAT.get(sf.info(io.BytesIO(audio["bytes"])).format, ".audio")
+    except Exception:  # a container soundfile does not read (Lhotse's other backends did)
+        return ".audio"
+
+
+def write_audio(rec: Recording, path: Path) -> Recording:
+    """The in-memory recording Lhotse made from the row's bytes, written once to ``path``, as a file Recording."""
+    path.write_bytes(rec.sources[0].source)
+    return Recording.from_file(path, recording_id=path.stem)
 
 
 def make_cut(rec: Recording, row: dict, args) -> Cut:
@@ -150,28 +157,33 @@ def iter_cuts(ds: datasets.Dataset, args, root: Path, audio_dir: Path) -> Iterat
     if missing:
         raise SystemExit(f"{root} has no column(s) {missing}; its columns: {ds.column_names}")
     ds = ds.cast_column(args.audio_column, datasets.Audio(decode=False))
-    ids = [f"{args.id_prefix}-{i:08d}" for i in range(len(ds))]
-    from_bytes, names = [], {}
+
+    def cut_id(row: int) -> str:
+        return f"{args.id_prefix}-{row:08d}"
+
+    # rows Lhotse reads in pass 2, and their audio file suffixes (compact: a corpus may hold millions of rows)
+    from_bytes, suffix_code, suffixes = array("q"), array("H"), {}
     for i, row in enumerate(ds):  # pass 1: checks; local files become cuts right away
         try:
-            rec = check_row(row, args, columns, root, ids[i])
+            rec = check_row(row, args, columns, root, cut_id(i))
         except SkipSample as e:
             yield e
             continue
         if rec is None:
             from_bytes.append(i)
-            names[i] = row[args.audio_column].get("path")
+            suffix_code.append(suffixes.setdefault(audio_suffix(row[args.audio_column]), len(suffixes)))
         else:
             yield make_cut(rec, row, args)
     if not from_bytes:
         return
     audio_dir.mkdir(parents=True, exist_ok=True)
+    suffix_of = {code: suffix for suffix, code in suffixes.items()}
     good = ds.select(from_bytes, keep_in_memory=True)
     # pass 2: Lhotse's HF reader (text and language into the supervision, the other columns into cut.custom)
     lhotse_cuts = CutSet.from_huggingface_dataset(good, audio_key=args.audio_column, text_key=args.text_column,
                                                   lang_key=args.language_column)
-    for i, cut in zip(from_bytes, lhotse_cuts):
-        rec = write_audio(cut.recording, audio_dir, ids[i], names[i])
+    for i, code, cut in zip(from_bytes, suffix_code, lhotse_cuts):
+        rec = write_audio(cut.recording, audio_dir / f"{cut_id(i)}{suffix_of[code]}")
         sup = cut.supervisions[0]
         yield make_cut(rec, {**(cut.custom or {}), args.text_column: sup.text, args.language_column: sup.language},
                        args)
