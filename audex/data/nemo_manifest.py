@@ -131,6 +131,12 @@ class NeMoManifestIterator:
 
     Without ``sampling_rate`` in a line, the file's header is read (as NeMo does); ``metadata_only`` skips
     that (for counting and measuring). Malformed lines: see :func:`read_lines`.
+
+    Example::
+
+        >>> cuts = CutSet(NeMoManifestIterator("train.json"))        # or "train__OP_0..7_CL_.json"
+        >>> cut = next(iter(cuts))
+        >>> cut.supervisions[0].text, cut.custom                        # "text"; the line's other keys
     """
 
     def __init__(self, path, text_field: str = "text", lang_field: str = "lang", metadata_only: bool = False,
@@ -176,7 +182,13 @@ class NeMoTarredIterator:
     """Lazy ``Iterable[Cut]`` over a tarred NeMo manifest: shard ``i`` of ``tarred_audio_filepaths`` holds the
     audio of manifest shard ``i`` (or, with one manifest, of its lines with ``shard_id == i``). Audio is read
     from the tar into memory, one member at a time; a line whose file is not in its tar gets a recording that
-    fails to load (``missing_audio``), a member that cannot be decoded one that fails with ``corrupt_audio``."""
+    fails to load (``missing_audio``), a member that cannot be decoded one that fails with ``corrupt_audio``.
+
+    Example::
+
+        >>> cuts = CutSet(NeMoTarredIterator("manifest__OP_0..7_CL_.json", "audio__OP_0..7_CL_.tar"))
+        >>> next(iter(cuts)).load_audio().shape                       # read from audio_0.tar
+    """
 
     def __init__(self, manifest_path, tar_paths, text_field: str = "text", lang_field: str = "lang",
                  shuffle_shards: bool = False, shard_seed: int | str = "trng"):
