@@ -207,6 +207,22 @@ def test_tarred_bad_members_plan_and_nemo_loader(nemo_dir, tmp_path, tok):
     assert all(b.tasks == ["asr"] * b.num_samples for b in batches)
 
 
+def test_canary_style_nemo_manifest_gives_ast(nemo_dir, tmp_path, tok):
+    """NeMo's Canary manifests (source_lang, answer = the translation): NeMo's lang_field item key and the
+    translation_field tag map them; no code of their own."""
+    rows = [{"audio_filepath": str(nemo_dir / "wav" / f"u{i}.wav"), "duration": 0.5 + 0.05 * i, "text": f"rot {i}",
+             "source_lang": "de", "target_lang": "en", "taskname": "ast", "answer": f"red {i}"} for i in range(2)]
+    (tmp_path / "canary.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"input_cfg": [{"type": "nemo", "manifest_filepath": str(tmp_path / "canary.json"), "lang_field": "source_lang",
+                          "tags": {"task": "ast", "translation_field": "answer"}, "blend": "asr_ast"}],
+           "blend_epochs": {"asr_ast": 1.0}, "batch_size": 4, "max_length": 1024, "use_multimodal_sampling": True,
+           "num_workers": 0, "shuffle": False, "packing": {"enabled": False}}
+    batch = next(iter(build_dataloader(cfg, tok, TINY_FRAMES, "val")))
+    assert batch.num_samples == 2 and batch.tasks == ["ast", "ast"]
+    answer = tok.decode(batch.input_ids[1][batch.labels[1] != IGNORE_INDEX])
+    assert answer == "Language: de\nTranscription: rot 1\nTranslation: red 1<|im_end|>"
+
+
 def test_train_and_evaluate_from_a_plain_nemo_manifest(nemo_dir, tmp_path):
     items = [{"type": "nemo", "manifest_filepath": str(nemo_dir / "manifest.json"),
               "tags": {"task": "asr", "language": "en"}, "blend": "asr_ast"}]
