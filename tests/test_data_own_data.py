@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from audex.data import schema
 from audex.data.blend import annotate_input_cfg, count_samples
 from audex.data.loader import build_dataloader, plan_blend
-from audex.data.nemo_manifest import expand_paths, read_manifest_cuts
+from audex.data.nemo_manifest import expand_paths, is_nemo_manifest, read_manifest_cuts
 from audex.data.sequence import IGNORE_INDEX, SequenceBuilder
 from audex.data.skips import CORRUPT_AUDIO, MISSING_AUDIO, MISSING_FIELD, UNKNOWN_TASK
 from audex.modules.audio_encoder import WindowedFrames
@@ -125,6 +125,7 @@ def test_nemo_items_count_without_num_samples_and_route_to_audex_reader(nemo_dir
     tarred = {"type": "nemo_tarred", "manifest_filepath": str(nemo_dir / "tarred__OP_0..1_CL_.json"),
               "tarred_audio_filepaths": str(nemo_dir / "audio__OP_0..1_CL_.tar")}
     assert count_samples(tarred) == 8
+    assert is_nemo_manifest(tarred["manifest_filepath"]) and not is_nemo_manifest(nemo_dir / "wav" / "u0.wav")
     assert expand_paths(tarred["tarred_audio_filepaths"]) == [str(nemo_dir / "audio_0.tar"), str(nemo_dir / "audio_1.tar")]
 
 

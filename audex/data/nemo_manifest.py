@@ -288,12 +288,14 @@ def read_manifest_cuts(path: str | Path, tarred_audio_filepaths=None) -> CutSet:
 
 
 def is_nemo_manifest(path: str | Path) -> bool:
-    """True when ``path`` is a JSON-lines file whose first line has NeMo's ``audio_filepath`` key."""
-    if not Path(path).is_file():
+    """True when ``path`` (or the first shard of a ``_OP_``/``_CL_`` pattern) is a JSON-lines file whose first line
+    has NeMo's ``audio_filepath`` key."""
+    first_shard = expand_paths(path)[0]
+    if not Path(first_shard).is_file():
         return False
-    with open_best(str(path), "r") as f:
-        first = f.readline()
     try:
-        return isinstance(row := json.loads(first), dict) and "audio_filepath" in row
-    except json.JSONDecodeError:
+        with open_best(first_shard, "r") as f:
+            row = json.loads(f.readline())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):  # not text, not JSON, or unreadable
         return False
+    return isinstance(row, dict) and "audio_filepath" in row
