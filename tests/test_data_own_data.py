@@ -224,6 +224,7 @@ def test_canary_style_nemo_manifest_gives_ast(nemo_dir, tmp_path, tok):
     assert answer == "Language: de\nTranscription: rot 1\nTranslation: red 1<|im_end|>"
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_from_a_plain_nemo_manifest(nemo_dir, tmp_path):
     items = [{"type": "nemo", "manifest_filepath": str(nemo_dir / "manifest.json"),
               "tags": {"task": "asr", "language": "en"}, "blend": "asr_ast"}]
@@ -236,6 +237,7 @@ def test_train_and_evaluate_from_a_plain_nemo_manifest(nemo_dir, tmp_path):
     assert {r["reference"]["language"] for r in rows} == {"en"}  # the suite's default: the manifest has no lang
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_from_a_tarred_nemo_manifest(nemo_dir, tmp_path):
     items = [{"type": "nemo_tarred", "manifest_filepath": str(nemo_dir / "tarred__OP_0..1_CL_.json"),
               "tarred_audio_filepaths": str(nemo_dir / "audio__OP_0..1_CL_.tar"),
@@ -247,6 +249,7 @@ def test_train_and_evaluate_from_a_tarred_nemo_manifest(nemo_dir, tmp_path):
 
 
 # ---- a Lhotse recipe's output ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_from_lhotse_librispeech_recipe_output(tmp_path, capsys):
     part = tmp_path / "LibriSpeech" / "dev-clean"
     for spk, chap in ((19, 198), (26, 495)):
@@ -323,6 +326,7 @@ def hf_dataset(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_prepare_hf_dataset_then_train_and_evaluate(hf_dataset, tmp_path, capsys):
     out = tmp_path / "hf_cuts.jsonl.gz"
     code = load_script("prepare_hf_dataset").main([str(hf_dataset / "ds"), "--task", "asr", "--audio-column", "audio",
