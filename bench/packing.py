@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,8 +141,6 @@ def pipeline_cuts(rng: np.random.Generator, n: int, audio_dir: Path) -> list:
     clips = []
     for k, seconds in enumerate([2, 5, 9, 14, 20, 26, 30]):
         path = audio_dir / f"clip{k}.wav"
-        import soundfile as sf
-
         sf.write(path, (0.1 * rng.standard_normal(seconds * sr)).astype(np.float32), sr)
         clips.append(Recording.from_file(path))
     tasks, lengths = sample_task_lengths(rng, n)

@@ -30,12 +30,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
-from lhotse import Recording
+from lhotse import CutSet, Recording
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from audex.data import schema  # noqa: E402
 from audex.data.collate import collate_padded  # noqa: E402
 from audex.data.packing import OnlinePacker  # noqa: E402
 from audex.data.sequence import SequenceBuilder  # noqa: E402
@@ -46,8 +48,6 @@ TASKS = ("text", "asr", "audio_qa", "tts", "tta")
 
 
 def demo_cuts(data: Path, per_task: int, rng: random.Random):
-    from lhotse import CutSet
-
     cuts = []
     for task in TASKS:
         path = data / "manifests" / f"{task}_train.jsonl.gz"
@@ -67,10 +67,6 @@ def paper_mix_cuts(num_samples: int, rng: random.Random, vocab, audio_dir: Path,
     """The paper's length mix (section 4, Table 2 shares), scaled to a CPU: TTS 2-20 s of speech at 50 tokens/s,
     TTA 2,000 tokens (10 s), audio-input tasks on 2-30 s of audio (25 frames/s), text chats log-uniform from 200
     to ``max_text_tokens`` tokens (the paper: 32K)."""
-    import soundfile as sf
-
-    from audex.data import schema
-
     words = "the red fox finds three keys near a quiet river while birds sing in tall green trees".split()
     np_rng = np.random.default_rng(rng.randrange(2**31))
     total = sum(PAPER_SHARES.values())

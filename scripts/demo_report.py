@@ -33,15 +33,18 @@ sys.path.insert(0, str(ROOT))
 
 from audex.data.cfg_uncond import make_uncond_copy  # noqa: E402
 from audex.data.collate import collate_padded  # noqa: E402
+from audex.data.schema import get_audio_codes  # noqa: E402
 from audex.data.sequence import IGNORE_INDEX, SequenceBuilder, load_cut_audio  # noqa: E402
+from audex.eval.metrics import corpus_wer, word_errors  # noqa: E402
+from audex.eval.normalize import normalize_for_wer  # noqa: E402
+from audex.inference.constraints import CodecConstraint  # noqa: E402
+from audex.inference.decoding import AudexDecoder  # noqa: E402
+from audex.inference.pipelines import AudexPipeline  # noqa: E402
+from audex.inference.sampling import SamplingParams  # noqa: E402
 from audex.models.checkpoint import load_model  # noqa: E402
 
 
 def asr_wer(model, cuts, silence: bool = False) -> tuple[float, list[tuple[str, str]]]:
-    from audex.eval.metrics import corpus_wer, word_errors
-    from audex.eval.normalize import normalize_for_wer
-    from audex.inference.pipelines import AudexPipeline
-
     wavs = [load_cut_audio(c) for c in cuts]
     if silence:
         wavs = [torch.zeros_like(w) for w in wavs]
@@ -76,10 +79,6 @@ def generate_codec_tokens(model, cuts, builder: SequenceBuilder, unconditional: 
                           audio_seconds: float = 2.0) -> tuple[list[list[int]], list[list[int]]]:
     """Greedy free-running generation from the prompt (up to ``<speechgen_start>``/``<audiogen_start>``).
     Returns the generated codec ids and the reference codec ids of every cut."""
-    from audex.inference.constraints import CodecConstraint
-    from audex.inference.decoding import AudexDecoder
-    from audex.inference.sampling import SamplingParams
-
     vocab = model.vocab
     prompts, references = [], []
     for cut in cuts:
@@ -111,8 +110,6 @@ class SoundKindClassifier:
     the real test clips (:func:`reference_kind_accuracy`, reported) is the ceiling of the TTA metric."""
 
     def __init__(self, train_cuts, num_frames: int):
-        from audex.data.schema import get_audio_codes
-
         by_kind: dict[str, list[torch.Tensor]] = {}
         for cut in train_cuts:
             if (cut.custom or {}).get("cfg_uncond_pads") is None:
@@ -131,8 +128,6 @@ class SoundKindClassifier:
 
 def reference_kind_accuracy(cuts, classifier: SoundKindClassifier) -> float:
     """How often the classifier names the kind of the real test clips: the ceiling of the TTA metric."""
-    from audex.data.schema import get_audio_codes
-
     return sum(classifier(get_audio_codes(c)) == c.custom["sound_kind"] for c in cuts) / len(cuts)
 
 
@@ -153,8 +148,6 @@ def _condition_tokens(model, cut) -> int:
 
 
 def audio_qa_accuracy(model, cuts) -> float:
-    from audex.inference.pipelines import AudexPipeline
-
     wavs = [load_cut_audio(c) for c in cuts]
     with torch.no_grad():
         results = AudexPipeline(model).audio_qa(wavs, [c.custom["question"] for c in cuts], do_sample=False,

@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from audex.data import schema  # noqa: E402
 from audex.data.cfg_uncond import CfgUncondConfig, blend_cfg_uncond  # noqa: E402
+from audex.models.audex_model import AudexModel  # noqa: E402
 
 log = logging.getLogger("make_demo_data")
 SR = 16000
@@ -205,8 +206,6 @@ def text_chats(rng: random.Random) -> dict[str, list[tuple[list[dict], bool]]]:
 # ---- main ----------------------------------------------------------------------------------------------
 def build(out: Path, model_config: Path, seed: int, jobs: int, sizes: dict[str, int],
           model_overrides: dict | None = None) -> dict:
-    from audex.models.audex_model import AudexModel
-
     for tool in ("espeak-ng", "sox"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed: run scripts/setup_env.sh (apt-get install espeak-ng sox)")

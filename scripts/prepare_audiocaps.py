@@ -26,8 +26,8 @@ from lhotse.cut import Cut
 
 from audex.data import schema
 from audex.data.prepare import add_output_args, comma_separated, probe_recording, write_manifest
-from audex.prompts import CAPTION_PROMPT
 from audex.data.skips import MISSING_FIELD, SkipSample
+from audex.prompts import CAPTION_PROMPT
 
 TTA, CAPTION = "tta", "caption"
 TASKS = (TTA, CAPTION)

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
+import hydra
 import torch
 from lhotse import CutSet
 from lhotse.cut import Cut
@@ -58,8 +59,6 @@ def load_model_config(path: str | Path):
 
 def build_codecs(cfg, tasks: tuple[str, ...], device: str) -> dict[str, torch.nn.Module]:
     """``{"tts": SpeechCodec, "tta": AudioCodec}`` for the requested tasks, checked against ``cfg.vocab``."""
-    import hydra
-
     vocab = AudexVocab(**OmegaConf.to_container(cfg.vocab, resolve=True))
     node_for = {schema.TTS: "speech_codec", schema.TTA: "audio_codec"}
     codecs = {}

@@ -23,18 +23,16 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from lhotse import CutSet
+from tqdm import tqdm
+
+from audex.audio import load_audio
+from audex.data.sequence import load_cut_audio
 from audex.inference.pipelines import AudexPipeline
 from audex.inference.waveform import write_wav
+from audex.tasks import task as task_spec
 
 logger = logging.getLogger("audex.inference")
-
-AUDIO_TASKS = ("asr", "ast", "audio_qa", "mcq", "entailment", "hallucination", "s2s")
-TEXT_TASKS = ("chat", "tts", "tta")
-TASKS = AUDIO_TASKS + TEXT_TASKS
-#: the record field each task needs besides the audio
-_NEEDS = {"audio_qa": "question", "mcq": "question", "entailment": "description", "hallucination": "sound_event",
-          "chat": "text", "tts": "text", "tta": "text"}
-
 
 # ---- inputs -------------------------------------------------------------------------------------
 def records_from_wavs(patterns: Sequence[str], **fields) -> list[dict]:
@@ -56,8 +54,6 @@ def records_from_texts(texts: Sequence[str], **fields) -> list[dict]:
 
 def records_from_manifest(path: str | Path, task: str) -> list[dict]:
     """Records from a Lhotse CutSet: the audio and the fields ``task`` needs (schema of :mod:`audex.data.schema`)."""
-    from lhotse import CutSet
-
     records = []
     for cut in CutSet.from_file(str(path)):
         rec: dict[str, Any] = {"id": cut.id, "cut": cut}
@@ -81,62 +77,32 @@ def records_from_manifest(path: str | Path, task: str) -> list[dict]:
 
 def prepare(record: dict, task: str) -> dict:
     """Load the record's audio (16 kHz mono) and check the fields ``task`` needs; raises with the reason."""
-    from audex.audio import load_audio
-    from audex.data.sequence import load_cut_audio
-
     if "error" in record:
         raise ValueError(record["error"])
+    spec = task_spec(task)
     rec = dict(record)
-    if task in AUDIO_TASKS:
+    if spec.audio_in:
         if "cut" in rec:
             rec["audio"] = load_cut_audio(rec["cut"])
         elif "audio_path" in rec:
             rec["audio"] = load_audio(rec["audio_path"])
-        else:
-            raise ValueError(f"task {task!r} needs audio: give inputs.wav files or a manifest with recordings")
-    need = _NEEDS.get(task)
-    if need is not None and not rec.get(need):
-        raise ValueError(f"task {task!r} needs the field {need!r} (e.g. inputs.{need}=... or a manifest field)")
-    if task == "mcq" and not rec.get("choices"):
-        raise ValueError("task 'mcq' needs 'choices' (a list of options) for every input")
+    spec.check_record(rec)
     return rec
 
 
 # ---- running ------------------------------------------------------------------------------------
 def _run_batch(pipe: AudexPipeline, task: str, recs: list[dict], sampling: dict, wav_dir: Path | None) -> list[dict]:
     """Results (JSON-serialisable dicts) for one batch of prepared records."""
-    audios = [r.get("audio") for r in recs]
-    if task == "asr":
-        langs = [r.get("language") for r in recs]
-        out = pipe.asr(audios, languages=langs if any(langs) else None, **sampling)
-    elif task == "ast":
-        out = pipe.ast(audios, **sampling)
-    elif task == "audio_qa":
-        out = pipe.audio_qa(audios, [r["question"] for r in recs], **sampling)
-    elif task == "mcq":
-        out = pipe.mcq(audios, [r["question"] for r in recs], [r["choices"] for r in recs], **sampling)
-    elif task == "entailment":
-        out = pipe.entailment(audios, [r["description"] for r in recs], **sampling)
-    elif task == "hallucination":
-        out = pipe.hallucination(audios, [r["sound_event"] for r in recs], **sampling)
-    elif task == "chat":
-        out = pipe.chat([r["text"] for r in recs], **sampling)
-    elif task == "tts":
-        out = pipe.tts([r["text"] for r in recs], **sampling)
-    elif task == "tta":
-        out = pipe.tta([r["text"] for r in recs], **sampling)
-    elif task == "s2s":
-        out = pipe.s2s(audios, **sampling)
-    else:
-        raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+    out = task_spec(task).run(pipe, recs, **sampling)
     results = []
     for rec, res in zip(recs, out):
         row: dict[str, Any]
-        if task in ("tts", "tta"):
+        output = task_spec(task).output
+        if output in ("speech", "audio"):
             row = {"codec_frames": int(res.codes.shape[-1]), "seconds": res.waveform.numel() / 16000,
                    "finish_reason": res.finish_reason}
             wav = res.waveform
-        elif task == "s2s":
+        elif output == "speech_turn":
             row = {"transcript": res.transcript, "reasoning": res.reasoning.thinking, "response": res.reasoning.text,
                    "answer": res.answer, "spoken_text": res.spoken_text, "seconds": res.speech.waveform.numel() / 16000}
             wav = res.speech.waveform
@@ -157,10 +123,7 @@ def run_inference(pipe: AudexPipeline, task: str, records: Iterable[dict], outpu
                   batch_size: int = 8, sampling: dict | None = None, wav_dir: str | Path | None = None,
                   progress: bool = True, on_result: Callable[[dict], None] | None = None) -> dict:
     """Run ``task`` over ``records``; one JSON line per record (``status``: ok | error, with ``error``)."""
-    from tqdm import tqdm
-
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+    task_spec(task)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     records = list(records)

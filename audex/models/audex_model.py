@@ -13,6 +13,7 @@ Example::
     logits = model(input_ids=ids).logits          # [1, L, vocab.size]
     model.save_to("tiny.nemo")
     same = ModelPT.restore_from("tiny.nemo")        # works without importing audex first
+    same = load_model("tiny.nemo")                  # audex.models.checkpoint: the archive checked first
 
 Packed rows (``sample_ids``) run through :mod:`audex.modules.packed`; the training hooks (loss of eq. 2 and MoE
 balancing from :mod:`audex.parts`) are methods of the model, so that Lightning, the training run and the tests

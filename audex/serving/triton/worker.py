@@ -23,6 +23,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import threading
 from multiprocessing.connection import Client
@@ -116,6 +117,12 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="[audex worker %(process)d] %(levelname)s %(message)s")
     authkey = bytes.fromhex(sys.stdin.readline().strip())
     serve(args.address, authkey, args.handler, json.loads(args.params))
+    # the handler is closed and the model told: end now, as multiprocessing's children do, instead of an interpreter
+    # teardown of torch / NeMo that takes seconds on a loaded host and counts against the server's exit timeout
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from lightning.pytorch import Callback
 
 from audex.data import schema
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class LossRecorder(Callback):

@@ -183,18 +183,23 @@ def test_model_config_errors(tiny_yaml):
         AudexModel.from_config_file(str(tiny_yaml), **{"backbone.pretrained_path": "/nonexistent/folder"})
 
 
+def _two_samples_in_one_row(tok):
+    """Two chat samples ``a``, ``b`` and the packed row holding both (+3 padding): ids, sample ids, positions."""
+    a = torch.tensor(tok.encode("<|im_start|>user\nHello there, how are you?<|im_end|>"))
+    b = torch.tensor(tok.encode("<|im_start|>assistant\nFine, thank you.<|im_end|>"))
+    packed = torch.cat([a, b, torch.full((3,), tok.pad_id)]).unsqueeze(0)
+    sample_ids = torch.tensor([[0] * len(a) + [1] * len(b) + [-1] * 3])
+    pos = torch.cat([torch.arange(len(a)), torch.arange(len(b)), torch.zeros(3, dtype=torch.long)]).unsqueeze(0)
+    return a, b, packed, sample_ids, pos
+
+
 def test_tiny_hybrid_packed_rows_equal_separate_samples(tiny_yaml, monkeypatch):
     """Nemotron-H: attention and the Mamba state both restart at packed-sample boundaries."""
     from audex.models.audex_model import AudexModel
 
     m = AudexModel.from_config_file(str(tiny_yaml.parent / "tiny_hybrid.yaml")).eval()
     assert m.has_recurrent_layers and m.backbone.config.n_routed_experts == 8
-    tok = m.tokenizer
-    a = torch.tensor(tok.encode("<|im_start|>user\nHello there, how are you?<|im_end|>"))
-    b = torch.tensor(tok.encode("<|im_start|>assistant\nFine, thank you.<|im_end|>"))
-    packed = torch.cat([a, b, torch.full((3,), tok.pad_id)]).unsqueeze(0)
-    sample_ids = torch.tensor([[0] * len(a) + [1] * len(b) + [-1] * 3])
-    pos = torch.cat([torch.arange(len(a)), torch.arange(len(b)), torch.zeros(3, dtype=torch.long)]).unsqueeze(0)
+    a, b, packed, sample_ids, pos = _two_samples_in_one_row(m.tokenizer)
     with torch.no_grad():
         lp = m(input_ids=packed, sample_ids=sample_ids, position_ids=pos).logits
         la = m(input_ids=a.unsqueeze(0)).logits
@@ -240,12 +245,7 @@ def test_varlen_attention_and_mamba_reset_together(tiny_yaml):
 
     m = AudexModel.from_config_file(str(tiny_yaml.parent / "tiny_hybrid.yaml")).eval()
     assert m.use_packed_attention("varlen")  # Nemotron-H's attention layers run SDPA: varlen is on
-    tok = m.tokenizer
-    a = torch.tensor(tok.encode("<|im_start|>user\nHello there, how are you?<|im_end|>"))
-    b = torch.tensor(tok.encode("<|im_start|>assistant\nFine, thank you.<|im_end|>"))
-    packed = torch.cat([a, b, torch.full((3,), tok.pad_id)]).unsqueeze(0)
-    sample_ids = torch.tensor([[0] * len(a) + [1] * len(b) + [-1] * 3])
-    pos = torch.cat([torch.arange(len(a)), torch.arange(len(b)), torch.zeros(3, dtype=torch.long)]).unsqueeze(0)
+    a, b, packed, sample_ids, pos = _two_samples_in_one_row(m.tokenizer)
     with torch.no_grad():
         lp = m(input_ids=packed, sample_ids=sample_ids, position_ids=pos).logits
         la, lb = m(input_ids=a.unsqueeze(0)).logits, m(input_ids=b.unsqueeze(0)).logits

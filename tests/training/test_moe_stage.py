@@ -13,7 +13,7 @@ from audex.data.sequence import SequenceBuilder
 from audex.parts.optim import build_optimizer_and_scheduler
 from audex.training.run import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _stage(name):

@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 # Table 3: (trainable, max LR, min LR, warmup, betas, weight decay, global batch, epochs text/ASR+AST/und/TTS/TTA)
 TABLE3 = {

@@ -9,7 +9,7 @@ from lhotse import CutSet
 
 from audex.data import schema
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None,
                                 reason="needs Debian's espeak-ng and sox (scripts/setup_env.sh installs them)")
 

@@ -17,7 +17,7 @@ from audex.data.skips import INVALID_BASE64, MISSING_AUDIO, TOO_LONG_FOR_CONTEXT
 from audex.modules.audio_encoder import WindowedFrames
 from audex.tokenizer import AudexTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("text", "asr", "audio_qa", "tts", "tta")
 TINY_FRAMES = WindowedFrames(window_samples=10 * 16000, frames_per_window=250)  # conf/model/tiny.yaml: 10 s windows
 
