@@ -288,7 +288,7 @@ def test_train_from_lhotse_librispeech_recipe_output(tmp_path, capsys):
     assert schema.get_transcript(done["19-198-0002"]) == sentence(21).upper()
 
 
-def test_ast_translation_from_a_named_field(tmp_path, tok):
+def test_ast_translation_from_a_named_field(tmp_path, tok, capsys):
     """A CutSet built by Lhotse (RecordingSet + SupervisionSet) whose supervisions carry the translation under
     their own key: ``translation_field`` names it."""
     for i in range(3):
@@ -308,6 +308,15 @@ def test_ast_translation_from_a_named_field(tmp_path, tok):
     labels = batches[0].labels[0]
     text = tok.decode(batches[0].input_ids[0][labels != IGNORE_INDEX])
     assert text.startswith("Language: de\nTranscription: rot blau 0\nTranslation: red blue 0")
+
+    # the same tags written into a manifest (for the AST suite, which reads custom["translation"])
+    script = load_script("prepare_lhotse_cuts")
+    argv = [str(tmp_path / "de_en.jsonl.gz"), "--task", "ast", "-o", str(tmp_path / "ast.jsonl")]
+    assert script.main([*argv, "--translation-field", "en_text"]) == 0
+    cuts = sorted(CutSet.from_file(tmp_path / "ast.jsonl"), key=lambda c: c.custom["translation"])
+    assert [schema.get_translation(c) for c in cuts] == [f"red blue {i}" for i in range(3)]
+    assert script.main([*argv, "--translation-field", "fr_text"]) == 1  # no such field: every cut is skipped
+    assert "prepare_lhotse_cuts: 0 kept, 3 skipped (100.00 %): missing_field=3" in capsys.readouterr().out
 
 
 # ---- a Hugging Face dataset ------------------------------------------------------------------------
