@@ -87,6 +87,9 @@ setup(
         # nvidia-pytriton (the Triton server binary) is installed with --no-deps by scripts/setup_env.sh: its
         # numpy<2 pin would downgrade the whole environment
         "export": ["onnx", "onnxruntime", "tritonclient[all]"],
+        # the TensorRT-LLM release the deployment code is written and checked against (audex/export/executor_blocks.py
+        # TRTLLM_VERSION); CUDA hosts only, never installed by scripts/setup_env.sh
+        "trtllm": ["tensorrt_llm==1.2.0rc2"],
     },
     entry_points={
         "console_scripts": [

@@ -108,6 +108,11 @@ TEXT_IN_TASKS: tuple[str, ...] = tuple(t.name for t in _REGISTRY if not t.audio_
 GENERATION_TASKS: tuple[str, ...] = tuple(t.name for t in _REGISTRY if t.cfg)
 #: tasks Audex's server offers
 SERVED_TASKS: tuple[str, ...] = tuple(t.name for t in _REGISTRY if t.served)
+#: training-data tasks whose cut carries input audio (``<sound>`` in the prompt)
+AUDIO_INPUT_DATA_TASKS: tuple[str, ...] = tuple(t.data_task for t in _REGISTRY if t.data_task and t.audio_in)
+#: training-data tasks whose target is codec tokens (the ones CFG pre-processing touches)
+GENERATION_DATA_TASKS: tuple[str, ...] = tuple(t.data_task for t in _REGISTRY if t.data_task and t.cfg)
+assert set(t.data_task for t in _REGISTRY if t.data_task) == set(DATA_TASKS), "every data task trains a task"
 
 
 def task(name: str, among: Sequence[str] | None = None) -> Task:

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from audex.inference.decoding import AudexDecoder
+from audex.inference.sampling import SamplingParams
 
-from audex.inference.decoding import AudexDecoder  # noqa: E402
-from audex.inference.sampling import SamplingParams  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # ~100M parameters: 12 x 6.3M (GQA attention + SwiGLU MLP) + 32,768 x 768 tied embeddings = 101M
 LLAMA_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 import warnings
@@ -48,19 +47,17 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from lhotse import CutSet, MonoCut, Recording
+from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
+from lhotse.dataset.sampling.base import TokenConstraint
+
+from audex.data import schema
+from audex.data.loader import build_dataloader
+from audex.data.packing import PAPER_CONTEXT_LENGTH, PAPER_PACKING_BUFFER, OnlinePacker
+from audex.modules.audio_encoder import WindowedFrames
+from audex.tokenizer import AudexTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lhotse import CutSet, MonoCut, Recording  # noqa: E402
-from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler  # noqa: E402
-from lhotse.dataset.sampling.base import TokenConstraint  # noqa: E402
-
-from audex.data import schema  # noqa: E402
-from audex.data.loader import build_dataloader  # noqa: E402
-from audex.data.packing import PAPER_CONTEXT_LENGTH, PAPER_PACKING_BUFFER, OnlinePacker  # noqa: E402
-from audex.modules.audio_encoder import WindowedFrames  # noqa: E402
-from audex.tokenizer import AudexTokenizer  # noqa: E402
 
 # Table 2: samples per task (millions)
 TASK_SAMPLES_M = {"tts": 147, "tta": 12, "audio_qa": 49, "asr": 95, "ast": 58, "text": 33}

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,15 +33,14 @@ import soundfile as sf
 import torch
 from lhotse import CutSet, Recording
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from audex.data import schema
+from audex.data.collate import collate_padded
+from audex.data.packing import OnlinePacker
+from audex.data.sequence import SequenceBuilder
+from audex.models.checkpoint import load_model
+from audex.training.stages import apply_stage
 
-from audex.data import schema  # noqa: E402
-from audex.data.collate import collate_padded  # noqa: E402
-from audex.data.packing import OnlinePacker  # noqa: E402
-from audex.data.sequence import SequenceBuilder  # noqa: E402
-from audex.models.checkpoint import load_model  # noqa: E402
-from audex.training.stages import apply_stage  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TASKS = ("text", "asr", "audio_qa", "tts", "tta")
 

@@ -22,26 +22,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from lhotse import CutSet
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from audex.data.cfg_uncond import make_uncond_copy
+from audex.data.collate import collate_padded
+from audex.data.schema import get_audio_codes
+from audex.data.sequence import IGNORE_INDEX, SequenceBuilder, load_cut_audio
+from audex.eval.metrics import corpus_wer, word_errors
+from audex.eval.normalize import normalize_for_wer
+from audex.inference.constraints import CodecConstraint
+from audex.inference.decoding import AudexDecoder
+from audex.inference.pipelines import AudexPipeline
+from audex.inference.sampling import SamplingParams
+from audex.models.checkpoint import load_model
 
-from audex.data.cfg_uncond import make_uncond_copy  # noqa: E402
-from audex.data.collate import collate_padded  # noqa: E402
-from audex.data.schema import get_audio_codes  # noqa: E402
-from audex.data.sequence import IGNORE_INDEX, SequenceBuilder, load_cut_audio  # noqa: E402
-from audex.eval.metrics import corpus_wer, word_errors  # noqa: E402
-from audex.eval.normalize import normalize_for_wer  # noqa: E402
-from audex.inference.constraints import CodecConstraint  # noqa: E402
-from audex.inference.decoding import AudexDecoder  # noqa: E402
-from audex.inference.pipelines import AudexPipeline  # noqa: E402
-from audex.inference.sampling import SamplingParams  # noqa: E402
-from audex.models.checkpoint import load_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def asr_wer(model, cuts, silence: bool = False) -> tuple[float, list[tuple[str, str]]]:

@@ -36,7 +36,6 @@ import math
 import random
 import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,12 +46,11 @@ import torch
 import yaml
 from lhotse import CutSet, Recording
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from audex.data import schema
+from audex.data.cfg_uncond import CfgUncondConfig, blend_cfg_uncond
+from audex.models.audex_model import AudexModel
 
-from audex.data import schema  # noqa: E402
-from audex.data.cfg_uncond import CfgUncondConfig, blend_cfg_uncond  # noqa: E402
-from audex.models.audex_model import AudexModel  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("make_demo_data")
 SR = 16000

@@ -6,7 +6,8 @@
                                                   # audex-triton-repo layout=gpu executor=torch
 
 Then: ``audex-client task=chat text=Hello``. Needs no network: what the Triton python stub needs was installed by
-``scripts/setup_env.sh`` (see :mod:`audex.serving.triton.launcher`). Config: ``serve.yaml`` (``export.yaml`` + ``repo``).
+``scripts/setup_env.sh`` (see :mod:`audex.serving.triton.launcher`). Config: ``serve.yaml`` (``triton_repo.yaml``:
+``export.yaml`` + ``repo`` + ``layout``).
 """
 
 import signal
@@ -25,9 +26,9 @@ from audex.serving.triton.launcher import TritonServer
 def main(cfg: DictConfig) -> None:
     repo = Path(cfg.repo)
     if not any(repo.glob("*/config.pbtxt")):
-        if OmegaConf.is_missing(cfg, "model_path"):
+        if cfg.layout == "cpu" and OmegaConf.is_missing(cfg, "model_path"):
             raise SystemExit(f"{repo} holds no Audex repository: pass model_path=... to write one, or repo=...")
-        write_repository(OmegaConf.merge(cfg, {"layout": "cpu"}))
+        write_repository(cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

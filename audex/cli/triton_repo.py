@@ -39,7 +39,10 @@ def write_repository(cfg: DictConfig) -> Path:
     if cfg.layout == "gpu":
         return write_gpu_repository(cfg.repo, cfg.export_dir, ModelSummary.from_export(cfg.export_dir),
                                     max_batch_size=cfg.trtllm.build.max_batch_size, llm_backend=cfg.llm_backend,
-                                    executor=cfg.executor, limits=limits, prompt_table_dtype=cfg.trtllm.dtype)
+                                    executor=cfg.executor, limits=limits, prompt_table_dtype=cfg.trtllm.dtype,
+                                    build=OmegaConf.to_container(cfg.trtllm.build, resolve=True),
+                                    kv_cache_reuse=bool(cfg.trtllm.get("kv_cache_reuse", False)),
+                                    kv_cache_max_tokens=cfg.trtllm.get("kv_cache_max_tokens"))
     raise SystemExit(f"layout must be one of {LAYOUTS}, got {cfg.layout!r}")
 
 

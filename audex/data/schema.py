@@ -73,6 +73,7 @@ from audex.data.skips import (
     UNKNOWN_TASK,
     SkipSample,
 )
+from audex.tasks import AUDIO_INPUT_DATA_TASKS, DATA_TASKS, GENERATION_DATA_TASKS
 
 ASR = "asr"
 AST = "ast"
@@ -80,11 +81,12 @@ TTS = "tts"
 TTA = "tta"
 AUDIO_QA = "audio_qa"
 TEXT = "text"
-TASKS: tuple[str, ...] = (ASR, AST, TTS, TTA, AUDIO_QA, TEXT)
+#: the cut tasks, from the task registry (:mod:`audex.tasks`)
+TASKS: tuple[str, ...] = DATA_TASKS
 #: tasks whose input contains audio (``<sound>``)
-AUDIO_INPUT_TASKS: tuple[str, ...] = (ASR, AST, AUDIO_QA)
+AUDIO_INPUT_TASKS: tuple[str, ...] = AUDIO_INPUT_DATA_TASKS
 #: tasks whose output is codec tokens (the ones CFG pre-processing touches)
-GENERATION_TASKS: tuple[str, ...] = (TTS, TTA)
+GENERATION_TASKS: tuple[str, ...] = GENERATION_DATA_TASKS
 
 CODES_DTYPE = np.dtype("<i4")
 CODEC_FRAME_RATE = 50

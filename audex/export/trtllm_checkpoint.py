@@ -132,9 +132,11 @@ def trtllm_config(hf_config, *, dtype: str = "bfloat16", tp_size: int = 1, pp_si
         "num_key_value_heads": n_kv,
         "intermediate_size": int(hf_config.intermediate_size),
         "max_position_embeddings": int(hf_config.max_position_embeddings),
+        # Mapping.to_dict of the pinned release without "rank"; it has no "auto_parallel" (Mapping(**mapping) raises)
         "mapping": {"world_size": world, "gpus_per_node": 8, "cp_size": 1, "tp_size": tp_size, "pp_size": pp_size,
                     "moe_tp_size": tp_size, "moe_cluster_size": 1, "moe_ep_size": 1, "attn_tp_size": tp_size,
-                    "attn_cp_size": 1, "auto_parallel": False},
+                    "attn_cp_size": 1, "cp_config": {}, "enable_attention_dp": False,
+                    "enable_lm_head_tp_in_adp": False},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None, "group_size": 128, "smoothquant_val": 0.5,
                          "clamp_val": None, "use_meta_recipe": False, "has_zero_point": False,
                          "pre_quant_scale": False, "exclude_modules": None},
@@ -222,10 +224,32 @@ def trtllm_build_command(checkpoint_dir: str | Path, engine_dir: str | Path, bui
     ``--max_prompt_embedding_table_size``)."""
     cmd = ["trtllm-build", "--checkpoint_dir", str(checkpoint_dir), "--output_dir", str(engine_dir)]
     for key in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_prompt_embedding_table_size",
-                "gemm_plugin"):
+                "tokens_per_block", "gemm_plugin"):
         if build.get(key) is not None:
             cmd += [f"--{key}", str(build[key])]
     return cmd
+
+
+# the trtllm-build sizes that serving needs to know (copied into the Triton LLM model's parameters)
+BUILD_KEYS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_prompt_embedding_table_size",
+              "tokens_per_block")
+
+
+def check_prompt_table(build: dict, max_audio_seconds: float, frames_per_window: int, window_seconds: float) -> int:
+    """Rows one clip of ``max_audio_seconds`` needs in the prompt table; ``ValueError`` when the engine cannot give
+    them to every request. TensorRT-LLM gives each request ``max_prompt_embedding_table_size // max_batch_size`` rows
+    (``PromptTuningBuffers``) and a clip takes whole encoder windows (750 frames per 30 s)."""
+    rows = math.ceil(max_audio_seconds / window_seconds) * int(frames_per_window)
+    batch = int(build["max_batch_size"])
+    size = int(build.get("max_prompt_embedding_table_size") or 0)
+    if size // batch < rows:
+        raise ValueError(
+            f"trtllm.build.max_prompt_embedding_table_size={size} gives each of max_batch_size={batch} requests "
+            f"{size // batch} rows, but one clip of serve.max_audio_seconds={max_audio_seconds:g} takes {rows} "
+            f"rows ({frames_per_window} frames per {window_seconds:g} s window): set "
+            f"max_prompt_embedding_table_size to at least {rows * batch} (= {rows} x {batch}) and rebuild the engine, "
+            "or lower max_batch_size / max_audio_seconds")
+    return rows
 
 
 def tensorrt_llm_available() -> bool:

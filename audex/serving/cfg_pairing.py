@@ -106,6 +106,7 @@ class _Pair:
     gone: set[int] = field(default_factory=set)       # roles cancelled, retired or finished
     lag_steps: int = 0
     done: bool = False
+    split: bool = False
 
 
 class CfgPairTracker:
@@ -131,7 +132,8 @@ class CfgPairTracker:
         self.max_lag_steps = int(max_lag_steps)
         self.constraint_factory = constraint_factory
         self.pairs: dict[int, _Pair] = {}
-        self.stats = {"guided": 0, "replay": 0, "hold": 0, "solo": 0, "retire": 0, "unguided": 0}
+        # tokens by action, and "split": pairs whose twins were ever apart at the frontier
+        self.stats = {"guided": 0, "replay": 0, "hold": 0, "solo": 0, "retire": 0, "unguided": 0, "split": 0}
 
     def register(self, pair_id: int, guidance_scale: float | None = None, sampling: SamplingParams | None = None,
                  constraint=None) -> None:
@@ -191,6 +193,9 @@ class CfgPairTracker:
                     raise ValueError(f"row {row.key!r} of pair {pair_id} is at position {row.position}, past the "
                                      f"{frontier} decided tokens: rows must report their own generated length")
             pair.lag_steps = pair.lag_steps + 1 if len(at_front) == 1 else 0
+            if len(at_front) == 1 and not pair.gone and not pair.split:
+                pair.split = True
+                self.stats["split"] += 1
             if COND in at_front and UNCOND in at_front:
                 cond, uncond = rows[at_front[COND]].logits, rows[at_front[UNCOND]].logits
                 token = self._decide(pair, cfg_mix(cond.reshape(1, -1), uncond.reshape(1, -1), pair.guidance_scale))
@@ -231,7 +236,9 @@ class CfgLogitsPostProcessor:
     ``tensorrt_llm/sampling_params.py`` (and ``ExecutorConfig.logits_post_processor_batched``): ``logits[i]`` is the
     request's ``[beam, vocab]`` (or ``[1, beam, vocab]``) tensor, modified in place; ``token_ids[i]`` its tokens
     (beam x length). A row's generated length is its length minus the length at its first sighting (its prompt).
-    Requests whose ``client_id`` is None are not CFG twins and are left untouched. Each request must set
+    Requests whose ``client_id`` is None are not CFG twins and are left untouched (their first sighting still
+    marks their context as done: :meth:`started`, which :class:`~audex.serving.guided_executor.GuidedExecutor` uses
+    to count the token budget of contexts still waiting). Each request must set
     ``logits_post_processor_name`` to the batched processor's name (``Request.BATCHED_POST_PROCESSOR_NAME``).
     """
 
@@ -250,10 +257,10 @@ class CfgLogitsPostProcessor:
     def _process(self, req_ids, logits, token_ids, stream_ptr, client_ids) -> None:
         rows, targets = [], []
         for req_id, row_logits, tokens, client_id in zip(req_ids, logits, token_ids, client_ids):
+            length = len(tokens[0])
+            start = self.prompt_lengths.setdefault(req_id, length)     # also: this request's context has run
             if client_id is None:
                 continue
-            length = len(tokens[0])
-            start = self.prompt_lengths.setdefault(req_id, length)
             pair_id, role = split_client_id(client_id)
             flat = row_logits.reshape(-1, row_logits.shape[-1])
             rows.append(PairRow(req_id, pair_id, role, length - start, flat[0]))
@@ -266,6 +273,10 @@ class CfgLogitsPostProcessor:
         with torch.cuda.stream(stream) if stream is not None else _null():
             for action, flat in zip(self.tracker.step(rows), targets):
                 force_token(flat, action.token)
+
+    def started(self, req_id: int) -> bool:
+        """Whether the request's context step has run (the processor sees every request once its context is done)."""
+        return req_id in self.prompt_lengths
 
     def release(self, req_id: int) -> None:
         self.prompt_lengths.pop(req_id, None)

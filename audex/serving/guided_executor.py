@@ -16,21 +16,26 @@ into one event stream per job:
   greedy (``top_k=1``) in the engine, which then can only pick the forced token. With lambda = 1 the job is one
   request that decides *solo* (the grammar still applies).
 
-**Admission.** TensorRT-LLM's batcher admits first come first served while the batch has room, so two twins
-enqueued together are admitted in one step unless the batch has exactly one free slot. With ``max_inflight`` set to
-the engine's batch size, :class:`GuidedExecutor` keeps the queue itself and hands a pair over only when both twins
-fit (first come first served, a pair never overtaken): under the guaranteed-no-evict scheduler both then start in
-the same step and the pair is guided from its first token to its last, however full the server is. (A KV cache too
-small for both twins' reservations can still admit one alone; that is what the fallback below is for.)
+**Admission.** TensorRT-LLM's batcher takes contexts first come first served while the batch has slots and the
+step's ``max_num_tokens`` has room (it stops at the first context that does not fit), and under KV block reuse it
+skips for one step a context whose first new block an earlier context of the step is filling
+(:mod:`audex.serving.executor_blocks`). Any of these can start two twins a step apart, and a pair that starts apart
+stays apart. So :class:`GuidedExecutor` keeps the queue itself and hands a pair over only when both twins fit the
+slots (``max_inflight``, the engine's batch size) *and* the token budget (both prompts, the contexts handed over that
+have not run yet, and one token per request in flight, within ``max_num_tokens``), first come first served, a pair
+never overtaken; and under block reuse each twin carries pair-unique ``input_token_extra_ids`` (with a one-row
+prompt table when it has none), so its blocks are its own and it is never skipped for its partner's. Every request
+goes through the batched post-processor, which is how the router sees that a context has run. Clips under block
+reuse carry their content hash as extra id on their prompt-table positions: TensorRT-LLM keys cached blocks by
+(id, extra id), and every clip uses the same fake ids. With a bounded KV cache (``KvCacheConfig.max_tokens``) a pair
+also waits until both twins' blocks to completion are free; an unbounded one can still admit one twin alone.
 
-Pairs that the in-flight batcher splits all the same are handled by the tracker (a lone conditional row decides unguided and
-its twin replays, a twin that lags ``max_lag_steps`` is retired, counted in :attr:`stats`); see
-:mod:`audex.serving.cfg_pairing` for why TensorRT-LLM cannot hold a row. The unconditional twin is internal: its
-tokens are never returned; when the conditional one ends (end token, length, error or cancellation) the twin is
-cancelled, and when the twin fails or is cancelled the conditional one goes on alone.
+Pairs split all the same are handled by the tracker (a lone conditional row decides unguided, its twin replays and
+is retired after ``max_lag_steps``, counted in :attr:`stats`; :mod:`audex.serving.cfg_pairing`). The unconditional
+twin is internal: its tokens are never returned; when the conditional one ends the twin is cancelled, and when the
+twin fails or is cancelled the conditional one goes on alone.
 
-``executor_module`` is ``tensorrt_llm.bindings.executor`` on a GPU host and :mod:`audex.serving.reference_executor` (the
-same API over PyTorch) on a CPU, which is how this class is tested here.
+``executor_module``: ``tensorrt_llm.bindings.executor`` (GPU hosts) or :mod:`audex.serving.reference_executor` (CPU).
 
 Example::
 
@@ -55,6 +60,7 @@ import torch
 from audex.inference.constraints import CodecConstraint
 from audex.inference.sampling import SamplingParams
 from audex.serving.cfg_pairing import COND, UNCOND, CfgLogitsPostProcessor, CfgPairTracker, pair_client_id
+from audex.serving.engine_facts import EngineFacts, content_id, engine_facts
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +127,23 @@ class GuidedExecutor:
         executor: an ``Executor`` whose config carries ``processor`` as its batched logits post-processor.
         processor: the :class:`CfgLogitsPostProcessor` (its tracker holds the pairs).
         constraint_factory: ``(output, prompt) -> constraint rows`` for speech/audio jobs, or None for no grammar.
+        max_inflight: the engine's batch size (admission counts slots); None: hand everything over at once.
+        engine: :class:`EngineFacts` (block reuse, token budget, prompt-table shape); None: no reuse, no budget.
     """
 
     def __init__(self, executor_module, executor, processor: CfgLogitsPostProcessor,
-                 constraint_factory: Callable | None = None, poll_ms: int = 20, max_inflight: int | None = None):
+                 constraint_factory: Callable | None = None, poll_ms: int = 20, max_inflight: int | None = None,
+                 engine: EngineFacts | None = None):
         if max_inflight is not None and max_inflight < 2:
             raise ValueError(f"max_inflight must be >= 2 (a CFG pair is two requests) or None, got {max_inflight}")
         self.max_inflight = max_inflight
+        self.engine = engine
+        if engine is not None and engine.block_reuse and not engine.hidden_size:
+            raise ValueError("block reuse is on, so CFG twins need pair-unique extra ids, which TensorRT-LLM takes only "
+                             "with a prompt table: give EngineFacts.hidden_size, or turn KvCacheConfig."
+                             "enable_block_reuse off")
+        self._req_len: dict[int, int] = {}                         # executor request id -> prompt length
+        self._req_blocks: dict[int, int] = {}                      # executor request id -> KV blocks to completion
         self.trtllm = executor_module
         self.executor = executor
         self.processor = processor
@@ -160,32 +176,50 @@ class GuidedExecutor:
         grammars = {kind: CodecConstraint.for_task(tokenizer, kind, audio_seconds=audio_seconds,
                                                    max_speech_seconds=max_speech_seconds) for kind in ("speech", "audio")}
         return cls(executor_module, executor, processor, lambda output, prompt: grammars[output].begin([prompt]),
-                   max_inflight=max_inflight)
+                   max_inflight=max_inflight, engine=engine_facts(executor, model_path, config, tokenizer.vocab.size))
 
     @property
     def stats(self) -> dict:
         """The tracker's counts: ``guided`` tokens (both twins in the step), ``unguided`` (a lone conditional row),
         ``replay``, ``retire``, ``solo``."""
-        return dict(self.tracker.stats)
+        with self.processor.lock:
+            return dict(self.tracker.stats)
 
     # ---- submitting ---------------------------------------------------------------------------
+    def _prompt_tuning(self, ids, job: LlmJob, twin: int | None):
+        """The request's ``PromptTuningConfig``. Under block reuse the KV blocks are keyed by (id, extra id): a clip's
+        fake ids get its content hash (two clips never share blocks, text positions still do), and a CFG twin gets
+        ``twin`` on every position (its blocks are its own, so the scheduler never skips it for a block its partner is
+        filling, see :mod:`audex.serving.executor_blocks`), with a one-row table when it has none."""
+        t, table = self.trtllm, job.prompt_table
+        has_table = table is not None and table.numel() > 0
+        reuse = self.engine is not None and self.engine.block_reuse
+        if not reuse:
+            return t.PromptTuningConfig(table) if has_table else None
+        if twin is not None:
+            if not has_table:
+                table = torch.zeros(1, self.engine.hidden_size, dtype=self.engine.dtype)
+            return t.PromptTuningConfig(table, [twin] * len(ids))
+        if not has_table:
+            return None
+        clip = content_id(table)
+        return t.PromptTuningConfig(table, [clip if i >= self.engine.vocab_size else 0 for i in ids])
+
     def _request(self, ids, job: LlmJob, *, client_id=None, forced: bool):
         t = self.trtllm
         s = job.sampling
         if forced or not s.do_sample:
             sampling = t.SamplingConfig(1, top_k=1)
         else:
-            sampling = t.SamplingConfig(1, top_k=s.top_k or None, top_p=s.top_p, temperature=s.temperature,
-                                        random_seed=s.seed)
-        request = t.Request(input_token_ids=list(ids), max_tokens=int(job.max_new_tokens), streaming=job.streaming,
-                            sampling_config=sampling, output_config=t.OutputConfig(exclude_input_from_output=True),
-                            end_id=int(job.end_id), pad_id=int(job.pad_id))
-        if job.prompt_table is not None and job.prompt_table.numel():
-            request.prompt_tuning_config = t.PromptTuningConfig(job.prompt_table)
-        if forced:
-            request.client_id = client_id
-            request.logits_post_processor_name = t.Request.BATCHED_POST_PROCESSOR_NAME
-        return request
+            sampling = t.SamplingConfig(1, top_k=s.top_k or None, top_p=s.top_p, temperature=s.temperature, seed=s.seed)
+        twin = None if client_id is None else (1 << 60) + int(client_id)    # unique per pair and role
+        # every request goes through the batched post-processor: twins to be paired, the others so that the router
+        # sees when their context has run (the token budget of contexts still waiting, see _admit)
+        return t.Request(list(ids), int(job.max_new_tokens), streaming=job.streaming, sampling_config=sampling,
+                         output_config=t.OutputConfig(exclude_input_from_output=True), end_id=int(job.end_id),
+                         pad_id=int(job.pad_id), prompt_tuning_config=self._prompt_tuning(ids, job, twin),
+                         logits_post_processor_name=t.Request.BATCHED_POST_PROCESSOR_NAME,
+                         client_id=client_id if forced else None)
 
     def submit(self, job: LlmJob, on_event: Callable[[JobEvent], None]) -> int:
         """Queue ``job``; ``on_event`` gets its :class:`JobEvent` s from the executor's response thread.
@@ -194,6 +228,14 @@ class GuidedExecutor:
         pair only when both twins fit: the in-flight batcher then has room for both, admits them in one step, and
         the pair is guided from its first token. Without it, everything is handed over at once and the tracker
         copes with pairs the batcher splits (see the module docstring)."""
+        budget = self.engine.max_num_tokens if self.engine is not None else None
+        if job.guided and budget is not None and len(job.input_ids) + len(job.uncond_input_ids) > budget:
+            raise ValueError(f"a CFG pair needs both prompts in one step: {len(job.input_ids)} + "
+                             f"{len(job.uncond_input_ids)} tokens exceed the engine's max_num_tokens={budget}")
+        if job.guided and self.engine is not None and self.engine.kv_blocks is not None \
+                and self._pair_blocks(job) > self.engine.kv_blocks:
+            raise ValueError(f"a CFG pair needs {self._pair_blocks(job)} KV blocks to completion, more than the cache's "
+                             f"{self.engine.kv_blocks}: lower max_new_tokens or give the KV cache more memory")
         job_id = next(self._job_ids)
         with self._lock:
             if not self._running:
@@ -207,13 +249,35 @@ class GuidedExecutor:
     def _slots(job: LlmJob) -> int:
         return 2 if job.guided else 1
 
+    def _pair_blocks(self, job: LlmJob) -> int:
+        return sum(self.engine.blocks(len(ids), job.max_new_tokens) for ids in (job.input_ids, job.uncond_input_ids))
+
+    def _waiting_context_tokens(self) -> int:
+        """Prompt tokens of requests handed over whose context has not run yet (caller holds the lock)."""
+        with self.processor.lock:
+            return sum(n for req_id, n in self._req_len.items() if not self.processor.started(req_id))
+
     def _admit(self) -> None:
-        """Hand waiting jobs to the executor while they fit (caller holds the lock)."""
+        """Hand waiting jobs to the executor while they fit, first come first served (caller holds the lock).
+
+        A CFG pair is handed over only when both twins fit the batch slots *and* the step's token budget: every
+        context not yet run, both twin prompts and one token per request in flight within ``max_num_tokens``. The
+        micro-batch scheduler then has room for both contexts in the same step (it stops adding contexts at the
+        first that does not fit, which would otherwise start the twins a step apart for good). With a bounded KV
+        cache, the blocks every request in flight reserves to completion and both twins' must fit it as well."""
         while self._waiting:
             state = self._jobs[self._waiting[0]]
-            need = self._slots(state.job)
+            job, need = state.job, self._slots(state.job)
             if self.max_inflight is not None and self._inflight and self._inflight + need > self.max_inflight:
                 return
+            budget = self.engine.max_num_tokens if self.engine is not None else None
+            if job.guided and budget is not None and self._inflight:
+                tokens = len(job.input_ids) + len(job.uncond_input_ids)
+                if self._waiting_context_tokens() + tokens + self._inflight > budget:
+                    return
+            kv_blocks = self.engine.kv_blocks if self.engine is not None else None
+            if job.guided and kv_blocks is not None and sum(self._req_blocks.values()) + self._pair_blocks(job) > kv_blocks:
+                return                                             # both twins' blocks to completion must be free
             self._enqueue(self._waiting.popleft(), state)
             self._inflight += need
 
@@ -238,8 +302,11 @@ class GuidedExecutor:
                                               forced=True))
                 roles.append(UNCOND)
         req_ids = self.executor.enqueue_requests(requests)       # both twins in one call, conditional first
-        for req_id, role in zip(req_ids, roles):
+        for req_id, role, request in zip(req_ids, roles, requests):
             self._by_req[req_id] = (job_id, role)
+            self._req_len[req_id] = len(request.input_token_ids)
+            if self.engine is not None:
+                self._req_blocks[req_id] = self.engine.blocks(len(request.input_token_ids), job.max_new_tokens)
             state.open_reqs.add(req_id)
 
     def cancel(self, job_id: int) -> None:
@@ -275,6 +342,8 @@ class GuidedExecutor:
         """One executor request ended; the job is forgotten once it has answered and all its requests ended."""
         state.open_reqs.discard(req_id)
         self._by_req.pop(req_id, None)
+        self._req_len.pop(req_id, None)
+        self._req_blocks.pop(req_id, None)
         self._inflight -= 1
         with self.processor.lock:
             self.processor.release(req_id)
@@ -325,6 +394,9 @@ class GuidedExecutor:
             except Exception as e:  # pragma: no cover - an executor that died: report and stop
                 log.error("the executor stopped answering: %s", e)
                 break
+            if not responses:
+                with self._lock:
+                    self._admit()                                  # contexts that ran free token budget
             for response in responses:
                 with self._lock:
                     handled = self._handle(response)

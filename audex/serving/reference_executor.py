@@ -1,43 +1,32 @@
 """A CPU reference of the TensorRT-LLM executor API, over the PyTorch backbone: the serving code runs without a GPU.
 
-``tensorrt_llm`` installs only on CUDA hosts, yet everything Audex wraps around its executor -- CFG twin requests,
-the batched logits post-processor (:mod:`audex.serving.cfg_pairing`), streaming, cancellation, the Triton LLM model
--- has to be tested and run on CPU machines. This module has the names, constructors and call signatures of the
-subset of ``tensorrt_llm.bindings.executor`` that :mod:`audex.serving.guided_executor` uses, so the same code takes
-either module (``executor_module=tensorrt_llm.bindings.executor`` on a GPU host, this one elsewhere):
+``tensorrt_llm`` installs only on CUDA hosts, yet everything Audex wraps around its executor (CFG twins, the batched
+logits post-processor of :mod:`audex.serving.cfg_pairing`, streaming, cancellation, the Triton LLM model) has to run
+on CPU machines. This module has the names and call signatures of the part of ``tensorrt_llm.bindings.executor``
+that :mod:`audex.serving.guided_executor` uses (``Executor`` with ``enqueue_request(s)``, ``await_responses``,
+``cancel_request``, ``can_enqueue_requests``, ``get_num_responses_ready``, ``shutdown``; the value types of
+:mod:`audex.serving.executor_api`, re-exported here, with the pinned bindings' keyword names: any other keyword is a
+``TypeError``), so the same code takes either module.
 
-* ``Executor(model_path, ModelType.DECODER_ONLY, ExecutorConfig)``, ``enqueue_request(s)``, ``await_responses``,
-  ``cancel_request``, ``can_enqueue_requests``, ``get_num_responses_ready``, ``shutdown``;
-* ``Request(input_token_ids, max_tokens | max_new_tokens, streaming, sampling_config, output_config, end_id,
-  pad_id, prompt_tuning_config, client_id, logits_post_processor_name)`` and
-  ``Request.BATCHED_POST_PROCESSOR_NAME``;
-* ``ExecutorConfig(max_beam_width, scheduler_config, max_batch_size, ...)`` with
-  ``logits_post_processor_config = LogitsPostProcessorConfig(processor_batched=fn, replicate=False)``;
-* ``Response.request_id / client_id / has_error() / error_msg / result.output_token_ids / result.is_final /
-  result.finish_reasons``.
+Each step follows the in-flight batcher with ``GUARANTEED_NO_EVICT`` and no chunked context
+(:mod:`audex.serving.executor_blocks`: batch slots, KV blocks reserved to completion, the ``max_num_tokens`` budget,
+KV block reuse keyed by ids and extra ids, the skip on a shared first block), with the sizes of a
+:class:`ReferenceEngine`. New requests are checked as ``LlmRequest::validate`` does; a prompt table when its context
+enters the step (``PromptTuningBuffers::validate``), and a failure there ends every request of the iteration, as the
+executor does. The step's last-position logits go to the batched logits post-processor in one call
+(``(req_ids, logits, token_ids, stream_ptr, client_ids)``, each ``[1, beam=1, vocab]``, modified in place), then
+each request samples from its ``SamplingConfig``; it ends at ``end_id`` (not returned) or after ``max_tokens``
+(capped at ``max_seq_len``). Prompt ids from the vocabulary size on index ``PromptTuningConfig.embedding_table``
+(row ``id - vocab_size``): Audex's audio frames.
 
-Scheduling follows the in-flight batcher with the ``GUARANTEED_NO_EVICT`` capacity policy: at every iteration the
-waiting requests are admitted first come first served while fewer than ``max_batch_size`` are active (a running
-request is never paused or evicted), newly admitted requests run their context step and the others one generation
-step, the last-position logits of every active request go to the batched logits post-processor in one call
-(``(req_ids, logits, token_ids, stream_ptr, client_ids)``, each logits tensor ``[1, beam=1, vocab]`` and modified in
-place, each token list the prompt plus the tokens generated so far), and then each request samples from its own
-``SamplingConfig`` (greedy when ``top_k == 1`` or no sampling field is set). A request ends at ``end_id`` (which,
-as TensorRT-LLM does, is not part of the returned tokens) or after ``max_tokens`` tokens. Prompt ids at or above
-the vocabulary size index the request's ``PromptTuningConfig.embedding_table`` (row ``id - vocab_size``), which is
-how Audex feeds audio frames (:mod:`audex.export.frontend_onnx`).
-
-What it is not: a fast engine. Every request runs alone with its own transformers KV cache; the point is the
-executor's *contract* (admission order, step boundaries, the post-processor call, responses), so that pairing code
-which passes here behaves the same under TensorRT-LLM. Real-engine equality is checked by the ``gpu`` tests.
-
-One module that reads better whole (~470 lines): it mirrors one external module, ``tensorrt_llm.bindings.executor``,
-so that ``import audex.serving.reference_executor as trtllm`` stands in for it name for name.
+Not a fast engine: every request runs alone with its own transformers KV cache (reused blocks copied in); the point
+is the executor's *contract*. Real-engine equality is checked by the ``gpu`` tests.
 
 Example::
 
     >>> import audex.serving.reference_executor as trtllm
-    >>> executor = trtllm.Executor("export/hf", trtllm.ModelType.DECODER_ONLY, trtllm.ExecutorConfig(max_batch_size=4))
+    >>> engine = trtllm.ReferenceEngine("export/hf", max_batch_size=4, max_input_len=256, max_num_tokens=1024)
+    >>> executor = trtllm.Executor(engine, trtllm.ModelType.DECODER_ONLY, trtllm.ExecutorConfig())
     >>> rid = executor.enqueue_request(trtllm.Request(input_token_ids=[1, 2, 3], max_tokens=8, end_id=7))
     >>> [r.result.output_token_ids for r in executor.await_responses(rid)]
 """
@@ -46,156 +35,40 @@ from __future__ import annotations
 
 import collections
 import datetime
-import enum
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from audex.inference.sampling import SamplingParams, TokenSampler
-
-
-class ModelType(enum.Enum):
-    DECODER_ONLY = 0
-
-
-class BatchingType(enum.Enum):
-    STATIC = 0
-    INFLIGHT = 1
-
-
-class CapacitySchedulerPolicy(enum.Enum):
-    MAX_UTILIZATION = 0
-    GUARANTEED_NO_EVICT = 1
-    STATIC_BATCH = 2
-
-
-class FinishReason(enum.Enum):
-    NOT_FINISHED = 0
-    END_ID = 1
-    STOP_WORDS = 2
-    LENGTH = 3
-    TIMED_OUT = 4
-    CANCELLED = 5
-
-
-@dataclass
-class SchedulerConfig:
-    capacity_scheduler_policy: CapacitySchedulerPolicy = CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
-
-
-@dataclass
-class KvCacheConfig:
-    enable_block_reuse: bool | None = None
-    max_tokens: int | None = None
-    free_gpu_memory_fraction: float | None = None
-
-
-@dataclass
-class LogitsPostProcessorConfig:
-    processor_map: dict | None = None
-    processor_batched: Callable | None = None
-    replicate: bool = True
-
-
-@dataclass
-class ExecutorConfig:
-    """The fields the reference honours; any other keyword of the real ``ExecutorConfig`` is accepted and ignored."""
-
-    max_beam_width: int = 1
-    scheduler_config: SchedulerConfig | None = None
-    kv_cache_config: KvCacheConfig | None = None
-    enable_chunked_context: bool = False
-    batching_type: BatchingType | None = None
-    max_batch_size: int | None = None
-    max_input_len: int | None = None
-    logits_post_processor_config: LogitsPostProcessorConfig | None = None
-
-    def __init__(self, max_beam_width: int = 1, *, scheduler_config=None, kv_cache_config=None,
-                 enable_chunked_context=False, batching_type=None, max_batch_size=None, max_input_len=None,
-                 logits_post_processor_config=None, **_ignored):
-        if max_beam_width != 1:
-            raise ValueError("the reference executor decodes with beam width 1 only (Audex serves no beam search)")
-        self.max_beam_width = 1
-        self.scheduler_config = scheduler_config
-        self.kv_cache_config = kv_cache_config
-        self.enable_chunked_context = bool(enable_chunked_context)
-        self.batching_type = batching_type
-        self.max_batch_size = max_batch_size
-        self.max_input_len = max_input_len
-        self.logits_post_processor_config = logits_post_processor_config
-
-
-@dataclass
-class SamplingConfig:
-    beam_width: int = 1
-    top_k: int | None = None
-    top_p: float | None = None
-    temperature: float | None = None
-    random_seed: int | None = None
-
-    def __init__(self, beam_width: int = 1, *, top_k=None, top_p=None, temperature=None, random_seed=None, **_ignored):
-        self.beam_width, self.top_k, self.top_p = beam_width, top_k, top_p
-        self.temperature, self.random_seed = temperature, random_seed
-
-
-@dataclass
-class OutputConfig:
-    exclude_input_from_output: bool = False
-
-    def __init__(self, exclude_input_from_output: bool = False, **_ignored):
-        self.exclude_input_from_output = bool(exclude_input_from_output)
-
-
-@dataclass
-class PromptTuningConfig:
-    embedding_table: torch.Tensor
-    input_token_extra_ids: list | None = None
-
-
-class Request:
-    """``tensorrt_llm.bindings.executor.Request`` (the fields Audex sets)."""
-
-    BATCHED_POST_PROCESSOR_NAME = "batched"
-
-    def __init__(self, input_token_ids: Sequence[int], max_tokens: int | None = None, *, max_new_tokens: int | None = None,
-                 streaming: bool = False, sampling_config: SamplingConfig | None = None,
-                 output_config: OutputConfig | None = None, end_id: int | None = None, pad_id: int | None = None,
-                 prompt_tuning_config: PromptTuningConfig | None = None, client_id: int | None = None,
-                 logits_post_processor_name: str | None = None, **_ignored):
-        self.input_token_ids = [int(t) for t in input_token_ids]
-        self.max_tokens = max_tokens if max_tokens is not None else max_new_tokens
-        if self.max_tokens is None:
-            raise ValueError("a Request needs max_tokens (max_new_tokens)")
-        self.streaming = bool(streaming)
-        self.sampling_config = sampling_config or SamplingConfig()
-        self.output_config = output_config or OutputConfig()
-        self.end_id, self.pad_id = end_id, pad_id
-        self.prompt_tuning_config = prompt_tuning_config
-        self.client_id = client_id
-        self.logits_post_processor_name = logits_post_processor_name
-
-
-@dataclass
-class Result:
-    output_token_ids: list[list[int]]
-    is_final: bool
-    finish_reasons: list[FinishReason]
-    sequence_index: int = 0
-
-
-@dataclass
-class Response:
-    request_id: int
-    result: Result | None = None
-    error_msg: str = ""
-    client_id: int | None = None
-
-    def has_error(self) -> bool:
-        return self.result is None
+from audex.serving.executor_api import (  # noqa: F401 - the executor API this module stands in for
+    BatchingType,
+    CapacitySchedulerPolicy,
+    ExecutorConfig,
+    FinishReason,
+    KvCacheConfig,
+    LogitsPostProcessorConfig,
+    ModelType,
+    OutputConfig,
+    PromptTuningConfig,
+    ReferenceEngine,
+    Request,
+    Response,
+    Result,
+    SamplingConfig,
+    SchedulerConfig,
+)
+from audex.serving.executor_blocks import (
+    BlockStore,
+    blocks_to_completion,
+    check_table,
+    plain_layers,
+    schedule_contexts,
+    unique_tokens,
+)
 
 
 @dataclass
@@ -207,26 +80,40 @@ class _Active:
     generated: list[int] = field(default_factory=list)
     streamed: int = 0
     sampler: object = None
+    max_tokens: int = 0
+    tokens: list = field(default_factory=list)      # unique tokens of the prompt (block keys)
+    blocks: int = 0                                  # KV blocks reserved to completion
+
+
+@dataclass
+class _Waiting:
+    req_id: int
+    request: Request
+    prompt_len: int
+    tokens: list          # unique tokens (token, extra id), the block-reuse key material
+    blocks: int           # KV blocks reserved to completion (prompt + output)
+    checked: bool = False
 
 
 def _sampler(sc: SamplingConfig):
     """The engine's draw for a ``SamplingConfig``, with Audex's seeded sampler (transformers' warpers): greedy when
-    ``top_k == 1`` or no sampling field is set, else temperature / top-k / top-p with ``random_seed``."""
+    ``top_k == 1`` or no sampling field is set, else temperature / top-k / top-p with ``seed``."""
     sampling = (sc.top_k not in (None, 1)) or (sc.top_p not in (None, 0.0)) or (sc.temperature not in (None, 1.0))
     if sc.top_k == 1 or not sampling:
         return TokenSampler(SamplingParams(do_sample=False))
     return TokenSampler(SamplingParams(do_sample=True, temperature=float(sc.temperature or 1.0), top_k=sc.top_k or None,
-                                       top_p=sc.top_p if sc.top_p not in (None, 0.0) else None, seed=sc.random_seed))
+                                       top_p=sc.top_p if sc.top_p not in (None, 0.0) else None, seed=sc.seed))
 
 
 class Executor:
     """In-flight batching over a transformers causal LM (see the module docstring).
 
     Args:
-        model_path: a Hugging Face folder (the export's ``hf/``) loaded with ``AutoModelForCausalLM``, or an
-            already built ``torch.nn.Module`` (tests).
+        model_path: a :class:`ReferenceEngine` (the model and its build sizes), a Hugging Face folder (the export's
+            ``hf/``) or a ``torch.nn.Module``; the last two get ``trtllm-build``'s default sizes.
         model_type: ``ModelType.DECODER_ONLY``.
-        executor_config: ``max_batch_size`` (default 8) bounds the active requests; ``max_input_len`` the prompts;
+        executor_config: ``max_batch_size`` / ``max_num_tokens`` (default: the engine's) bound each step;
+            ``kv_cache_config.enable_block_reuse`` turns block reuse on (the default);
             ``logits_post_processor_config.processor_batched`` is called once per iteration.
     """
 
@@ -235,28 +122,39 @@ class Executor:
         if model_type is not ModelType.DECODER_ONLY:
             raise ValueError(f"the reference executor runs decoder-only models, not {model_type}")
         self.config = executor_config or ExecutorConfig()
-        if isinstance(model_path, torch.nn.Module):
-            self.lm = model_path
+        engine = model_path if isinstance(model_path, ReferenceEngine) else ReferenceEngine(model_path)
+        self.engine = engine
+        if isinstance(engine.model, torch.nn.Module):
+            self.lm = engine.model
         else:
-            if not (Path(model_path) / "config.json").exists():
-                raise FileNotFoundError(f"{model_path!r} is not a Hugging Face model folder (no config.json): give the "
-                                        "export's hf/ folder")
-            self.lm = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+            if not (Path(engine.model) / "config.json").exists():
+                raise FileNotFoundError(f"{engine.model!r} is not a Hugging Face model folder (no config.json): give "
+                                        "the export's hf/ folder")
+            self.lm = AutoModelForCausalLM.from_pretrained(str(engine.model), dtype=torch.float32)
         self.lm.eval()
         self.vocab_size = int(self.lm.get_input_embeddings().weight.shape[0])
         lpp = self.config.logits_post_processor_config
         self.batched_processor = lpp.processor_batched if lpp is not None else None
         self.processor_map = dict(lpp.processor_map or {}) if lpp is not None else {}
-        self.max_batch_size = int(self.config.max_batch_size or 8)
+        self.max_batch_size = int(self.config.max_batch_size or engine.max_batch_size)
+        self.max_num_tokens = int(self.config.max_num_tokens or engine.max_num_tokens)
+        self.max_seq_len = int(engine.max_seq_len or self.lm.config.max_position_embeddings)
+        # PromptTuningBuffers: the table holds max_batch_size slices of this many rows, one per request
+        self.max_prompt_vocab_size = int(engine.max_prompt_embedding_table_size) // self.max_batch_size
+        kv = self.config.kv_cache_config
+        self.block_reuse = bool(kv.enable_block_reuse)
+        self.kv_capacity_blocks = kv.max_tokens // engine.tokens_per_block if kv.max_tokens else None
+        self.blocks = BlockStore(engine.tokens_per_block, self.kv_capacity_blocks or 4096)
         self._lock = threading.Condition()
-        self._waiting: collections.deque = collections.deque()
+        self._waiting: list[_Waiting] = []
         self._active: dict[int, _Active] = {}
         self._cancelled: set[int] = set()
         self._responses: collections.deque = collections.deque()
         self._next_id = 1
         self._running = True
         self.iterations = 0
-        self.batch_sizes: list[int] = []          # active requests per iteration (what the scheduler ran)
+        self.batch_sizes: list[int] = []          # requests per iteration (what the scheduler ran)
+        self.skipped_for_shared_block = 0         # context steps deferred by the shared-first-block rule
         self._thread = threading.Thread(target=self._loop, name="torch-executor", daemon=True)
         self._thread.start()
 
@@ -268,14 +166,19 @@ class Executor:
         return self.enqueue_requests([request])[0]
 
     def enqueue_requests(self, requests: Sequence[Request]) -> list[int]:
-        """Queue requests in order (they are admitted in this order when the batch has room)."""
+        """Queue requests in order (their contexts are scheduled in this order when the step has room)."""
         with self._lock:
             if not self._running:
                 raise RuntimeError("the executor was shut down")
             ids = []
             for request in requests:
                 req_id, self._next_id = self._next_id, self._next_id + 1
-                self._waiting.append((req_id, request))
+                ptc = request.prompt_tuning_config
+                ids_ = request.input_token_ids
+                blocks = blocks_to_completion(len(ids_), max(0, min(request.max_tokens, self.max_seq_len - len(ids_))),
+                                              self.blocks.tokens_per_block)
+                self._waiting.append(_Waiting(req_id, request, len(ids_), unique_tokens(
+                    ids_, ptc.input_token_extra_ids if ptc is not None else None), blocks))
                 ids.append(req_id)
             self._lock.notify_all()
             return ids
@@ -329,51 +232,89 @@ class Executor:
             self._lock.notify_all()
         self._thread.join(timeout=30)
 
-    # ---- the iteration loop -------------------------------------------------------------------
-    def _emit(self, response: Response) -> None:
-        self._responses.append(response)
-
-    def _error(self, req_id: int, request: Request, message: str) -> None:
-        self._emit(Response(req_id, None, message, request.client_id))
-
-    def _admit(self) -> list[_Active]:
-        admitted = []
-        while self._waiting and len(self._active) < self.max_batch_size:
-            req_id, request = self._waiting.popleft()
-            if req_id in self._cancelled:
-                self._cancelled.discard(req_id)
-                self._emit(Response(req_id, Result([[]], True, [FinishReason.CANCELLED]), client_id=request.client_id))
-                continue
-            problem = self._check(request)
-            if problem:
-                self._error(req_id, request, problem)
-                continue
-            state = _Active(req_id, request, list(request.input_token_ids), DynamicCache(config=self.lm.config),
-                            sampler=_sampler(request.sampling_config))
-            self._active[req_id] = state
-            admitted.append(state)
-        return admitted
-
-    def _check(self, request: Request) -> str | None:
-        ids = request.input_token_ids
+    # ---- validation (LlmRequest::validate and the executor's own checks); the iteration loop ----
+    def _check(self, w: _Waiting) -> str | None:
+        request, ids = w.request, w.request.input_token_ids
         if not ids:
             return "input_token_ids is empty"
-        if self.config.max_input_len is not None and len(ids) > self.config.max_input_len:
-            return f"prompt length {len(ids)} exceeds the engine's max_input_len {self.config.max_input_len}"
+        if len(ids) > self.engine.max_input_len:
+            return f"Prompt length ({len(ids)}) exceeds maximum input length ({self.engine.max_input_len})."
+        if len(ids) > self.max_num_tokens:
+            return (f"Prompt length ({len(ids)}) exceeds max_num_tokens ({self.max_num_tokens}) and chunked context "
+                    "is off: the request can never be scheduled")
         if request.max_tokens < 1:
             return f"max_tokens must be >= 1, got {request.max_tokens}"
-        table = request.prompt_tuning_config.embedding_table if request.prompt_tuning_config is not None else None
-        rows = 0 if table is None else int(table.shape[0])
+        if self.kv_capacity_blocks is not None and w.blocks > self.kv_capacity_blocks:
+            return (f"the request needs {w.blocks} KV blocks to completion but the cache holds "
+                    f"{self.kv_capacity_blocks} (KvCacheConfig.max_tokens): it can never be scheduled")
+        if request.end_id is not None and not -1 <= request.end_id < self.vocab_size:
+            return f"EndId ({request.end_id}) is not within acceptable range [-1, {self.vocab_size})."
+        ptc = request.prompt_tuning_config
+        rows = 0 if ptc is None else int(ptc.embedding_table.shape[0])
         bad = [t for t in ids if t < 0 or t >= self.vocab_size + rows]
         if bad:
             return (f"input token id {bad[0]} is outside the vocabulary ({self.vocab_size}) and the prompt table "
                     f"({rows} rows)")
+        if self.block_reuse and ptc is not None:
+            if not ptc.input_token_extra_ids:
+                return "Input token extra ids must be provided when enabling kv cache reuse with prompt table"
+            if len(ptc.input_token_extra_ids) != len(ids):
+                return (f"inputTokenExtraIds vector size ({len(ptc.input_token_extra_ids)}) must be the same as "
+                        f"input token vector size ({len(ids)}).")
         name = request.logits_post_processor_name
         if name is not None and name != Request.BATCHED_POST_PROCESSOR_NAME and name not in self.processor_map:
             return f"logits post-processor {name!r} is not configured"
         if name == Request.BATCHED_POST_PROCESSOR_NAME and self.batched_processor is None:
             return "the request asks for the batched logits post-processor but none is configured"
         return None
+
+    def _emit(self, response: Response) -> None:
+        self._responses.append(response)
+
+    def _error(self, req_id: int, request: Request, message: str) -> None:
+        self._emit(Response(req_id, None, message, request.client_id))
+
+    def _first_new_block(self, w: _Waiting):
+        return self.blocks.first_new_block(w.tokens) if self.block_reuse else None
+
+    def _schedule(self) -> list[_Active]:
+        """Validate new requests, then pick this step's contexts (see :mod:`audex.serving.executor_blocks`)."""
+        keep = []
+        for w in self._waiting:
+            if w.req_id in self._cancelled:
+                self._cancelled.discard(w.req_id)
+                self._emit(Response(w.req_id, Result([[]], True, [FinishReason.CANCELLED]),
+                                    client_id=w.request.client_id))
+                continue
+            if not w.checked:
+                problem = self._check(w)
+                if problem:
+                    self._error(w.req_id, w.request, problem)
+                    continue
+                w.checked = True
+            keep.append(w)
+        self._waiting = keep
+        free = None if self.kv_capacity_blocks is None else \
+            self.kv_capacity_blocks - sum(a.blocks for a in self._active.values())
+        scheduled, skipped = schedule_contexts(keep, self.max_batch_size - len(self._active), len(self._active),
+                                               self.max_num_tokens, self._first_new_block, free)
+        self.skipped_for_shared_block += len(skipped)
+        started = []
+        for w in scheduled:
+            self._waiting.remove(w)
+            cache, pending = DynamicCache(config=self.lm.config), w.request.input_token_ids
+            hits = self.blocks.reusable(w.tokens) if self.block_reuse else []
+            if hits:
+                for i, (k, v) in enumerate(self.blocks.load(hits)):
+                    cache.update(k, v, i)
+                pending = pending[len(hits) * self.blocks.tokens_per_block:]
+            # LlmRequest::validate: prompt + output are capped at max_seq_len (a warning, not an error)
+            budget = min(w.request.max_tokens, self.max_seq_len - w.prompt_len)
+            state = _Active(w.req_id, w.request, pending, cache, sampler=_sampler(w.request.sampling_config),
+                            max_tokens=budget, tokens=w.tokens, blocks=w.blocks)
+            self._active[w.req_id] = state
+            started.append(state)
+        return started
 
     def _embed(self, state: _Active) -> dict:
         ids = torch.tensor([state.pending])
@@ -387,9 +328,16 @@ class Executor:
         return {"inputs_embeds": embeds}
 
     @torch.no_grad()
-    def _forward(self, state: _Active) -> torch.Tensor:
+    def _forward(self, state: _Active, context: bool) -> torch.Tensor:
+        if context and state.request.prompt_tuning_config is not None:
+            check_table(state.request.prompt_tuning_config.embedding_table, self.max_prompt_vocab_size,
+                        self.engine.dtype)
         out = self.lm(**self._embed(state), past_key_values=state.cache, use_cache=True)
         state.pending = []
+        if context and self.block_reuse:
+            layers = plain_layers(state.cache)
+            if layers is not None:
+                self.blocks.store(state.tokens, layers)
         return out.logits[:, -1:, :].float()                     # [1, beam=1, vocab]
 
     def _retire(self, state: _Active, reason: FinishReason) -> None:
@@ -410,18 +358,19 @@ class Executor:
         self._emit(Response(state.req_id, Result([tokens], final, [reason]), client_id=request.client_id))
 
     def step(self) -> int:
-        """One iteration (admission, forward, post-processor, sampling, responses); returns the rows it ran."""
+        """One iteration (scheduling, forward, post-processor, sampling, responses); returns the rows it ran."""
         with self._lock:
             for req_id in list(self._cancelled):
                 if req_id in self._active:
                     self._retire(self._active[req_id], FinishReason.CANCELLED)
                     self._cancelled.discard(req_id)
-            self._admit()
+            contexts = {s.req_id for s in self._schedule()}
             rows = list(self._active.values())
+            self._lock.notify_all()
         if not rows:
             return 0
         try:
-            logits = [self._forward(s) for s in rows]
+            logits = [self._forward(s, s.req_id in contexts) for s in rows]
             batched = [i for i, s in enumerate(rows)
                        if s.request.logits_post_processor_name == Request.BATCHED_POST_PROCESSOR_NAME]
             if batched:
@@ -434,11 +383,11 @@ class Executor:
                     self.processor_map[name](s.req_id, lg, [s.request.input_token_ids + s.generated], None,
                                              s.request.client_id)
             tokens = [int(s.sampler(lg.reshape(1, -1))[0]) for s, lg in zip(rows, logits)]
-        except Exception as e:  # the engine reports a failed iteration on every request of it, then goes on
+        except Exception as e:  # the executor terminates every active request with the error, then goes on
             with self._lock:
                 for s in rows:
                     self._active.pop(s.req_id, None)
-                    self._error(s.req_id, s.request, f"iteration failed: {type(e).__name__}: {e}")
+                    self._error(s.req_id, s.request, f"{type(e).__name__}: {e}")
                 self._lock.notify_all()
             return len(rows)
         with self._lock:
@@ -452,7 +401,7 @@ class Executor:
                     continue
                 s.generated.append(token)
                 s.pending = [token]
-                if len(s.generated) >= s.request.max_tokens:
+                if len(s.generated) >= s.max_tokens:
                     self._retire(s, FinishReason.LENGTH)
                 else:
                     self._respond(s, final=False)

@@ -211,8 +211,10 @@ def test_export_cli_writes_the_whole_folder_and_explains_the_engine_build(tiny_m
 def test_engine_build_and_greedy_equality_on_a_gpu(tiny_model, tmp_path):
     """On a GPU host with TensorRT-LLM: build the tiny engine and compare its greedy tokens with PyTorch's."""
     pytest.importorskip("tensorrt_llm", reason="TensorRT-LLM is not installed (it installs only on CUDA hosts)")
-    from tensorrt_llm import LLM
     from tensorrt_llm import SamplingParams as TrtSampling
+
+    # in 1.x ``tensorrt_llm.LLM`` is the PyTorch-backend LLM (an HF folder); engines load with this one
+    from tensorrt_llm._tensorrt_engine import LLM
 
     from audex.inference.decoding import AudexDecoder
     from audex.inference.sampling import SamplingParams

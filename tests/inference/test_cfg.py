@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from audex.prompts import AudexPromptFormatter, tts_user_content
 from audex.inference.cfg import CfgPairBatch, cfg_mix
 from audex.inference.decoding import AudexDecoder
 from audex.inference.sampling import SamplingParams, TokenSampler
+from audex.prompts import AudexPromptFormatter, tts_user_content
 
 
 @pytest.fixture(scope="module")

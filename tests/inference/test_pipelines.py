@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from audex.prompts import s2s_reasoning_prompt
 from audex.inference.answers import extract_short_answer
 from audex.inference.decoding import GenerationOutput
 from audex.inference.pipelines import AudexPipeline, TextResult, split_long_text
 from audex.inference.presets import load_presets, presets_from_config
+from audex.prompts import s2s_reasoning_prompt
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,8 +4,8 @@ generates exactly the tokens it generated then (``tests/assets/legacy/make_legac
 
 import json
 import subprocess
-import tarfile
 import sys
+import tarfile
 from pathlib import Path
 
 import torch

@@ -28,10 +28,12 @@ def prompts(tiny_model):
 
 
 def guided_executor(model, max_batch_size=8, max_lag_steps=4, max_inflight=None):
-    config = trtllm.ExecutorConfig(1, max_batch_size=max_batch_size,
-                                   scheduler_config=trtllm.SchedulerConfig(
-                                       trtllm.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT))
-    return GuidedExecutor.create(trtllm, model.backbone, model.tokenizer, config, max_lag_steps=max_lag_steps,
+    """Block reuse on (the bindings' default): audio carries content-hash extra ids, twins pair-unique ones."""
+    engine = trtllm.ReferenceEngine(model.backbone, max_batch_size=max_batch_size, max_input_len=2048,
+                                    max_prompt_embedding_table_size=max_batch_size * 250)
+    config = trtllm.ExecutorConfig(1, scheduler_config=trtllm.SchedulerConfig(
+        trtllm.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT))
+    return GuidedExecutor.create(trtllm, engine, model.tokenizer, config, max_lag_steps=max_lag_steps,
                                  max_inflight=max_inflight)
 
 

@@ -33,8 +33,10 @@ def served(tiny_model, tmp_path_factory):
     export_bundle(tiny_model, root / "export", cfg)
     summary = ModelSummary.from_export(root / "export")
     assert summary == ModelSummary.of(tiny_model)
+    # the reference executor gets the engine's build sizes: a 12 s clip is 2 windows = 500 prompt-table rows
     repo = write_gpu_repository(root / "repo", root / "export", summary, executor="torch", max_batch_size=8,
-                                limits=LIMITS)
+                                limits=LIMITS, build={"max_batch_size": 8, "max_input_len": 2048,
+                                                      "max_prompt_embedding_table_size": 8 * 500})
     validate_repository(repo)
     server = start_server(repo, root / "server")
     yield server, LocalEngine(tiny_model, LIMITS)

@@ -1,11 +1,14 @@
 """Triton repositories: generated config.pbtxt files parse back into tritonclient's ModelConfig, the GPU ensemble is
 wired consistently, and the python steps around the TensorRT-LLM engine write the same prompts as the pipelines."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from tritonclient.grpc import model_config_pb2 as mc
 
 from audex import config_path
 from audex.cli.triton_repo import main as triton_repo_main
@@ -13,6 +16,7 @@ from audex.export.bundle import export_bundle
 from audex.inference.pipelines import AudexPipeline
 from audex.prompts import tts_user_content
 from audex.serving.requests import BadRequest, ServeLimits
+from audex.serving.triton.handlers import LlmHandler
 from audex.serving.triton.llm_io import LlmInputBuilder, LlmOutputDecoder
 from audex.serving.triton.repository import ModelSummary, write_cpu_repository, write_gpu_repository
 from audex.serving.triton.repository_check import RepositoryError, read_config, validate_repository
@@ -89,10 +93,19 @@ def test_gpu_ensemble_rules_triton_enforces_at_load_time(tiny_model, tmp_path):
     with pytest.raises(RepositoryError, match="different decoupled sources"):
         validate_repository(repo)
     # TensorRT-LLM's C++ backend: no Python post-processor, so no CFG inputs (documented: TTS/TTA unguided)
-    cpp = write_gpu_repository(tmp_path / "cpp", tmp_path / "export", summary, llm_backend="tensorrtllm")
+    # its prompt table goes to the executor as preprocessing writes it, so in the engine's dtype (never bfloat16,
+    # which NumPy cannot write); Audex's own LLM model takes float32 and casts it to the engine's dtype
+    cpp = write_gpu_repository(tmp_path / "cpp", tmp_path / "export", summary, llm_backend="tensorrtllm",
+                               prompt_table_dtype="float16")
     validate_repository(cpp)
     llm = read_config(cpp / "tensorrt_llm" / "config.pbtxt")
     assert llm.backend == "tensorrtllm" and "uncond_input_ids" not in {i.name for i in llm.input}
+    table_type = {i.name: i.data_type for i in llm.input}["prompt_embedding_table"]
+    assert table_type == mc.DataType.Value("TYPE_FP16")
+    with pytest.raises(ValueError, match="cannot write bfloat16"):
+        write_gpu_repository(tmp_path / "cpp16", tmp_path / "export", summary, llm_backend="tensorrtllm")
+    python_llm = read_config(repo / "tensorrt_llm" / "config.pbtxt")
+    assert {i.name: i.data_type for i in python_llm.input}["prompt_embedding_table"] == mc.DataType.Value("TYPE_FP32")
     with pytest.raises(ValueError, match="executor must be one of"):
         write_gpu_repository(tmp_path / "bad", tmp_path / "export", summary, executor="onnx")
 
@@ -153,5 +166,29 @@ def test_make_triton_repo_cli_writes_both_layouts(tiny_model, tmp_path, capsys):
     assert llm.parameters["executor"].string_value == "torch"
     pre = read_config(tmp_path / "gpu" / "preprocessing" / "config.pbtxt")
     assert float(pre.parameters["max_audio_seconds"].string_value) == 20.0
+    # audex/conf/export.yaml's build: 64 concurrent clips of the longest allowed length (30 s = 3 x 250 tiny frames)
+    cli_main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu64'}",
+              "trtllm.kv_cache_max_tokens=65536"])
+    p = read_config(tmp_path / "gpu64" / "tensorrt_llm" / "config.pbtxt").parameters
+    table, batch = int(p["max_prompt_embedding_table_size"].string_value), int(p["max_batch_size"].string_value)
+    assert batch == 64 and table // batch >= 750 and p["enable_kv_cache_reuse"].string_value == "false"
+    assert p["kv_cache_max_tokens"].string_value == "65536"
+    # the LLM model checks the same at start-up (an engine built with other sizes than the repository was written for)
+    params = {k: v.string_value for k, v in p.items()}
+    params.update(executor="torch", max_prompt_embedding_table_size="24000")
+    with pytest.raises(ValueError, match="375 rows, but one clip of serve.max_audio_seconds=30 takes 750 rows"):
+        LlmHandler(params)
+    # an engine for two ranks: the LLM model runs one process (no orchestrator mode), so it says so
+    engine = tmp_path / "engine_tp2"
+    engine.mkdir()
+    (engine / "config.json").write_text(json.dumps({"pretrained_config": {"mapping": {"world_size": 2, "tp_size": 2,
+                                                                                      "pp_size": 1}}}))
+    params.update(executor="tensorrt_llm", gpt_model_path=str(engine), max_prompt_embedding_table_size="48000")
+    with pytest.raises(RuntimeError, match="engine for 2 ranks .* no orchestrator mode"):
+        LlmHandler(params)
+    with pytest.raises(ValueError, match="max_prompt_embedding_table_size=24000 gives each of max_batch_size=64 "
+                                         "requests 375 rows"):
+        cli_main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu375'}",
+                  "trtllm.build.max_prompt_embedding_table_size=24000"])
     with pytest.raises(FileNotFoundError, match="not an export folder|no audex_export.json"):
         cli_main(["layout=gpu", f"export_dir={tmp_path / 'nowhere'}", f"repo={tmp_path / 'gpu2'}"])

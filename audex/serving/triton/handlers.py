@@ -32,12 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from audex.export.trtllm_checkpoint import BUILD_KEYS, check_prompt_table
 from audex.inference.sampling import SamplingParams
 from audex.models.checkpoint import load_model
+from audex.serving.engine_facts import check_single_rank
 from audex.serving.guided_executor import GuidedExecutor, LlmJob
 from audex.serving.local_engine import LocalEngine
 from audex.serving.requests import ServeLimits, ServeRequest, serving_presets
 from audex.serving.triton.llm_io import LlmInputBuilder, LlmOutputDecoder
+from audex.serving.triton.pairing_metrics import PairingMetrics
 from audex.tokenizer import AudexTokenizer
 
 log = logging.getLogger(__name__)
@@ -140,10 +143,16 @@ class PreprocessingHandler:
         self.builder = LlmInputBuilder(params["export_dir"], int(params["frames_per_window"]),
                                        float(params["window_seconds"]), presets_path=model_file(params, "presets"),
                                        limits=_setup(params),
-                                       max_context_tokens=int(context) if context not in (None, "", "None") else None)
+                                       max_context_tokens=int(context) if context not in (None, "", "None") else None,
+                                       table_dtype=params.get("prompt_table_dtype", "float32"))
 
     def submit(self, rid, inputs, emit) -> None:
         emit(rid, self.builder.build_request(serve_request(inputs)))
+
+
+def build_values(params: dict) -> dict:
+    """The engine's ``trtllm-build`` sizes that the repository writer copied into the LLM model's parameters."""
+    return {k: int(params[k]) for k in BUILD_KEYS if params.get(k) not in (None, "", "None")}
 
 
 def executor_module(kind: str):
@@ -167,18 +176,30 @@ class LlmHandler:
     def __init__(self, params: dict):
         export_dir = Path(params["export_dir"])
         kind = params.get("executor", "tensorrt_llm")
+        if kind == "tensorrt_llm":
+            check_single_rank(params.get("gpt_model_path"))
         trtllm = executor_module(kind)
         self.tokenizer = AudexTokenizer.load(export_dir / "hf")
         self.vocab = self.tokenizer.vocab
         limits = _setup(params)
+        build = build_values(params)
+        if build.get("max_prompt_embedding_table_size") is not None and params.get("frames_per_window"):
+            # fail at start-up, not on the first clip: each request gets size // max_batch_size rows
+            check_prompt_table(build, limits.max_audio_seconds, int(params["frames_per_window"]),
+                               float(params["window_seconds"]))
         config = trtllm.ExecutorConfig(
             1, scheduler_config=trtllm.SchedulerConfig(trtllm.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT),
-            kv_cache_config=trtllm.KvCacheConfig(free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_mem_fraction",
-                                                                                             "0.85"))),
+            kv_cache_config=trtllm.KvCacheConfig(
+                params.get("enable_kv_cache_reuse", "false") == "true",
+                # bounded: the router then also counts KV blocks for CFG pairs (see GuidedExecutor._admit)
+                int(params["kv_cache_max_tokens"]) if params.get("kv_cache_max_tokens") else None,
+                free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_mem_fraction", "0.85"))),
             enable_chunked_context=False)
         if kind == "torch":
-            config.max_batch_size = int(params.get("max_batch_size", "8"))
-        model_path = params.get("gpt_model_path") if kind == "tensorrt_llm" else str(export_dir / "hf")
+            # the reference executor gets the sizes trtllm-build would have fixed in the engine
+            model_path = trtllm.ReferenceEngine.from_build(str(export_dir / "hf"), build)
+        else:
+            model_path = params.get("gpt_model_path")
         # the grammar of the presets, as the local engine applies it (the limits cap the token budget per request)
         presets = serving_presets(self.vocab, limits, model_file(params, "presets"))
         self.guided = GuidedExecutor.create(trtllm, model_path, self.tokenizer, config,
@@ -187,9 +208,10 @@ class LlmHandler:
                                             max_lag_steps=int(params.get("max_lag_steps", "4")),
                                             # pairs reach the engine only when both twins fit in its batch
                                             max_inflight=max(2, int(params.get("max_batch_size", "8"))))
-        # TensorRT-LLM wants the prompt table in the engine's dtype; the reference executor computes in float32
-        self.table_dtype = getattr(torch, params.get("prompt_table_dtype") or "float16") if kind == "tensorrt_llm" \
-            else torch.float32
+        # the executor refuses a prompt table whose dtype is not the weights' (PromptTuningBuffers::validate): take
+        # it from the engine (its config.json; float32 for the reference executor)
+        self.table_dtype = self.guided.engine.dtype
+        self.metrics = None
         self.streaming = params.get("decoupled") == "true"
         self.chunk_seconds = float(params.get("stream_chunk_seconds", "1.0"))
         self._jobs: dict[int, int] = {}
@@ -251,6 +273,8 @@ class LlmHandler:
             if event.final:
                 with self._lock:
                     self._jobs.pop(rid, None)
+                if self.metrics is not None:
+                    self.metrics.update(self.guided.stats)
 
         job_id = self.guided.submit(job, on_event)
         with self._lock:
@@ -263,10 +287,15 @@ class LlmHandler:
             log.info("request %d was cancelled by its client: cancelling job %d (both CFG twins)", rid, job_id)
             self.guided.cancel(job_id)
 
+    def attach_metrics(self, pb_utils, model_name: str) -> None:
+        """Export the pairing counts as Triton metrics (see :mod:`~audex.serving.triton.pairing_metrics`)."""
+        self.metrics = PairingMetrics(pb_utils, model_name)
+
     def close(self) -> None:
         stats = self.guided.stats
         log.info("CFG pairing over this instance's life: %d guided, %d unguided, %d replayed, %d solo, %d retired "
-                 "tokens", stats["guided"], stats["unguided"], stats["replay"], stats["solo"], stats["retire"])
+                 "tokens, %d split pairs", stats["guided"], stats["unguided"], stats["replay"], stats["solo"],
+                 stats["retire"], stats["split"])
         self.guided.shutdown()
 
 

@@ -42,16 +42,19 @@ class LlmInputBuilder:
         presets_path: task presets (default: the package's ``infer/presets.yaml``).
         limits: :class:`~audex.serving.requests.ServeLimits` (default ones when None).
         max_context_tokens: prompt + generation budget (the engine's ``max_seq_len``).
+        table_dtype: dtype of the prompt table handed to the LLM step (``float32``, or ``float16`` for TensorRT-LLM's
+            C++ backend over a float16 engine).
     """
 
     def __init__(self, export_dir: str | Path, frames_per_window: int, window_seconds: float, presets_path=None,
-                 limits=None, max_context_tokens: int | None = None):
+                 limits=None, max_context_tokens: int | None = None, table_dtype: str = "float32"):
         export_dir = Path(export_dir)
         self.tokenizer = AudexTokenizer.load(export_dir / "hf")
         self.meta = json.loads((export_dir / "hf" / "audex_export.json").read_text())
         self.formatter = get_prompt_formatter("audex", self.tokenizer)
         self.limits = limits or ServeLimits()
         self.presets = serving_presets(self.tokenizer.vocab, self.limits, presets_path)
+        self.table_dtype = np.dtype(table_dtype)           # float32 for Audex's LLM model (see triton_repo)
         self.frames_per_window = int(frames_per_window)
         self.window_samples = int(round(window_seconds * 16000))
         hf_config = json.loads((export_dir / "hf" / "config.json").read_text())
@@ -100,7 +103,7 @@ class LlmInputBuilder:
             "input_ids": np.array([ids], np.int32),
             "input_lengths": np.array([[len(ids)]], np.int32),
             "request_output_len": np.array([[budget]], np.int32),
-            "prompt_embedding_table": table.numpy().astype(np.float16)[None],
+            "prompt_embedding_table": table.numpy().astype(self.table_dtype)[None],
             "prompt_vocab_size": np.array([[table.shape[0]]], np.int32),
             "end_id": np.array([[self.meta["end_id"]]], np.int32),
             "pad_id": np.array([[self.meta["pad_id"]]], np.int32),

@@ -74,6 +74,8 @@ class AudexPythonModel:
             self._reader.start()
         else:
             self.step = load_handler(self.handler)(params)
+            if hasattr(self.step, "attach_metrics"):          # custom metrics need the stub's pb_utils
+                self.step.attach_metrics(pb_utils, params["model_name"])
         self._period = float(params.get("cancellation_check_ms", "100")) / 1000.0
         self._canceller = threading.Thread(target=self._check_cancelled, daemon=True)
         self._canceller.start()

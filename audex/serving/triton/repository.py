@@ -49,6 +49,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from audex import config_path
+from audex.export.trtllm_checkpoint import BUILD_KEYS, check_prompt_table
 from audex.serving.requests import ServeLimits
 
 
@@ -194,28 +195,47 @@ def _add(tensors, cls, specs) -> None:
         tensors.append(_tensor(cls, name, dtype, dims, optional=optional, ragged=ragged))
 
 
+TABLE_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+
+
+def table_dtype_for(llm_backend: str, prompt_table_dtype: str) -> str:
+    """The prompt table's dtype between preprocessing and the LLM step. Audex's LLM model takes float32 and casts it
+    once to the engine's dtype; TensorRT-LLM's C++ backend hands the tensor to the executor as it is, which refuses a
+    table whose dtype is not the weights' -- and NumPy (the python steps) has no bfloat16."""
+    if llm_backend != "tensorrtllm":
+        return "float32"
+    if prompt_table_dtype not in TABLE_TYPES:
+        raise ValueError(f"llm_backend=tensorrtllm passes the prompt table to the executor as preprocessing writes it, "
+                         f"and the executor refuses one whose dtype is not the engine's ({prompt_table_dtype}); the "
+                         "python steps cannot write bfloat16: use llm_backend=python, or a float16 engine")
+    return prompt_table_dtype
+
+
 def preprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size: int,
-                         limits: ServeLimits | None = None, max_queue_delay_us: int = 1000) -> mc.ModelConfig:
+                         limits: ServeLimits | None = None, max_queue_delay_us: int = 1000,
+                         table_dtype: str = "float32") -> mc.ModelConfig:
     """``preprocessing``: request -> LLM inputs (validation, prompts, ONNX front end, the CFG twin)."""
     c = mc.ModelConfig(name="preprocessing", backend="python", max_batch_size=max_batch_size)
     c.input.extend(request_inputs("TYPE_UINT64", ragged_audio=True))
     outputs = []
     _add(outputs, mc.ModelOutput, _LLM_INPUTS + _CFG_INPUTS)
-    outputs.append(_tensor(mc.ModelOutput, "prompt_embedding_table", "TYPE_FP16", [-1, summary.hidden_size]))
+    outputs.append(_tensor(mc.ModelOutput, "prompt_embedding_table", TABLE_TYPES[table_dtype], [-1, summary.hidden_size]))
     c.output.extend(outputs)
     c.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     c.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
     _params(c, {"export_dir": export_dir, "vocab_size": summary.vocab_size, "hidden_size": summary.hidden_size,
                 "frames_per_window": summary.frames_per_window, "window_seconds": summary.window_seconds,
                 "max_context_tokens": summary.max_position_embeddings, "python": sys.executable,
-                "presets": "presets.yaml", **(limits or ServeLimits()).as_params()})
+                "presets": "presets.yaml", "prompt_table_dtype": table_dtype, **(limits or ServeLimits()).as_params()})
     return c
 
 
 def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: int, decoupled: bool,
                         name: str = "tensorrt_llm", *, backend: str = "python", export_dir: str | None = None,
                         executor: str = "tensorrt_llm", limits: ServeLimits | None = None,
-                        prompt_table_dtype: str = "bfloat16", max_queue_delay_us: int = 1000) -> mc.ModelConfig:
+                        prompt_table_dtype: str = "bfloat16", max_queue_delay_us: int = 1000,
+                        build: dict | None = None, kv_cache_reuse: bool = False,
+                        kv_cache_max_tokens: int | None = None) -> mc.ModelConfig:
     """The LLM step, with the input / output names of TensorRT-LLM's ``inflight_batcher_llm`` layout.
 
     ``backend="python"`` (default): Audex's model (:class:`~audex.serving.triton.handlers.LlmHandler`)
@@ -233,7 +253,8 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
     c.model_transaction_policy.decoupled = decoupled
     inputs = []
     _add(inputs, mc.ModelInput, _LLM_INPUTS)
-    inputs.append(_tensor(mc.ModelInput, "prompt_embedding_table", "TYPE_FP16", [-1, summary.hidden_size], optional=True))
+    inputs.append(_tensor(mc.ModelInput, "prompt_embedding_table", TABLE_TYPES[table_dtype_for(backend, prompt_table_dtype)],
+                          [-1, summary.hidden_size], optional=True))
     inputs.append(_tensor(mc.ModelInput, "streaming", "TYPE_BOOL", [1], optional=True))
     if backend == "python":
         _add(inputs, mc.ModelInput, _CFG_INPUTS)
@@ -255,13 +276,21 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
         "enable_chunked_context": "false",
         "max_beam_width": 1,
         "kv_cache_free_gpu_mem_fraction": 0.85,
+        # off: audio enters as prompt-table rows whose fake ids repeat across clips, and CFG twins share a prefix
+        # (see audex.serving.guided_executor for what the LLM model does when it is on)
+        "enable_kv_cache_reuse": str(bool(kv_cache_reuse)).lower(),
         "exclude_input_in_output": "true",
         "decoding_mode": "top_k_top_p",
     }
+    if kv_cache_max_tokens is not None:
+        params["kv_cache_max_tokens"] = int(kv_cache_max_tokens)
     if backend == "python":
         params.update({"executor": executor, "export_dir": export_dir or "",
                        "max_batch_size": max_batch_size, "max_lag_steps": 4, "stream_chunk_seconds": 1.0,
                        "prompt_table_dtype": prompt_table_dtype, "python": sys.executable,
+                       "frames_per_window": summary.frames_per_window, "window_seconds": summary.window_seconds,
+                       # the engine's build sizes: the start-up check of the prompt table, the reference executor
+                       **{k: v for k, v in (build or {}).items() if k in BUILD_KEYS and v is not None},
                        "presets": "../../preprocessing/1/presets.yaml",
                        **(limits or ServeLimits()).as_params()})
     _params(c, params)
@@ -342,7 +371,8 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
                          engine_dir: str | Path | None = None, max_batch_size: int = 64, llm_backend: str = "python",
                          executor: str = "tensorrt_llm", limits: ServeLimits | None = None,
                          prompt_table_dtype: str = "bfloat16", handler_process: str | None = None,
-                         num_threads: int = 1) -> Path:
+                         num_threads: int = 1, build: dict | None = None, kv_cache_reuse: bool = False,
+                         kv_cache_max_tokens: int | None = None) -> Path:
     """The GPU ensemble (see the module docstring) over an export folder written by ``examples/audex_export.py``.
 
     ``llm_backend``/``executor``: see :func:`tensorrt_llm_config` (``executor="torch"`` serves the same ensemble on a
@@ -355,10 +385,16 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
     engine_dir = str(engine_dir or Path(export_dir) / "engine")
     limits = limits or ServeLimits()
     cfg = llm_backend == "python"
+    build = dict(build or {})
+    if build.get("max_prompt_embedding_table_size") is not None and summary.frames_per_window:
+        build.setdefault("max_batch_size", max_batch_size)
+        check_prompt_table(build, limits.max_audio_seconds, summary.frames_per_window, summary.window_seconds)
     llm = dict(backend=llm_backend, export_dir=export_dir, executor=executor, limits=limits,
-               prompt_table_dtype=prompt_table_dtype)
+               prompt_table_dtype=prompt_table_dtype, build=build, kv_cache_reuse=kv_cache_reuse,
+               kv_cache_max_tokens=kv_cache_max_tokens)
     configs = [
-        preprocessing_config(summary, export_dir, max_batch_size, limits),
+        preprocessing_config(summary, export_dir, max_batch_size, limits,
+                             table_dtype=table_dtype_for(llm_backend, prompt_table_dtype)),
         tensorrt_llm_config(summary, engine_dir, max_batch_size, decoupled=False, **llm),
         tensorrt_llm_config(summary, engine_dir, max_batch_size, decoupled=True, name="tensorrt_llm_stream", **llm),
         postprocessing_config(summary, export_dir, max_batch_size),
