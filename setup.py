@@ -60,8 +60,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["audex", "audex.*"]) + ["audex.assets"],
     py_modules=["audex_nemo_hook"],
-    package_data={"audex": ["assets/*.txt", "eval/reference_tables/*", "conf/*.yaml", "conf/**/*.yaml",
-                            "serving/triton/**/*", "export/triton_models/**/*"]},
+    package_data={"audex": ["assets/*.txt", "eval/reference_tables/*", "conf/*.yaml", "conf/**/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch==2.13.0",
