@@ -66,6 +66,8 @@ setup(
         "torch==2.13.0",
         "nemo-toolkit[common]==3.0.0",
         "lhotse==1.33.0",
+        "datasets>=4,<6",               # scripts/prepare_hf_dataset.py (Lhotse's CutSet.from_huggingface_dataset)
+        "braceexpand",                  # NeMo's sharded-manifest notation (audex.data.nemo_manifest)
         "transformers>=5.0,<6",
         "accelerate",                  # transformers' sharded loading (DistributedConfig: TP, FSDP, EP)
         "hydra-core>=1.3,<=1.3.2",
