@@ -60,14 +60,16 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["audex", "audex.*"]) + ["audex.assets"],
     py_modules=["audex_nemo_hook"],
-    package_data={"audex": ["assets/*.txt", "eval/reference_tables/*", "conf/*.yaml", "conf/**/*.yaml",
-                            "serving/triton/**/*", "export/triton_models/**/*"]},
+    package_data={"audex": ["assets/*.txt", "eval/reference_tables/*", "conf/*.yaml", "conf/**/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch==2.13.0",
         "nemo-toolkit[common]==3.0.0",
         "lhotse==1.33.0",
+        "datasets>=4,<6",               # scripts/prepare_hf_dataset.py (Lhotse's CutSet.from_huggingface_dataset)
+        "braceexpand",                  # NeMo's sharded-manifest notation (audex.data.nemo_manifest)
         "transformers>=5.0,<6",
+        "accelerate",                  # transformers' sharded loading (DistributedConfig: TP, FSDP, EP)
         "hydra-core>=1.3,<=1.3.2",
         "omegaconf>=2.3,<=2.3.0",
         "lightning>=2.4",
@@ -96,6 +98,7 @@ setup(
             "audex-infer=audex.cli.infer:main",
             "audex-eval=audex.cli.eval:main",
             "audex-params=audex.cli.params:main",
+            "audex-plan-parallelism=audex.cli.plan_parallelism:main",
             "audex-export=audex.cli.export:main",
             "audex-export-trtllm=audex.cli.export:main",  # the 0.1 name of audex-export, kept for existing scripts
             "audex-triton-repo=audex.cli.triton_repo:main",

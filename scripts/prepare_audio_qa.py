@@ -25,7 +25,7 @@ from typing import Iterator
 from lhotse.cut import Cut
 
 from audex.data import schema
-from audex.data.prepare import add_output_args, probe_recording, write_manifest
+from audex.data.prepare import add_output_args, probed, write_manifest
 from audex.data.skips import INVALID_SEGMENT, MISSING_FIELD, SkipSample
 from audex.vocab import SOUND
 
@@ -64,10 +64,9 @@ def iter_cuts(jsonl: Path, audio_dir: Path) -> Iterator[Cut | SkipSample]:
                 absent = [k for k, v in (("audio", audio_rel), ("question", question), ("answer", answer)) if not v]
                 yield SkipSample(MISSING_FIELD, f"line {line_no} lacks {absent}", cut_id=ex_id)
                 continue
-            try:
-                rec = probe_recording(audio_dir / audio_rel)
-            except SkipSample as e:
-                yield e.with_cut_id(ex_id)
+            rec = probed(audio_dir / audio_rel, ex_id)
+            if isinstance(rec, SkipSample):
+                yield rec
                 continue
             cut = rec.to_cut()
             if row.get("offset") is not None or row.get("duration") is not None:

@@ -25,7 +25,7 @@ from typing import Iterator
 from lhotse.cut import Cut
 
 from audex.data import schema
-from audex.data.prepare import add_output_args, comma_separated, probe_recording, write_manifest
+from audex.data.prepare import add_output_args, comma_separated, probed, write_manifest
 from audex.data.skips import MISSING_FIELD, SkipSample
 from audex.prompts import CAPTION_PROMPT
 
@@ -50,10 +50,9 @@ def iter_cuts(args) -> Iterator[Cut | SkipSample]:
             except KeyError as e:
                 raise SystemExit(f"--audio-pattern {args.audio_pattern!r} names column {e}, which {args.csv} lacks "
                                  f"(columns: {reader.fieldnames})") from None
-            try:
-                rec = probe_recording(audio, recording_id=ex_id)
-            except SkipSample as e:
-                yield e.with_cut_id(ex_id)
+            rec = probed(audio, ex_id, recording_id=ex_id)
+            if isinstance(rec, SkipSample):
+                yield rec
                 continue
             if TTA in args.tasks:
                 yield schema.make_tta_cut(caption, audio=rec, cut_id=f"{ex_id}_tta")

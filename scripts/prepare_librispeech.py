@@ -1,16 +1,20 @@
 #!/usr/bin/env python
-"""LibriSpeech-style folders -> an Audex ASR (and optionally TTS) manifest.
+"""LibriSpeech folders -> an Audex ASR (and optionally TTS) manifest, read by Lhotse's LibriSpeech recipe.
 
 Layout: ``CORPUS/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac`` plus one
-``<speaker>-<chapter>.trans.txt`` per chapter with lines ``<utt id> <TRANSCRIPT>``. Every utterance becomes
-an ASR cut ``<utt id>_asr`` (language ``--language``, default ``en``); with ``--tasks asr,tts`` also a TTS
-cut ``<utt id>_tts`` (the paper trains TTS on clean ASR samples too; pre-tokenise it with
-``scripts/pretokenize.py``). Transcripts are kept as written.
+``<speaker>-<chapter>.trans.txt`` per chapter (``CORPUS`` is a part such as ``LibriSpeech/dev-clean``). Every
+line is read by ``lhotse.recipes.librispeech.parse_utterance`` (the function behind ``lhotse prepare
+librispeech``: the file of an utterance id, its Recording, its supervision with the speaker); every utterance
+becomes an ASR cut ``<utt id>_asr`` (language ``--language``, default ``en``, in place of the recipe's
+"English"); with ``--tasks asr,tts`` also a TTS cut ``<utt id>_tts`` (the paper trains TTS on clean ASR samples
+too; pre-tokenise it with ``scripts/pretokenize.py``). Transcripts are kept as written.
 
     python scripts/prepare_librispeech.py /data/LibriSpeech/train-clean-100 -o manifests/ls100.jsonl.gz
 
-Missing, unreadable or empty audio and empty transcripts are skipped and counted; the summary is printed
-at the end.
+What stays Audex's own: the recipe's ``prepare_librispeech`` stops at the first corrupt file or empty
+transcript line and drops missing audio with a log line only; here each such line is a counted skip
+(``corrupt_audio``, ``missing_field``, ``missing_audio``, ``zero_length_audio``) and the summary is printed at
+the end. Any other Lhotse recipe's output trains as it is: see README "Your own data".
 """
 
 from __future__ import annotations
@@ -21,18 +25,17 @@ from pathlib import Path
 from typing import Iterator
 
 from lhotse.cut import Cut
+from lhotse.recipes.librispeech import parse_utterance
 
 from audex.data import schema
-from audex.data.prepare import add_output_args, comma_separated, probe_recording, write_manifest
-from audex.data.skips import MISSING_FIELD, SkipSample
+from audex.data.prepare import add_output_args, comma_separated, write_manifest
+from audex.data.skips import CORRUPT_AUDIO, MISSING_AUDIO, MISSING_FIELD, ZERO_LENGTH_AUDIO, SkipSample
 
-AUDIO_EXTENSIONS = (".flac", ".wav")
 TASKS = (schema.ASR, schema.TTS)
 
 
 def iter_cuts(corpus: Path, tasks: tuple[str, ...], language: str) -> Iterator[Cut | SkipSample]:
-    transcripts = sorted(corpus.rglob("*.trans.txt"))
-    for trans in transcripts:
+    for trans in sorted(corpus.rglob("*.trans.txt")):
         for line_no, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -40,24 +43,32 @@ def iter_cuts(corpus: Path, tasks: tuple[str, ...], language: str) -> Iterator[C
             if not text.strip():
                 yield SkipSample(MISSING_FIELD, f"{trans}:{line_no} has no transcript", cut_id=utt_id)
                 continue
-            audio = next((trans.parent / f"{utt_id}{ext}" for ext in AUDIO_EXTENSIONS
-                          if (trans.parent / f"{utt_id}{ext}").is_file()), trans.parent / f"{utt_id}.flac")
             try:
-                rec = probe_recording(audio, recording_id=utt_id)
-            except SkipSample as e:
-                yield e.with_cut_id(utt_id)
+                parsed = parse_utterance(corpus, line, alignments={})
+            except Exception as e:  # lhotse tries every audio backend and raises its own error type
+                yield SkipSample(CORRUPT_AUDIO, f"{trans}:{line_no}: {str(e).splitlines()[0][:200]}", cut_id=utt_id)
+                continue
+            if parsed is None:
+                where = corpus / Path(utt_id.replace("-", "/")).parent / f"{utt_id}.flac"
+                yield SkipSample(MISSING_AUDIO, f"{where} does not exist", cut_id=utt_id)
+                continue
+            rec, sup = parsed
+            if rec.num_samples == 0:
+                yield SkipSample(ZERO_LENGTH_AUDIO, f"{rec.sources[0].source} has no samples", cut_id=utt_id)
                 continue
             for task in tasks:
                 if task == schema.ASR:
-                    yield schema.make_asr_cut(rec, text.strip(), language, cut_id=f"{utt_id}_asr")
+                    cut = schema.make_asr_cut(rec, sup.text, language, cut_id=f"{utt_id}_asr")
                 else:
-                    yield schema.make_tts_cut(text.strip(), audio=rec, language=language, cut_id=f"{utt_id}_tts")
+                    cut = schema.make_tts_cut(sup.text, audio=rec, language=language, cut_id=f"{utt_id}_tts")
+                cut.supervisions[0].speaker = sup.speaker
+                yield cut
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpus", type=Path, help="folder holding <speaker>/<chapter>/ subfolders")
+    parser.add_argument("corpus", type=Path, help="a LibriSpeech part: the folder holding <speaker>/<chapter>/")
     parser.add_argument("--tasks", type=comma_separated(TASKS), default=(schema.ASR,), help="asr, tts or asr,tts (default asr)")
     parser.add_argument("--language", default="en", help="language id written into the ASR target (default en)")
     add_output_args(parser)

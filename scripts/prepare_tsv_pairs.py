@@ -29,7 +29,7 @@ from typing import Iterator
 from lhotse.cut import Cut
 
 from audex.data import schema
-from audex.data.prepare import add_output_args, comma_separated, probe_recording, write_manifest
+from audex.data.prepare import add_output_args, comma_separated, probed, write_manifest
 from audex.data.skips import MISSING_FIELD, SkipSample
 
 TASKS = (schema.AST, schema.ASR)
@@ -62,10 +62,9 @@ def iter_cuts(args) -> Iterator[Cut | SkipSample]:
             yield SkipSample(MISSING_FIELD, f"row {row_no}: no {'language' if not language else 'transcript'}",
                              cut_id=ex_id)
             continue
-        try:
-            rec = probe_recording(audio, recording_id=ex_id)
-        except SkipSample as e:
-            yield e.with_cut_id(ex_id)
+        rec = probed(audio, ex_id, recording_id=ex_id)
+        if isinstance(rec, SkipSample):
+            yield rec
             continue
         for task in args.tasks:
             if task == schema.ASR:

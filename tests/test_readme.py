@@ -4,12 +4,14 @@ The commands are read from the README's ```` ```bash ```` blocks, in order, and 
 a workspace laid out like a checkout (``examples/``, ``scripts/``, ``conf/`` link to this one) that holds the
 files the README names: the demo's manifests (``demo_data/manifests``, generated here, small), the demo's last
 ``.nemo`` (``runs/demo/stage3/stage3.nemo``: the tiny model), ``cuts.jsonl.gz`` (a CutSet built by Lhotse itself
-from recordings and supervisions, no Audex fields) and ``speech/*.wav``. A command written with a trailing ``&``
-(a server) runs in the background until the other commands are done. Inline commands in the prose must also
+from recordings and supervisions, no Audex fields), ``speech/*.wav``, and the same speech as a NeMo manifest
+(``nemo_manifest.json``) and as a Hugging Face dataset saved to disk (``hf_speech/``). A command written with a
+trailing ``&`` (a server) runs in the background until the other commands are done. Inline commands in the prose must also
 appear in a block, so no command escapes the test. Only the commands in :data:`NOT_RUN` are skipped, each for
 the reason given there.
 """
 
+import json
 import math
 import os
 import re
@@ -20,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import soundfile as sf
@@ -116,6 +119,17 @@ def _lhotse_cuts(ws: Path) -> None:
                           supervisions=SupervisionSet.from_segments(supervisions)).to_file(ws / "cuts.jsonl.gz")
 
 
+def _nemo_and_hf(ws: Path) -> None:
+    """``speech/*.wav`` as a NeMo manifest (audio_filepath/duration/text only) and as a saved HF dataset."""
+    cuts = list(CutSet.from_file(ws / "cuts.jsonl.gz"))
+    lines = [{"audio_filepath": f"speech/{c.recording_id}.wav", "duration": c.duration, "text": c.supervisions[0].text}
+             for c in cuts]
+    (ws / "nemo_manifest.json").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    audio = [{"bytes": (ws / x["audio_filepath"]).read_bytes(), "path": Path(x["audio_filepath"]).name} for x in lines]
+    ds = datasets.Dataset.from_dict({"audio": audio, "text": [x["text"] for x in lines]})
+    ds.cast_column("audio", datasets.Audio()).save_to_disk(str(ws / "hf_speech"))
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("readme")
@@ -123,6 +137,7 @@ def workspace(tmp_path_factory) -> Path:
         (ws / name).symlink_to(ROOT / name)
     _demo_manifests(ws / "demo_data" / "manifests")
     _lhotse_cuts(ws)
+    _nemo_and_hf(ws)
     torch.manual_seed(0)
     nemo = ws / "runs" / "demo" / "stage3" / "stage3.nemo"
     nemo.parent.mkdir(parents=True)

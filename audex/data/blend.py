@@ -32,6 +32,8 @@ from typing import Any, Mapping
 from lhotse.lazy import count_newlines_fast
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from audex.data.nemo_manifest import NEMO_TYPES, count_manifest_lines
+
 log = logging.getLogger("audex.data")
 
 #: keys of an ``input_cfg`` item that Audex reads and removes before NeMo sees the item
@@ -142,7 +144,7 @@ def _resolve_path(value: Any, manifest_dir: str | None) -> Any:
 
 
 def item_name(item: Mapping) -> str:
-    for key in ("name", "cuts_path", "shar_path"):
+    for key in ("name", "cuts_path", "shar_path", "manifest_filepath"):
         if item.get(key) is not None:
             return str(item[key])
     return str(item.get("type", "source"))
@@ -166,6 +168,8 @@ def count_samples(item: Mapping) -> int:
     if isinstance(shar, Mapping) and shar.get("cuts") is not None:
         cuts = shar["cuts"]
         return sum(count_newlines_fast(f) for f in ([cuts] if isinstance(cuts, str) else cuts))
+    if item.get("manifest_filepath") is not None and item.get("type") in (*NEMO_TYPES, *NEMO_TYPES.values()):
+        return count_manifest_lines(item["manifest_filepath"])
     raise ValueError(f"input_cfg item {item_name(item)!r} (type {item.get('type')!r}): cannot count its examples; "
                      "add num_samples to the item")
 
@@ -189,7 +193,9 @@ def annotate_input_cfg(items, blend_epochs: Mapping[str, float] | None = None, m
         item = dict(raw)
         blend = item.get("blend", inherited[0])
         epochs = item.get("epochs", inherited[1])
-        for key in ("cuts_path", "shar_path"):
+        if item.get("type") in NEMO_TYPES:  # NeMo manifests: Audex's reader (see audex.data.nemo_manifest)
+            item["type"] = NEMO_TYPES[item["type"]]
+        for key in ("cuts_path", "shar_path", "manifest_filepath", "tarred_audio_filepaths"):
             if isinstance(item.get(key), str):
                 item[key] = _resolve_path(item[key], manifest_dir)
             elif isinstance(item.get(key), list):

@@ -66,6 +66,8 @@ class PaperFilters:
         if task == schema.TTS:
             return _duration_reason(cut.duration, cfg.tts_min_seconds, cfg.tts_max_seconds)
         if task in schema.AUDIO_INPUT_TASKS:
+            if not cut.has_recording:  # bad input, not a filter decision: the builder counts it (missing_field)
+                return None
             return _duration_reason(cut.duration, cfg.understanding_min_seconds, cfg.understanding_max_seconds)
         if task == schema.TEXT and cfg.text_max_tokens is not None:
             if self.num_text_tokens(cut) > cfg.text_max_tokens:

@@ -9,10 +9,9 @@ Example::
 
     def rows_to_cuts(...):
         for row in rows:
-            try:
-                rec = probe_recording(row["path"])
-            except SkipSample as e:
-                yield e.with_cut_id(row["id"])
+            rec = probed(row["path"], row["id"])
+            if isinstance(rec, SkipSample):
+                yield rec
                 continue
             yield make_asr_cut(rec, row["text"], "en", cut_id=row["id"])
 
@@ -71,6 +70,15 @@ def probe_recording(path: str | Path, recording_id: str | None = None) -> Record
     if rec.num_samples == 0:
         raise SkipSample(ZERO_LENGTH_AUDIO, f"{path} has no samples")
     return rec
+
+
+def probed(path: str | Path, cut_id: str, recording_id: str | None = None) -> Recording | SkipSample:
+    """:func:`probe_recording`, or the :class:`SkipSample` naming why not (tagged with ``cut_id``) for a
+    preparation generator to yield in place of the cut."""
+    try:
+        return probe_recording(path, recording_id=recording_id)
+    except SkipSample as e:
+        return e.with_cut_id(cut_id)
 
 
 def write_manifest(items: Iterable[Cut | SkipSample], output: str | Path, name: str,

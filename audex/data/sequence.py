@@ -54,6 +54,7 @@ from audex.data.skips import (
     ZERO_LENGTH_AUDIO,
     SkipSample,
 )
+from audex.data.sources import adapt_cut
 from audex.modules.audio_encoder import WindowedFrames
 from audex.prompts import (
     AST_PROMPT,
@@ -245,6 +246,7 @@ class SequenceBuilder:
         return [], [self.frames_fn(n)]
 
     def _build(self, cut: Cut, load_audio: bool, check_length: bool = True) -> BuiltSequence:
+        cut = adapt_cut(cut)  # an input_cfg item's tags (own data: language, translation_field, ...)
         turns, thinking = self.dialog(cut)
         task = schema.get_task(cut)
         audios, frames = self._audio_inputs(cut, task, load_audio)

@@ -36,7 +36,8 @@ def run_eval(cfg: DictConfig) -> SuiteSummary:
     suite_cfg = OmegaConf.to_container(cfg.suite, resolve=True)
     name = suite_cfg.pop("name")
     cls = suite_class(name)
-    samples, problems = load_samples(cfg.get("manifest"), cfg.get("references"), cfg.get("folder"))
+    samples, problems = load_samples(cfg.get("manifest"), cfg.get("references"), cfg.get("folder"),
+                                     cfg.get("tarred_audio_filepaths"))
     if cfg.get("limit"):
         samples = samples[: int(cfg.limit)]
 

@@ -7,6 +7,8 @@ audio loader, so that a file that fails to load is reported for that sample whil
   :mod:`audex.data.schema`: ``supervisions[0].text`` -> field ``text``, ``supervisions[0].language`` ->
   ``language``, every ``custom`` key (``translation``, ``question``, ``choices``, ``answer``, ``caption``,
   ``description``, ``sound_event``, ``messages``, ...) -> a field of the same name.
+* **NeMo JSON manifest** (``audio_filepath``, ``duration``, ``text``, optional ``lang``; tarred with
+  ``tarred_audio_filepaths``), read by :mod:`audex.data.nemo_manifest`: fields as for a Lhotse manifest.
 * **Folder + reference JSONL**: one JSON object per line with ``id`` and the reference fields; the audio is
   ``audio`` (a path relative to the folder) or, when absent, ``<folder>/<id>.wav``. Audio files in the folder
   that no reference names are reported as ``unmatched_id``.
@@ -32,6 +34,7 @@ import torch
 from lhotse import CutSet
 
 from audex.audio import load_audio, to_model_audio
+from audex.data.nemo_manifest import is_nemo_manifest, read_manifest_cuts
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 
@@ -121,10 +124,13 @@ def _cut_to_sample(cut) -> EvalSample:
     return EvalSample(cut.id, fields, source, loader)
 
 
-def load_manifest_samples(manifest: str | Path) -> list[EvalSample]:
+def load_manifest_samples(manifest: str | Path, tarred_audio_filepaths=None) -> list[EvalSample]:
     path = Path(manifest)
+    if tarred_audio_filepaths is not None or is_nemo_manifest(path):  # NeMo JSON manifest (plain or tarred)
+        return [_cut_to_sample(c) for c in read_manifest_cuts(path, tarred_audio_filepaths)]
     if not path.exists():
-        raise FileNotFoundError(f"manifest {str(path)!r} does not exist: give a Lhotse CutSet JSONL(.gz) or Shar directory")
+        raise FileNotFoundError(f"manifest {str(path)!r} does not exist: give a Lhotse CutSet JSONL(.gz) or Shar "
+                                "directory, or a NeMo JSON manifest")
     cuts = CutSet.from_shar(in_dir=str(path)) if path.is_dir() else CutSet.from_file(str(path))
     return [_cut_to_sample(c) for c in cuts]
 
@@ -193,12 +199,14 @@ def load_reference_samples(references: str | Path, folder: str | Path | None = N
 
 
 def load_samples(manifest: str | Path | None = None, references: str | Path | None = None,
-                 folder: str | Path | None = None) -> tuple[list[EvalSample], list[SampleProblem]]:
-    """Read a Lhotse manifest, or a reference JSONL (with an optional audio folder)."""
+                 folder: str | Path | None = None, tarred_audio_filepaths=None
+                 ) -> tuple[list[EvalSample], list[SampleProblem]]:
+    """Read a Lhotse manifest or NeMo manifest (tarred: with ``tarred_audio_filepaths``), or a reference JSONL
+    (with an optional audio folder)."""
     if manifest and references:
         raise ValueError("give either a Lhotse manifest or a reference JSONL, not both")
     if manifest:
-        return load_manifest_samples(manifest), []
+        return load_manifest_samples(manifest, tarred_audio_filepaths), []
     if references:
         return load_reference_samples(references, folder)
     raise ValueError("no inputs: set manifest=<Lhotse CutSet> or references=<JSONL> (with folder=<audio dir> for audio)")

@@ -9,6 +9,8 @@ Run ``python examples/audex_params.py`` (``audex-params``) for the table.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 import torch
 from omegaconf import OmegaConf
@@ -34,10 +36,11 @@ def _inactive_expert_params(lm) -> int:
     return inactive
 
 
-def count_parameters(model_yaml: str) -> dict:
-    """Counts for a model YAML, built on the meta device. Keys: vocab_size, encoder, adapter, backbone,
-    backbone_embeddings, backbone_active, backbone_active_non_embedding, total_llm (adapter + backbone)."""
-    cfg = OmegaConf.load(model_yaml)
+def build_on_meta(model_cfg) -> tuple:
+    """``(vocab, encoder, adapter, backbone)`` of a model config (a YAML path or a DictConfig) on the meta
+    device: shapes and parameter counts without allocating weights. Encoder and adapter are ``None`` when the
+    config has no ``audio_encoder``."""
+    cfg = OmegaConf.load(model_cfg) if isinstance(model_cfg, (str, Path)) else model_cfg
     vocab = AudexVocab(**OmegaConf.to_container(cfg.vocab, resolve=True))
     with torch.device("meta"):
         backbone = hydra.utils.instantiate(cfg.backbone, _convert_="all", vocab_size=vocab.size,
@@ -45,6 +48,13 @@ def count_parameters(model_yaml: str) -> dict:
         encoder = hydra.utils.instantiate(cfg.audio_encoder, _convert_="all") if cfg.get("audio_encoder") else None
         adapter = (hydra.utils.instantiate(cfg.adapter, _convert_="all", input_size=encoder.hidden_size,
                                            output_size=backbone.hidden_size) if encoder is not None else None)
+    return vocab, encoder, adapter, backbone
+
+
+def count_parameters(model_yaml) -> dict:
+    """Counts for a model YAML (or DictConfig), built on the meta device. Keys: vocab_size, encoder, adapter,
+    backbone, backbone_embeddings, backbone_active, backbone_active_non_embedding, total_llm (adapter + backbone)."""
+    vocab, encoder, adapter, backbone = build_on_meta(model_yaml)
     lm = backbone.lm
     emb = lm.get_input_embeddings().weight.numel()
     head = lm.get_output_embeddings()

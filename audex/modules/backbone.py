@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from audex.parallel.config import check_engine
+
 
 def build_causal_lm(pretrained_path: str | None, config: dict | None, model_type: str | None, dtype=None):
     """A transformers causal LM from a local folder or an inline config (random init)."""
@@ -85,6 +87,8 @@ class AudexBackbone(nn.Module):
         vocab_size: size of the extended vocabulary (set by :class:`AudexModel` from its vocabulary).
         text_vocab_size: the text rows, for a checkpoint that is already extended to ``vocab_size``.
         init_std / init_seed: initialisation of the new embedding rows.
+        engine: ``hf`` (transformers modules, torch-native parallelism); ``megatron`` is refused with a clear
+            error until the megatron-core backbone exists (:func:`audex.parallel.config.check_engine`).
 
     Example::
 
@@ -95,8 +99,9 @@ class AudexBackbone(nn.Module):
 
     def __init__(self, pretrained_path: str | None = None, model_type: str | None = None, config: dict | None = None,
                  vocab_size: int | None = None, init_std: float = 0.02, init_seed: int = 0, dtype: str | None = None,
-                 text_vocab_size: int | None = None):
+                 text_vocab_size: int | None = None, engine: str = "hf"):
         super().__init__()
+        self.engine = check_engine(engine)
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else None
         self.lm = build_causal_lm(pretrained_path, config, model_type, dtype=torch_dtype)
         rows = int(self.lm.get_input_embeddings().weight.shape[0])
