@@ -44,6 +44,10 @@ multi-turn thinking chat, assistant turns before the last user turn lose their r
 thought retention, appendix A.5) and are rendered as context, untrained; in instruct mode every assistant
 turn is trained.
 
+Tool-calling chats (tool definitions, assistant ``tool_calls``, ``tool`` turns; :mod:`audex.tool_calls`) are
+rendered by the backbone tokenizer's own ``chat_template`` (Audex's Hermes-style template when it has none),
+with the same rule: assistant turns train, everything else is context.
+
 Why a subclass of NeMo's ``PromptFormatter``: the registry (``PromptFormatter.resolve("audex")``) and the
 ``encode_dialog`` contract (``input_ids``, ``context_ids``, ``answer_ids``, ``mask``) fit and make the format
 usable from NeMo's Lhotse dataloader (``prompt_format: audex``). NeMo's ``qwen3``/``nemotron-nano-v3``
@@ -71,6 +75,7 @@ from typing import Sequence
 import torch
 from nemo.collections.common.prompts.formatter import Modality, PromptFormatter
 
+from audex.tool_calls import TOOLS_SYSTEM_PROMPT, chat_template_for, is_tool_chat, tool_chat_parts
 from audex.vocab import IM_END, IM_START, PAD, SOUND, THINK_END, THINK_START
 
 SYSTEM_PROMPT = "You are a helpful and harmless assistant.\nYou are not allowed to use any tools"
@@ -239,7 +244,9 @@ class AudexPromptFormatter(PromptFormatter):
 
     Turns are ``{"role": "system"|"user"|"assistant", "content": str | Sequence[int], "thinking": str}``;
     an assistant ``content`` given as ids is pre-tokenised (e.g. ``<speechgen_start>`` codes
-    ``<speechgen_end>``). A missing system turn is filled with :data:`SYSTEM_PROMPT`.
+    ``<speechgen_end>``); an assistant ``prefix`` (ids) opens the answer as untrained context (the
+    ``<speechgen_start>`` + reference codes of voice-prompted TTS, :mod:`audex.voice_prompt`). A missing system
+    turn is filled with :data:`SYSTEM_PROMPT`.
 
     Example::
 
@@ -258,9 +265,11 @@ class AudexPromptFormatter(PromptFormatter):
         OUTPUT_ROLE: {"template": f"{INFERENCE_PREFIX}|message|{IM_END}\n", "slots": {"message": Modality.Text}},
     }
 
-    def __init__(self, tokenizer, defaults: list[dict] | None = None, system_prompt: str | None = SYSTEM_PROMPT):
+    def __init__(self, tokenizer, defaults: list[dict] | None = None, system_prompt: str | None = SYSTEM_PROMPT,
+                 chat_template: str | None = None):
         super().__init__(tokenizer, defaults)
         self.system_prompt = system_prompt
+        self.chat_template = chat_template  # tool chats: None = the tokenizer's own, else Audex's built-in
         self._text_to_ids = getattr(tokenizer, "text_to_ids", None) or tokenizer.encode
 
     # ---- contents ------------------------------------------------------------------------------
@@ -274,9 +283,13 @@ class AudexPromptFormatter(PromptFormatter):
         head, tail = self.get_template(role).split("|message|")
         return head, tail
 
-    def pieces(self, turns: Sequence[dict], thinking: bool = False) -> list[PromptPiece]:
+    def pieces(self, turns: Sequence[dict], thinking: bool = False, tools: Sequence[dict] | None = None
+               ) -> list[PromptPiece]:
         """The dialog as :class:`PromptPiece` s. If it does not end with an assistant turn, the generation
-        prompt (assistant header + think prefix of the mode) is appended."""
+        prompt (assistant header + think prefix of the mode) is appended. A tool chat (``tools`` or tool turns)
+        goes through :meth:`tool_chat_pieces`."""
+        if is_tool_chat(turns, tools):
+            return self.tool_chat_pieces(turns, thinking, tools)
         turns = list(turns)
         roles = [t.get("role") for t in turns]
         unknown = [r for r in roles if r not in self.get_roles()]
@@ -302,6 +315,8 @@ class AudexPromptFormatter(PromptFormatter):
             out.append(PromptPiece(text=head + (THINKING_OPEN if with_reasoning else INSTRUCT_THINK)))
             if with_reasoning:
                 out.append(PromptPiece(text=f"{reasoning or ''}\n{THINK_END}\n", trainable=True))
+            if turn.get("prefix"):  # a teacher-forced opening of the answer (a voice prompt's codes): context
+                out.append(PromptPiece(ids=tuple(int(x) for x in turn["prefix"])))
             if isinstance(content, str):
                 out.append(PromptPiece(text=content + IM_END, trainable=trainable))
             else:
@@ -314,6 +329,19 @@ class AudexPromptFormatter(PromptFormatter):
             out.append(PromptPiece(text=self.INFERENCE_PREFIX + (THINKING_OPEN if thinking else INSTRUCT_THINK)))
         return out
 
+    def tool_chat_template(self) -> str | None:
+        """The template of tool chats (:func:`~audex.tool_calls.chat_template_for`)."""
+        return chat_template_for(getattr(self.tokenizer, "hf", self.tokenizer), self.chat_template)
+
+    def tool_chat_pieces(self, turns: Sequence[dict], thinking: bool = False, tools: Sequence[dict] | None = None
+                         ) -> list[PromptPiece]:
+        """A tool chat rendered by the chat template, assistant turns trainable; the default system turn drops
+        Figure 2's "not allowed to use any tools" line (:func:`~audex.tool_calls.tool_chat_parts`)."""
+        system = TOOLS_SYSTEM_PROMPT if self.system_prompt == SYSTEM_PROMPT else self.system_prompt
+        parts = tool_chat_parts(getattr(self.tokenizer, "hf", self.tokenizer), turns, thinking, tools, system,
+                                self.tool_chat_template())
+        return [PromptPiece(text=text, trainable=trained) for text, trained in parts]
+
     def encode_pieces(self, pieces: Sequence[PromptPiece]) -> tuple[list[int], list[bool]]:
         ids: list[int] = []
         trainable: list[bool] = []
@@ -323,16 +351,17 @@ class AudexPromptFormatter(PromptFormatter):
             trainable.extend([p.trainable] * len(piece_ids))
         return ids, trainable
 
-    def render_text(self, turns: Sequence[dict], thinking: bool = False) -> str:
+    def render_text(self, turns: Sequence[dict], thinking: bool = False, tools: Sequence[dict] | None = None) -> str:
         """The dialog as one string (pre-tokenised ids are decoded with the tokenizer)."""
         return "".join(p.text if p.ids is None else self.tokenizer.decode(list(p.ids))
-                       for p in self.pieces(turns, thinking))
+                       for p in self.pieces(turns, thinking, tools))
 
-    def encode_dialog(self, turns: list[dict], thinking: bool = False) -> dict[str, torch.Tensor]:
+    def encode_dialog(self, turns: list[dict], thinking: bool = False, tools: Sequence[dict] | None = None
+                      ) -> dict[str, torch.Tensor]:
         """NeMo's contract: ``input_ids``; for a dialog ending with an assistant turn also ``mask`` (trainable
         tokens), ``answer_ids`` (the last turn's generated part) and ``context_ids`` (everything before it,
         which equals the generation prompt of the dialog without its last turn)."""
-        ids, trainable = self.encode_pieces(self.pieces(turns, thinking))
+        ids, trainable = self.encode_pieces(self.pieces(turns, thinking, tools))
         ans = {"input_ids": torch.tensor(ids, dtype=torch.long)}
         if turns[-1]["role"] == self.OUTPUT_ROLE:
             first = len(trainable)

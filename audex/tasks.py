@@ -34,6 +34,21 @@ def _asr(pipe, records, **sampling):
     return pipe.asr(_field(records, "audio"), languages=langs if any(langs) else None, **sampling)
 
 
+def _tts(pipe, records, **sampling):
+    """Fixed-voice records and voice-prompted ones (``voice``: reference audio or codes, ``voice_text``: its
+    transcript; :mod:`audex.voice_prompt`), each kind decoded as one batch, results in record order."""
+    prompted = [i for i, r in enumerate(records) if r.get("voice") is not None]
+    fixed = [i for i in range(len(records)) if i not in prompted]
+    out: dict[int, Any] = {}
+    if fixed:
+        out.update(zip(fixed, pipe.tts([records[i]["text"] for i in fixed], **sampling)))
+    if prompted:
+        out.update(zip(prompted, pipe.tts([records[i]["text"] for i in prompted],
+                                          voice=[records[i]["voice"] for i in prompted],
+                                          voice_text=[records[i].get("voice_text") for i in prompted], **sampling)))
+    return [out[i] for i in range(len(records))]
+
+
 @dataclass(frozen=True)
 class Task:
     """One task.
@@ -92,8 +107,7 @@ _REGISTRY: tuple[Task, ...] = (
          lambda p, rs, **s: p.s2s(_field(rs, "audio"), **s)),
     Task("chat", False, "text", "text", "chat", False, "text", True,
          lambda p, rs, **s: p.chat(_field(rs, "text"), **s)),
-    Task("tts", False, "text", "speech", "tts", True, "tts", True,
-         lambda p, rs, **s: p.tts(_field(rs, "text"), **s)),
+    Task("tts", False, "text", "speech", "tts", True, "tts", True, _tts),
     Task("tta", False, "text", "audio", "tta", True, "tta", True,
          lambda p, rs, **s: p.tta(_field(rs, "text"), **s)),
 )
@@ -124,12 +138,13 @@ def task(name: str, among: Sequence[str] | None = None) -> Task:
 
 
 def record_fields() -> tuple[str, ...]:
-    """The record fields any task reads besides audio (for CLIs that take them as options)."""
+    """The record fields any task reads besides audio (for CLIs that take them as options); ``voice`` and
+    ``voice_text`` are the optional voice prompt of ``tts``."""
     names: list[str] = []
     for t in _REGISTRY:
         if t.field and t.field not in names and t.field != "text":
             names.append(t.field)
-    return ("language", *names, "choices")
+    return ("language", *names, "choices", "voice", "voice_text")
 
 
 def describe() -> list[dict[str, Any]]:

@@ -16,7 +16,9 @@ understanding 49M, ASR 95M, AST 58M, text 33M):
   tokens per batch (the memory of one packed row), each batch padded to its longest example;
 * (b) padded, bucketed: Lhotse ``DynamicBucketingSampler`` (30 buckets, NeMo's default), same constraint;
 * (c) packed: :class:`~audex.data.packing.OnlinePacker` (balanced greedy knapsack, 8,192-sample buffer) into
-  rows padded to exactly ``max_length`` (static shapes; the conservative count).
+  rows padded to exactly ``max_length`` (static shapes; the conservative count);
+* (d) the same with ``extra_bins`` = Megatron-LM's ``delta`` (``--extra-bins``, 20 is Megatron's default): the
+  share and the spread of the row fills (min and 1st percentile of real tokens per row).
 
 Share = real tokens / all positions of the batch tensors, over the whole stream.
 
@@ -30,7 +32,7 @@ longer ASR samples than the 25 frames/s of the share measurement.)
     python bench/packing.py                # ~20 s on 2 cores
 
 The last line is a JSON object: ``real_token_share_padded``, ``real_token_share_bucketed``,
-``real_token_share_packed``, ``samples_per_s``.
+``real_token_share_packed``, ``real_token_share_packed_extra_bins`` (per delta), ``samples_per_s``.
 """
 
 from __future__ import annotations
@@ -116,16 +118,19 @@ class _Length:
         return self.n
 
 
-def packed_share(lengths: list[int], max_length: int, buffer_size: int) -> tuple[float, int]:
-    packer = OnlinePacker(max_length, pad_id=0, buffer_size=buffer_size)
-    rows = 0
-    real = 0
-    for batch_rows in packer.pack_rows(_Length(n, f"s{i}") for i, n in enumerate(lengths)):
-        for row in batch_rows:
-            rows += 1
-            real += sum(len(s) for s in row)
-    assert real == sum(lengths), "packing lost samples"
-    return real / (rows * max_length), rows
+def packed_fills(lengths: list[int], max_length: int, buffer_size: int, extra_bins: int = 0) -> list[int]:
+    """Real tokens of every packed row."""
+    packer = OnlinePacker(max_length, pad_id=0, buffer_size=buffer_size, extra_bins=extra_bins)
+    fills = [sum(len(s) for s in row)
+             for batch_rows in packer.pack_rows(_Length(n, f"s{i}") for i, n in enumerate(lengths))
+             for row in batch_rows]
+    assert sum(fills) == sum(lengths), "packing lost samples"
+    return fills
+
+
+def packed_share(lengths: list[int], max_length: int, buffer_size: int, extra_bins: int = 0) -> tuple[float, int]:
+    fills = packed_fills(lengths, max_length, buffer_size, extra_bins)
+    return sum(fills) / (len(fills) * max_length), len(fills)
 
 
 # ---- the real pipeline ---------------------------------------------------------------------------
@@ -194,6 +199,7 @@ def main():
     ap.add_argument("--pipeline-samples", type=int, default=600, help="cuts run through the real pipeline")
     ap.add_argument("--workers", type=int, default=2, help="dataloader processes of the pipeline (one per core)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--extra-bins", default="0,5,20", help="Megatron's delta values to compare (comma-separated)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -220,6 +226,13 @@ def main():
     print(f"packed / padded = {share_packed / share_padded:.2f}x, packed / bucketed = "
           f"{share_packed / share_bucketed:.2f}x; goal (c) >= 0.98: {'met' if share_packed >= 0.98 else 'MISSED'}",
           flush=True)
+    extra_shares = {}
+    print(f"{'(d) extra bins (delta)':32s} {'real-token share':>17s} {'rows':>13s} {'min fill':>9s} {'p1 fill':>8s}")
+    for delta in (int(x) for x in args.extra_bins.split(",") if x.strip()):
+        fills = packed_fills(lengths, args.max_length, args.buffer, delta)
+        extra_shares[delta] = round(sum(fills) / (len(fills) * args.max_length), 4)
+        print(f"{'    delta = ' + str(delta):32s} {extra_shares[delta]:17.4f} {len(fills):13d} "
+              f"{min(fills) / args.max_length:9.3f} {np.percentile(fills, 1) / args.max_length:8.3f}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         cuts = pipeline_cuts(rng, args.pipeline_samples, Path(tmp))
@@ -230,6 +243,7 @@ def main():
     print(json.dumps({"real_token_share_padded": round(share_padded, 4),
                       "real_token_share_bucketed": round(share_bucketed, 4),
                       "real_token_share_packed": round(share_packed, 4),
+                      "real_token_share_packed_extra_bins": extra_shares,
                       "samples_per_s": round(samples_per_s, 1),
                       "max_length": args.max_length, "packing_buffer": args.buffer, "samples": args.samples}))
 

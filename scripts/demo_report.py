@@ -11,7 +11,8 @@
   as the captioned sound kind (a per-position code-frequency classifier built from the training clips; eight
   kinds, so 1/8 is chance).
 * **audio QA**: exact-match accuracy of greedy answers about the held-out synthetic sounds.
-* **text**: each stage's text-regression report (start and end text loss, ``text_gate.json``).
+* **text**: each stage's text-regression report (start and end text loss and token accuracy, ``text_gate.json``;
+  the gate is on the loss, see :mod:`audex.training.text_gate` for what each measures).
 
 Every number is also given for the untrained starting model (``--baseline``). The last line is a JSON object.
 
@@ -221,16 +222,20 @@ def main(argv=None) -> dict:
     for ref, hyp in trained["asr_examples"]:
         print(f"  ASR  ref: {ref!r}\n       hyp: {hyp!r}")
     gates = text_gate_reports(args.runs, args.stages)
-    print("\n=== text-regression gate (held-out text chats, loss in nats/token) ===")
-    print(f"{'stage':<14}{'start':>10}{'end':>10}{'change':>10}  verdict")
+    print("\n=== text-regression gate (held-out text chats; loss in nats/token, gated; top-1 token accuracy) ===")
+    print(f"{'stage':<14}{'loss start':>11}{'loss end':>10}{'change':>10}{'acc start':>11}{'acc end':>9}  verdict")
     for g in gates:
         s, e = g["start"].get(g["text_task"]), g["end"].get(g["text_task"])
         if s and e:
             verdict = "REGRESSED" if g["regressed"] else "ok"
-            print(f"{g['stage']:<14}{s['loss']:>10.4f}{e['loss']:>10.4f}{g['text_relative_change']:>+10.2%}  {verdict}")
+            print(f"{g['stage']:<14}{s['loss']:>11.4f}{e['loss']:>10.4f}{g['text_relative_change']:>+10.2%}"
+                  f"{s['token_accuracy']:>11.3f}{e['token_accuracy']:>9.3f}  {verdict}")
     summary = {"trained": {k: v for k, v in trained.items() if k != "asr_examples"},
                "untrained": {k: v for k, v in untrained.items() if k != "asr_examples"},
-               "text_gate": {g["stage"]: g["text_relative_change"] for g in gates}}
+               "text_gate": {g["stage"]: g["text_relative_change"] for g in gates},
+               "text_gate_token_accuracy": {g["stage"]: [g["start"][g["text_task"]]["token_accuracy"],
+                                                         g["end"][g["text_task"]]["token_accuracy"]]
+                                            for g in gates if g["text_task"] in g["start"] and g["text_task"] in g["end"]}}
     print(json.dumps(summary))
     return summary
 

@@ -11,8 +11,20 @@ The reasoning of an assistant turn is read from ``thinking``, ``reasoning_conten
 ``<think>...</think>`` in its content. The mode of a chat (``--mode auto``) is its ``"thinking"`` field if
 present, else thinking when any assistant turn carries reasoning, else instruct; ``--mode thinking`` or
 ``instruct`` forces it (an instruct chat must not carry reasoning: such rows are skipped, not stripped).
-Content given as a list of ``{"type": "text", "text": ...}`` parts is joined. Tool turns are not supported
-(skipped with a reason), nor are chats that do not end with an assistant turn.
+Content given as a list of ``{"type": "text", "text": ...}`` parts is joined. Chats that do not end with an
+assistant turn are skipped with a reason.
+
+Tool-calling chats (:mod:`audex.tool_calls`) keep the OpenAI / transformers layout: a ``"tools"`` list of
+``{"type": "function", "function": {...}}`` definitions beside ``messages``, assistant turns with
+``"tool_calls"`` and ``{"role": "tool", "content": ...}`` responses (their ``tool_call_id``/``name`` are dropped:
+the chat template places responses in order)::
+
+    {"id": "t1", "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}],
+     "messages": [{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function":
+                      {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                  {"role": "tool", "content": "{\"temp_c\": 21}"},
+                  {"role": "assistant", "content": "It is 21 degrees."}]}
 
     python scripts/prepare_chat.py sft/math.jsonl -o manifests/math_sft.jsonl.gz
 """
@@ -51,9 +63,11 @@ def normalise_message(msg: Any) -> dict:
         raise ValueError(f"a turn must be an object, got {str(msg)[:80]!r}")
     role = msg.get("role")
     if role not in schema.ROLES:
-        raise ValueError(f"role {role!r} is not supported (only {schema.ROLES}; tool-calling chats are not)")
+        raise ValueError(f"role {role!r} is not supported (only {schema.ROLES})")
     content = _text(msg.get("content") if msg.get("content") is not None else "")
     out = {"role": role, "content": content}
+    if role == "assistant" and msg.get("tool_calls"):
+        out["tool_calls"] = msg["tool_calls"]
     if role == "assistant":
         reasoning = msg.get("thinking") or msg.get("reasoning_content")
         match = LEADING_THINK.match(content)
@@ -87,7 +101,7 @@ def iter_cuts(jsonl: Path, mode: str) -> Iterator[Cut | SkipSample]:
                     thinking = bool(record["thinking"]) if "thinking" in record else has_reasoning
                 else:
                     thinking = mode == "thinking"
-                yield schema.make_text_cut(chat_id, messages, thinking=thinking)
+                yield schema.make_text_cut(chat_id, messages, thinking=thinking, tools=record.get("tools"))
             except ValueError as e:
                 yield SkipSample(INVALID_MESSAGES, f"line {line_no}: {e}", cut_id=chat_id)
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "conf" / "model" / "tiny.yaml"
@@ -44,3 +45,18 @@ def make_tone(seconds: float, freq: float = 440.0, sr: int = 16000, amp: float =
 @pytest.fixture
 def tone():
     return make_tone
+
+
+@pytest.fixture(scope="session")
+def speaker_model_dir(tmp_path_factory):
+    """A tiny randomly initialised x-vector model saved as a local Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("wavlm_sv")
+    torch.manual_seed(0)
+    cfg = WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                      conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                      num_conv_pos_embedding_groups=2, tdnn_dim=(16, 16, 32), tdnn_kernel=(5, 3, 1),
+                      tdnn_dilation=(1, 2, 1), xvector_output_dim=16, num_buckets=32, max_bucket_distance=100)
+    WavLMForXVector(cfg).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(folder)
+    return folder

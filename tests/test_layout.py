@@ -2,7 +2,8 @@
 
 Layers, bottom to top (a module imports only its own layer or lower ones, and never in a cycle)::
 
-    0  audex, vocab, tokenizer, audio, tasks, prompts      the paper's vocabulary, prompts and task list
+    0  audex, vocab, tokenizer, audio, tasks, prompts,     the paper's vocabulary, prompts and task list
+       tool_calls, voice_prompt
     1  modules/ parts/ data/ parallel/                     model parts, stateless helpers, the data pipeline, scale-out
     2  models/ parallel/planner                            AudexModel: assembly, forward, steps, checkpoints; layouts
     3  training/ inference/                                orchestration of a stage; generation
@@ -18,7 +19,8 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "audex"
 
 LAYERS = {
-    0: ("audex", "audex.vocab", "audex.tokenizer", "audex.audio", "audex.tasks", "audex.prompts"),
+    0: ("audex", "audex.vocab", "audex.tokenizer", "audex.audio", "audex.tasks", "audex.prompts", "audex.tool_calls",
+        "audex.voice_prompt"),
     1: ("audex.modules", "audex.parts", "audex.data", "audex.parallel"),
     2: ("audex.models", "audex.parallel.planner"),
     3: ("audex.training", "audex.inference"),

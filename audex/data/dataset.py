@@ -101,19 +101,21 @@ class AudexDataset(SequenceDataset):
     """
 
     def __init__(self, builder: SequenceBuilder, packing: bool = False, pad_to_multiple_of: int = 1,
-                 events: SkipEvents | None = None):
+                 events: SkipEvents | None = None, extra_bins: int = 0):
         if packing and builder.max_length is None:
             raise ValueError("packing needs the builder's max_length (the row length); got max_length=None")
         super().__init__(builder, events)
         self.packing = packing
         self.pad_to_multiple_of = int(pad_to_multiple_of)
         self.pad_id = int(builder.tokenizer.pad_id)
+        self.extra_bins = int(extra_bins)
 
     def collate(self, sequences: list[BuiltSequence]) -> PackedBatch:
         if not sequences:
             return empty_batch([])
         if self.packing:
-            bins = pack_balanced_greedy([len(s) for s in sequences], self.builder.max_length)
+            bins = pack_balanced_greedy([len(s) for s in sequences], self.builder.max_length,
+                                        extra_bins=self.extra_bins)
             return collate_rows([[sequences[i] for i in b] for b in bins], self.pad_id, self.pad_to_multiple_of)
         return collate_padded(sequences, self.pad_id, self.pad_to_multiple_of)
 

@@ -240,7 +240,7 @@ def build_dataloader(data_cfg, tokenizer, frames_fn: Callable[[int], int] | None
     packing = options.packing
     dataset_events, sampler_events = SkipEvents(), SkipEvents()
     dataset = AudexDataset(builder, packing=bool(packing.enabled), pad_to_multiple_of=int(packing.pad_to_multiple_of),
-                           events=dataset_events)
+                           events=dataset_events, extra_bins=int(packing.extra_bins))
     name = f"{split} data"
 
     if not nemo.use_multimodal_sampling:
@@ -269,7 +269,7 @@ def build_dataloader(data_cfg, tokenizer, frames_fn: Callable[[int], int] | None
                                              batch_size=None, num_workers=workers)
         packer = OnlinePacker(int(options.max_length), builder.tokenizer.pad_id, int(packing.buffer_size),
                               int(packing.rows_per_batch), int(packing.pad_to_multiple_of), bool(packing.fixed_length),
-                              int(packing.max_carry))
+                              int(packing.max_carry), extra_bins=int(packing.extra_bins))
         loader = PackedStream(chunks, packer, pin_memory=bool(nemo.pin_memory) and torch.cuda.is_available())
     else:
         loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers,

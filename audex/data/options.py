@@ -37,6 +37,7 @@ class PackingOptions:
     pad_to_multiple_of: int = 8
     fixed_length: bool = False         # pad every row to max_length (static shapes)
     max_carry: int = 2                 # times a sample may wait for a better-filled row
+    extra_bins: int = 0                # bins beyond the lower bound per packing round (Megatron's delta)
 
 
 @dataclass

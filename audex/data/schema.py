@@ -19,10 +19,16 @@ caption                 ``cut.custom["caption"]``                   tta
 question / answer       ``cut.custom["question"]`` /                audio_qa (the question without ``<sound>``;
                         ``cut.custom["answer"]``                    the prompt format places the audio)
 chat                    ``cut.custom["messages"]``: list of         text
-                        ``{"role": "system"|"user"|"assistant",
-                        "content": str, "thinking": str}``
+                        ``{"role": "system"|"user"|"assistant"|
+                        "tool", "content": str, "thinking": str,
+                        "tool_calls": [...]}``
+tool definitions        ``cut.custom["tools"]``: list of            text (tool-calling chats,
+                        ``{"type": "function", "function":          :mod:`audex.tool_calls`)
+                        {"name", "description", "parameters"}}``
 reasoning mode          ``cut.custom["thinking"]``: bool            text (audio tasks: always instruct mode)
 speech codes            ``cut.custom["speech_codes"]``: base64      tts
+voice prompt            ``cut.custom["voice_codes"]``: base64 +     tts (optional: voice-prompted TTS,
+                        ``custom["voice_text"]`` (its transcript)   :mod:`audex.voice_prompt`)
 audio codes             ``cut.custom["audio_codes"]``: base64 +     tta
                         ``custom["audio_codes_n_q"]`` (4)
 CFG unconditional       ``cut.custom["cfg_uncond_pads"]``: int      tts, tta copies made by ``make_cfg_uncond``
@@ -64,6 +70,7 @@ from lhotse import MonoCut, Recording, SupervisionSegment
 from lhotse.cut import Cut
 from lhotse.cut.data import DataCut
 
+from audex.data.chats import ROLES, validate_messages  # noqa: F401  (ROLES: part of the schema's API)
 from audex.data.skips import (
     CODES_OUT_OF_RANGE,
     INVALID_BASE64,
@@ -74,6 +81,7 @@ from audex.data.skips import (
     SkipSample,
 )
 from audex.tasks import AUDIO_INPUT_DATA_TASKS, DATA_TASKS, GENERATION_DATA_TASKS
+from audex.tool_calls import validate_tools
 
 ASR = "asr"
 AST = "ast"
@@ -91,7 +99,6 @@ GENERATION_TASKS: tuple[str, ...] = GENERATION_DATA_TASKS
 CODES_DTYPE = np.dtype("<i4")
 CODEC_FRAME_RATE = 50
 SAMPLE_RATE = 16000
-ROLES = ("system", "user", "assistant")
 
 
 # ---- codec codes <-> base64 ---------------------------------------------------------------------
@@ -146,6 +153,19 @@ def get_speech_codes(cut: Cut, codebook_size: int | None = None) -> torch.Tensor
         raise SkipSample(INVALID_CODEC_CODES, "custom['speech_codes'] is empty", cut.id)
     _check_range(codes, codebook_size, "speech_codes", cut.id)
     return torch.from_numpy(codes.copy())
+
+
+def get_voice_prompt(cut: Cut, codebook_size: int | None = None) -> tuple[torch.Tensor, str] | None:
+    """``(voice codes LongTensor[T], voice_text)`` of a voice-prompted TTS cut, None for a fixed-voice one."""
+    custom = cut.custom or {}
+    if custom.get("voice_codes") is None and custom.get("voice_text") is None:
+        return None
+    text = _text_custom(cut, "voice_text")
+    codes = decode_codes(_require_custom(cut, "voice_codes"), "voice_codes", cut.id)
+    if codes.size == 0:
+        raise SkipSample(INVALID_CODEC_CODES, "custom['voice_codes'] is empty", cut.id)
+    _check_range(codes, codebook_size, "voice_codes", cut.id)
+    return torch.from_numpy(codes.copy()), text
 
 
 def get_audio_codes(cut: Cut, codebook_size: int | None = None) -> torch.Tensor:
@@ -245,8 +265,13 @@ def _generation_cut(audio: Recording | Cut | None, cut_id: str | None, duration:
 
 
 def make_tts_cut(transcript: str, audio: Recording | Cut | None = None, speech_codes=None,
-                 language: str | None = None, cut_id: str | None = None) -> DataCut:
-    """TTS example: transcript in, speech codes out. Give ``audio`` (to pre-tokenise later), codes, or both."""
+                 language: str | None = None, cut_id: str | None = None, voice_codes=None,
+                 voice_text: str | None = None) -> DataCut:
+    """TTS example: transcript in, speech codes out. Give ``audio`` (to pre-tokenise later), codes, or both.
+    ``voice_codes`` + ``voice_text`` (the speech codes and transcript of a reference clip of the same speaker)
+    make it a voice-prompted example (:mod:`audex.voice_prompt`)."""
+    if (voice_codes is None) != (voice_text is None):
+        raise ValueError("a voice prompt needs both voice_codes (the reference's speech codes) and voice_text")
     if audio is None and speech_codes is None:
         raise ValueError("make_tts_cut needs the speech audio or its pre-tokenised speech_codes")
     n_frames = len(speech_codes) if speech_codes is not None else 0
@@ -255,6 +280,11 @@ def make_tts_cut(transcript: str, audio: Recording | Cut | None = None, speech_c
     cut.custom["task"] = TTS
     if speech_codes is not None:
         set_speech_codes(cut, speech_codes)
+    if voice_codes is not None:
+        if len(voice_codes) == 0:
+            raise ValueError("voice_codes is empty")
+        cut.custom["voice_codes"] = encode_speech_codes(voice_codes)
+        cut.custom["voice_text"] = _nonempty(voice_text, "voice_text")
     return cut
 
 
@@ -272,11 +302,18 @@ def make_tta_cut(caption: str, audio: Recording | Cut | None = None, audio_codes
     return cut
 
 
-def make_text_cut(cut_id: str, messages: list[dict], thinking: bool = False) -> DataCut:
-    """Text-only chat: a cut without recording. ``messages`` as in :func:`validate_messages`."""
+def make_text_cut(cut_id: str, messages: list[dict], thinking: bool = False, tools: list[dict] | None = None
+                  ) -> DataCut:
+    """Text-only chat: a cut without recording. ``messages`` as in :func:`validate_messages`; ``tools``: the tool
+    definitions of a tool-calling chat."""
     messages = validate_messages(messages, thinking, cut_id, error=ValueError)
-    return MonoCut(id=cut_id, start=0.0, duration=0.0, channel=0, recording=None, supervisions=[],
-                   custom={"task": TEXT, "messages": messages, "thinking": bool(thinking)})
+    custom = {"task": TEXT, "messages": messages, "thinking": bool(thinking)}
+    if tools is not None:
+        try:
+            custom["tools"] = validate_tools(tools, "tools")
+        except ValueError as e:
+            raise ValueError(f"chat {cut_id!r}: {e}") from None
+    return MonoCut(id=cut_id, start=0.0, duration=0.0, channel=0, recording=None, supervisions=[], custom=custom)
 
 
 # ---- accessors ----------------------------------------------------------------------------------
@@ -347,6 +384,17 @@ def get_messages(cut: Cut) -> list[dict]:
     return validate_messages(_require_custom(cut, "messages"), is_thinking(cut), cut.id)
 
 
+def get_tools(cut: Cut) -> list[dict] | None:
+    """The tool definitions of a tool-calling chat (``custom["tools"]``), None when it has none."""
+    tools = (cut.custom or {}).get("tools")
+    if tools is None:
+        return None
+    try:
+        return validate_tools(tools, "custom['tools']")
+    except ValueError as e:
+        raise SkipSample(INVALID_MESSAGES, str(e), cut.id) from None
+
+
 def get_cfg_uncond_pads(cut: Cut) -> int | None:
     """Number of ``<pad>`` tokens replacing the condition of a CFG-unconditional copy, else None."""
     n = (cut.custom or {}).get("cfg_uncond_pads")
@@ -355,39 +403,3 @@ def get_cfg_uncond_pads(cut: Cut) -> int | None:
     if not isinstance(n, int) or n <= 0:
         raise SkipSample(MISSING_FIELD, f"custom['cfg_uncond_pads'] must be a positive int, got {n!r}", cut.id)
     return n
-
-
-def validate_messages(messages: Any, thinking: bool, cut_id: str | None = None, error=None) -> list[dict]:
-    """Check a chat: a list of ``{"role", "content"[, "thinking"]}`` with at least one user and one assistant
-    turn, ending with an assistant turn; an optional system turn comes first; ``thinking`` (the reasoning
-    text) only on assistant turns, and only in thinking mode. Returns plain dicts (JSON-serialisable)."""
-
-    def fail(msg: str):
-        if error is not None:
-            raise error(f"chat {cut_id!r}: {msg}")
-        raise SkipSample(INVALID_MESSAGES, msg, cut_id)
-
-    if not isinstance(messages, (list, tuple)) or not messages:
-        fail(f"messages must be a non-empty list of turns, got {type(messages).__name__}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            fail(f"turn {i} must be a dict with role in {ROLES}, got {m!r:.80}")
-        if not isinstance(m.get("content"), str):
-            fail(f"turn {i} ({m['role']}) needs a string 'content'")
-        if m["role"] == "system" and i != 0:
-            fail(f"the system turn must come first, found it at turn {i}")
-        extra = set(m) - {"role", "content", "thinking"}
-        if extra:
-            fail(f"turn {i} has unknown keys {sorted(extra)}; allowed: role, content, thinking")
-        reasoning = m.get("thinking")
-        if reasoning is not None:
-            if m["role"] != "assistant" or not isinstance(reasoning, str):
-                fail(f"turn {i}: only assistant turns carry a 'thinking' string")
-            if reasoning.strip() and not thinking:
-                fail(f"turn {i} has reasoning but the chat is in instruct mode (custom['thinking']=False)")
-        out.append({k: m[k] for k in ("role", "content", "thinking") if k in m})
-    roles = [m["role"] for m in out]
-    if "user" not in roles or roles[-1] != "assistant":
-        fail(f"a chat needs a user turn and must end with an assistant turn, got roles {roles}")
-    return out

@@ -11,8 +11,12 @@ For every task of :mod:`audex.data.schema` the builder writes the dialog of Figu
   TTA is fixed at 10 s: longer code sequences are cropped to their first 500 frames; shorter ones are
   rejected (``invalid_codec_codes``), because ``scripts/pretokenize.py`` zero-pads every TTA clip to exactly
   10 s before encoding, so a short one means the manifest was not made by it;
+* writes a voice-prompted TTS cut (``custom["voice_codes"]``, ``custom["voice_text"]``) VALL-E style, the
+  reference codes opening the answer as untrained context (:mod:`audex.voice_prompt`);
 * emits ``<pad>`` x k in place of the transcript/caption of a CFG-unconditional copy
   (``custom["cfg_uncond_pads"] = k``, made by :mod:`audex.data.cfg_uncond`);
+* renders a tool-calling chat (``custom["tools"]``, assistant ``tool_calls``, ``tool`` turns) with the
+  backbone's chat template (:mod:`audex.tool_calls`);
 * sets ``labels`` = ``input_ids`` on trainable (assistant) tokens and -100 elsewhere, unshifted.
 
 Bad input raises :class:`~audex.data.skips.SkipSample` with its reason (missing/corrupt/empty audio, invalid
@@ -65,6 +69,8 @@ from audex.prompts import (
     tta_user_content,
     tts_user_content,
 )
+from audex.tool_calls import is_tool_chat
+from audex.voice_prompt import prompted_transcript, voice_prefix_ids
 
 IGNORE_INDEX = -100
 SAMPLE_RATE = 16000
@@ -187,8 +193,18 @@ class SequenceBuilder:
             turns = [fmt.audio_content(schema.get_question(cut)), schema.get_answer(cut)]
         elif task == schema.TTS:
             pads = schema.get_cfg_uncond_pads(cut)
-            user = tts_user_content(num_pads=pads) if pads else tts_user_content(schema.get_transcript(cut))
-            turns = [user, self._speech_answer(cut)]
+            voice = schema.get_voice_prompt(cut, self.vocab.speech_codebook_size)
+            if pads:  # a CFG twin: the whole transcript (a voice prompt's too) is pads; the voice codes stay
+                user = tts_user_content(num_pads=pads)
+            else:
+                text = schema.get_transcript(cut)
+                user = tts_user_content(prompted_transcript(voice[1], text) if voice else text)
+            if voice is None:
+                turns = [user, self._speech_answer(cut)]
+            else:  # VALL-E style: <speechgen_start> + reference codes open the answer, untrained
+                prefix = voice_prefix_ids(self.vocab, voice[0])
+                return [{"role": "user", "content": user},
+                        {"role": "assistant", "content": self._speech_answer(cut)[1:], "prefix": prefix}], False
         else:  # TTA
             pads = schema.get_cfg_uncond_pads(cut)
             user = tta_user_content(num_pads=pads) if pads else tta_user_content(schema.get_caption(cut))
@@ -234,13 +250,15 @@ class SequenceBuilder:
         turns, thinking = self.dialog(cut)
         task = schema.get_task(cut)
         audios, frames = self._audio_inputs(cut, task, load_audio)
+        tools = schema.get_tools(cut) if task == schema.TEXT else None
         try:
-            pieces = self.formatter.pieces(turns, thinking)
+            pieces = self.formatter.pieces(turns, thinking, tools)
         except ValueError as e:
             raise SkipSample(INVALID_MESSAGES, str(e), cut.id) from None
         ids, trainable = self.formatter.encode_pieces(pieces)
         n_turns = len(turns) + (turns[0]["role"] != "system" and self.formatter.system_prompt is not None)
-        if ids.count(self.tokenizer.im_start) != n_turns or ids.count(self.tokenizer.im_end) != n_turns:
+        tool_chat = is_tool_chat(turns, tools)  # its template groups tool turns; markers were refused in the text
+        if not tool_chat and (ids.count(self.tokenizer.im_start) != n_turns or ids.count(self.tokenizer.im_end) != n_turns):
             raise SkipSample(INVALID_MESSAGES, "a message contains <|im_start|> or <|im_end|> and would break the "
                              "turn structure", cut.id)
         ids, trainable = self._expand_sound(ids, trainable, frames, cut.id)

@@ -122,8 +122,13 @@ class EvalEngine:
         return [(float(token_nll[row].sum()), int(counts[row])) for row in range(len(encoded))]
 
     # ---- generation ----------------------------------------------------------------------------
-    def tts(self, texts: Sequence[str]) -> list[torch.Tensor]:
-        return [r.waveform for r in self.run("tts", text=list(texts))]
+    def tts(self, texts: Sequence[str], voices: Sequence[torch.Tensor] | None = None,
+            voice_texts: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """Waveforms; with ``voices`` and ``voice_texts`` (one reference clip and its transcript per text) the
+        voice-prompted form (:mod:`audex.voice_prompt`)."""
+        if voices is None:
+            return [r.waveform for r in self.run("tts", text=list(texts))]
+        return [r.waveform for r in self.run("tts", text=list(texts), voice=list(voices), voice_text=list(voice_texts))]
 
     def tta(self, captions: Sequence[str]) -> list[torch.Tensor]:
         return [r.waveform for r in self.run("tta", text=list(captions))]

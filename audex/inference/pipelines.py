@@ -57,19 +57,25 @@ from audex.prompts import (
     tta_user_content,
     tts_user_content,
 )
+from audex.tool_calls import is_tool_chat, parse_tool_responses
+from audex.voice_prompt import encode_voice_prompts, prompted_tts_content, voice_prefix_ids
 
 
 # ---- results ------------------------------------------------------------------------------------
 @dataclass
 class TextResult:
     """A text answer; ``thinking`` holds the reasoning of a thinking-mode answer, ``fields`` the parsed
-    ASR/AST answer (``language``, ``transcription``, ``translation``)."""
+    ASR/AST answer (``language``, ``transcription``, ``translation``), ``tool_calls`` the parsed calls of a
+    tool chat (``[{"type": "function", "function": {"name", "arguments"}}]``; ``tool_call_error`` says why
+    an answer that tried to call a tool could not be parsed)."""
 
     text: str
     token_ids: list[int]
     finish_reason: str
     thinking: str | None = None
     fields: dict | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_error: str | None = None
 
 
 @dataclass
@@ -137,17 +143,19 @@ def split_long_text(text: str, max_chars: int | None) -> list[str]:
 
 # ---- the pipelines ------------------------------------------------------------------------------
 def generation_prompts(tokenizer, prompt_ids: Callable[[str, bool], list[int]], content_fn, conditions: Sequence[str],
-                       opener: int, thinking: bool) -> tuple[list[list[int]], list[list[int]]]:
+                       opener: int | Sequence[int], thinking: bool) -> tuple[list[list[int]], list[list[int]]]:
     """TTS/TTA prompts and their unconditional twins: the condition replaced by as many ``<pad>`` tokens as it has
     tokens (how the CFG training copies were made), each prompt ending with the span opener
-    (``<speechgen_start>`` / ``<audiogen_start>``). ``prompt_ids(content, thinking)`` writes the chat prompt."""
+    (``<speechgen_start>`` / ``<audiogen_start>``; with a voice prompt, ``<speechgen_start>`` + its codes, the same in
+    both rows). ``prompt_ids(content, thinking)`` writes the chat prompt."""
+    opener = [opener] if isinstance(opener, int) else list(opener)
     cond, uncond = [], []
     one_pad = len(tokenizer.encode(content_fn(num_pads=1)))
     for text in conditions:
         content = content_fn(text)
         num_pads = max(1, len(tokenizer.encode(content)) - one_pad + 1)
-        cond.append(prompt_ids(content, thinking) + [opener])
-        uncond.append(prompt_ids(content_fn(num_pads=num_pads), thinking) + [opener])
+        cond.append(prompt_ids(content, thinking) + opener)
+        uncond.append(prompt_ids(content_fn(num_pads=num_pads), thinking) + opener)
     return cond, uncond
 
 
@@ -197,10 +205,13 @@ class AudexPipeline:
         return self.presets[name]
 
     def _decode(self, preset: TaskPreset, prompts: list[list[int]], *, audios: Sequence[Sequence[torch.Tensor]] | None = None,
-                uncond_prompts: list[list[int]] | None = None, **overrides) -> GenerationOutput:
+                uncond_prompts: list[list[int]] | None = None, prompt_speech_seconds: float = 0.0,
+                **overrides) -> GenerationOutput:
         params = preset.sampling.replace(**overrides) if overrides else preset.sampling
+        # the speech cap counts the span's codes, a voice prompt's included: it gets the prompt's length on top
+        max_speech = None if preset.max_speech_seconds is None else preset.max_speech_seconds + prompt_speech_seconds
         constraint = CodecConstraint.for_task(self.tokenizer, preset.output, audio_seconds=preset.audio_seconds or 10.0,
-                                              max_speech_seconds=preset.max_speech_seconds)
+                                              max_speech_seconds=max_speech)
         audio_embeds = None
         if audios is not None and any(len(a) for a in audios):
             flat = [torch.as_tensor(w, dtype=torch.float32) for per_prompt in audios for w in per_prompt]
@@ -286,29 +297,68 @@ class AudexPipeline:
 
     # ---- text ---------------------------------------------------------------------------------
     def chat(self, conversations: Sequence[str | Sequence[dict]], thinking: bool | None = None,
-             preset: str = "chat", **overrides) -> list[TextResult]:
+             preset: str = "chat", tools: Sequence[dict] | None = None, **overrides) -> list[TextResult]:
         """Text chat (Figure 2a): each conversation is a user message or turns ending with a user turn.
-        ``thinking`` overrides the preset's mode (thinking: ``<think>\\n``; instruct: ``<think></think>``)."""
+        ``thinking`` overrides the preset's mode (thinking: ``<think>\\n``; instruct: ``<think></think>``).
+
+        With ``tools`` (transformers tool definitions, for every conversation) or tool turns, the prompt is the
+        backbone's chat template with the tools in the system turn (:mod:`audex.tool_calls`), a conversation may
+        end with ``tool`` responses, and each result carries the parsed ``tool_calls``::
+
+            >>> r = pipe.chat(["Weather in Paris?"], tools=[weather_tool])[0]
+            >>> r.tool_calls    # [{"type": "function", "function": {"name": "get_weather", "arguments": {...}}}]
+        """
         p = self._preset(preset)
         thinking = p.thinking if thinking is None else bool(thinking)
+        if tools or any(not isinstance(c, str) and is_tool_chat(c) for c in conversations):
+            return self._tool_chat(p, conversations, thinking, tools, overrides)
         prompts = [self.prompt_ids(c, thinking) for c in conversations]
         return self._text_results(self._decode(p, prompts, **overrides), thinking)
+
+    def _tool_chat(self, preset: TaskPreset, conversations, thinking: bool, tools, overrides) -> list[TextResult]:
+        dialogs = [[{"role": "user", "content": c}] if isinstance(c, str) else list(c) for c in conversations]
+        for i, turns in enumerate(dialogs):
+            if not turns or turns[-1].get("role") not in ("user", "tool"):
+                raise ValueError(f"conversation {i}: a tool-chat prompt must end with a user or tool turn")
+        prefixes = [self.formatter.render_text(t, thinking, tools) for t in dialogs]
+        prompts = [self.formatter.encode_dialog(t, thinking, tools)["input_ids"].tolist() for t in dialogs]
+        out = self._decode(preset, prompts, **overrides)
+        parsed = parse_tool_responses(self.tokenizer.hf, [self.tokenizer.decode(ids) for ids in out.token_ids],
+                                      prefixes, tools)
+        return [TextResult(text=(p.get("content") or "").strip(), token_ids=list(ids), finish_reason=reason,
+                           thinking=p.get("thinking"), tool_calls=p.get("tool_calls", []), tool_call_error=error)
+                for (p, error), ids, reason in zip(parsed, out.token_ids, out.finish_reasons)]
 
     # ---- generation ---------------------------------------------------------------------------
     def _generation_prompts(self, content_fn, conditions: Sequence[str], opener: int, thinking: bool):
         """Conditional prompts and their same-length unconditional twins (condition -> ``<pad>`` x n)."""
         return generation_prompts(self.tokenizer, self.prompt_ids, content_fn, conditions, opener, thinking)
 
-    def tts_codes(self, texts: Sequence[str], **overrides) -> list[tuple[torch.Tensor, str, int]]:
-        """Speech codes per text (long texts in sentence groups, joined): ``(codes [T], finish_reason, groups)``."""
+    def tts_codes(self, texts: Sequence[str], voice=None, voice_text: str | Sequence[str] | None = None,
+                  **overrides) -> list[tuple[torch.Tensor, str, int]]:
+        """Speech codes per text (long texts in sentence groups, joined): ``(codes [T], finish_reason, groups)``.
+        ``voice`` / ``voice_text``: a voice prompt (see :meth:`tts`)."""
         preset = self._preset("tts")
+        voices = encode_voice_prompts(self.model.speech_codec, len(texts), voice, voice_text)
         segments, owner = [], []
         for i, text in enumerate(texts):
             for seg in split_long_text(text, preset.long_form_max_chars):
                 segments.append(seg)
                 owner.append(i)
-        cond, uncond = self._generation_prompts(tts_user_content, segments, self.vocab.speechgen_start, preset.thinking)
-        out = self._decode(preset, cond, uncond_prompts=uncond, **overrides)
+        if voices is None:
+            cond, uncond = self._generation_prompts(tts_user_content, segments, self.vocab.speechgen_start,
+                                                    preset.thinking)
+            out = self._decode(preset, cond, uncond_prompts=uncond, **overrides)
+        else:
+            cond, uncond = [], []
+            for seg, i in zip(segments, owner):
+                codes, words = voices[i]
+                content_fn = prompted_tts_content(words)
+                c, u = self._generation_prompts(content_fn, [seg], voice_prefix_ids(self.vocab, codes), preset.thinking)
+                cond += c
+                uncond += u
+            longest = max(int(codes.numel()) for codes, _ in voices) / self.vocab.tokens_per_second("speech")
+            out = self._decode(preset, cond, uncond_prompts=uncond, prompt_speech_seconds=longest, **overrides)
         results = []
         for i in range(len(texts)):
             rows = [r for r, o in enumerate(owner) if o == i]
@@ -317,10 +367,13 @@ class AudexPipeline:
             results.append((codes, reason, len(rows)))
         return results
 
-    def tts(self, texts: Sequence[str], **overrides) -> list[SpeechResult]:
-        """Text to speech (A.6 template; top-k 80, T 0.1, lambda 1.5)."""
+    def tts(self, texts: Sequence[str], voice=None, voice_text: str | Sequence[str] | None = None,
+            **overrides) -> list[SpeechResult]:
+        """Text to speech (A.6 template; top-k 80, T 0.1, lambda 1.5). With ``voice`` (a 16 kHz reference waveform,
+        or its X-Codec2 codes; one for all texts or one per text) and ``voice_text`` (its transcript) the speech
+        continues the reference's voice (:mod:`audex.voice_prompt`); the CFG twin keeps the reference codes."""
         results = []
-        for text, (codes, reason, n_groups) in zip(texts, self.tts_codes(texts, **overrides)):
+        for text, (codes, reason, n_groups) in zip(texts, self.tts_codes(texts, voice, voice_text, **overrides)):
             ids = self.vocab.speech_codes_to_ids(codes).tolist()
             results.append(SpeechResult(text=text, codes=codes, waveform=speech_tokens_to_waveform(self.model, ids),
                                         finish_reason=reason, num_segments=n_groups))

@@ -27,6 +27,7 @@ from lhotse import CutSet
 from tqdm import tqdm
 
 from audex.audio import load_audio
+from audex.data import schema
 from audex.data.sequence import load_cut_audio
 from audex.inference.pipelines import AudexPipeline
 from audex.inference.waveform import write_wav
@@ -66,6 +67,8 @@ def records_from_manifest(path: str | Path, task: str) -> list[dict]:
                 rec[key] = custom[key]
         if task in ("tts", "chat") and sup is not None and sup.text:
             rec["text"] = sup.text
+        if task == "tts" and custom.get("voice_codes") is not None:  # a voice-prompted TTS cut
+            rec["voice"], rec["voice_text"] = schema.get_voice_prompt(cut)
         if task == "chat" and custom.get("messages"):  # the chat up to its last user turn is the prompt
             messages = list(custom["messages"])
             rec["text"] = messages[:-1] if messages[-1].get("role") == "assistant" else messages
@@ -86,6 +89,12 @@ def prepare(record: dict, task: str) -> dict:
             rec["audio"] = load_cut_audio(rec["cut"])
         elif "audio_path" in rec:
             rec["audio"] = load_audio(rec["audio_path"])
+    if task == "tts" and (rec.get("voice") is not None or rec.get("voice_text")):
+        if rec.get("voice") is None or not rec.get("voice_text"):
+            raise ValueError("a voice prompt needs both inputs.voice (a reference WAV) and inputs.voice_text (its "
+                             "transcript)")
+        if isinstance(rec["voice"], (str, Path)):
+            rec["voice"] = load_audio(rec["voice"])
     spec.check_record(rec)
     return rec
 

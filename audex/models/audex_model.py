@@ -270,6 +270,13 @@ class AudexModel(ModelPT):
         loss_cfg = self.cfg.get("loss") if self.cfg is not None else None
         return str(loss_cfg.get("reduction", "square_averaged")) if loss_cfg is not None else "square_averaged"
 
+    @property
+    def loss_unit(self) -> str:
+        """``model.loss.square_average_unit``: eq. (2)'s j per ``sample`` (the paper's text, the default) or per
+        ``turn`` (each assistant turn, as Megatron's ``scaled_loss_func`` computes it)."""
+        loss_cfg = self.cfg.get("loss") if self.cfg is not None else None
+        return str(loss_cfg.get("square_average_unit", "sample")) if loss_cfg is not None else "sample"
+
     def forward_batch(self, batch) -> CausalLMOutputWithPast:
         """:meth:`forward` on a data-pipeline batch (:class:`~audex.data.collate.PackedBatch` or a dict)."""
         return self(input_ids=batch_field(batch, "input_ids"), position_ids=batch_field(batch, "position_ids"),
@@ -287,7 +294,7 @@ class AudexModel(ModelPT):
         with balancer.recording(valid) if balancer is not None else nullcontext():
             out = self.forward_batch(batch)
         loss, stats = language_model_loss(out.logits, batch_field(batch, "labels"), sample_ids,
-                                          reduction=reduction or self.loss_reduction)
+                                          reduction=reduction or self.loss_reduction, unit=self.loss_unit)
         stats["real_tokens"] = valid.sum()
         if balancer is not None:
             aux = balancer.load_balancing_loss()

@@ -2,21 +2,28 @@
 
 * :func:`token_cross_entropy` -- per-token next-token losses; labels are ``-100`` on untrainable tokens (system
   and user turns, audio placeholders, padding, CFG padding), the shift happens inside.
-* :func:`square_averaged_loss` -- eq. (2) over the samples of a packed micro-batch::
+* :func:`square_averaged_loss` -- eq. (2) over the units of a packed micro-batch::
 
       loss = sum_j sum(L_j) / sqrt(|L_j|)  /  sum_j sqrt(|L_j|)
 
-  Samples are told apart by ``sample_ids`` (-1 = padding), as Megatron-LM's multimodal ``scaled_loss_func``
-  (``examples/multimodal/train.py``) does with contiguous loss-mask runs. The set {L_1..L_k} is every sample of
-  the micro-batch (row, sample id), so the loss of a set of samples does not depend on how they were packed
-  into rows: packing changes the speed, not the objective. With one packed row per micro-batch (Megatron's
-  setting) it is exactly Megatron's formula.
+  What a unit j is, is ``loss.square_average_unit``:
+
+  - ``sample`` (default, the paper's text: "the j-th sample"): every sample of the micro-batch (row, sample id;
+    ``sample_ids`` -1 = padding). A multi-turn chat is one unit however many assistant turns it has.
+  - ``turn`` (the paper's cited source, Megatron-LM's multimodal ``scaled_loss_func`` in
+    ``examples/multimodal/train.py``): every contiguous run of trainable targets in a row, i.e. every assistant
+    turn (an untrainable stretch inside a turn splits it, as it does in Megatron, which infers turns from the
+    loss mask alone). Runs never cross samples: the first target of a packed sample is never trainable.
+
+  Either way the set {L_1..L_k} does not depend on how the samples were packed into rows: packing changes the
+  speed, not the objective. The two units agree on single-turn samples (every task but multi-turn chats).
 * MoE load balancing (the third term of the paper's objective) is :mod:`audex.parts.moe`.
 
 Example::
 
     losses, trainable, sample_of_target = token_cross_entropy(logits, labels, sample_ids)
-    loss = square_averaged_loss(losses, trainable, sample_of_target)
+    loss = square_averaged_loss(losses, trainable, sample_of_target)               # per sample (the paper)
+    loss = square_averaged_loss(losses, trainable, sample_of_target, unit="turn")  # per turn (Megatron)
 
 Hand-written because none of the libraries in use has it: transformers' ``ForCausalLMLoss`` averages over
 all tokens of the batch (eq. 1, not eq. 2).
@@ -85,13 +92,32 @@ def per_sample_sums(losses: torch.Tensor, trainable: torch.Tensor, target_sample
     return sums[present], counts[present]
 
 
-def square_averaged_loss(losses: torch.Tensor, trainable: torch.Tensor, target_sample_ids: torch.Tensor) -> torch.Tensor:
-    """Eq. (2) over every sample of the micro-batch: ``sum_j sum(L_j)/sqrt(|L_j|) / sum_j sqrt(|L_j|)``.
+SQUARE_AVERAGE_UNITS = ("sample", "turn")
 
-    Each sample's mean loss is weighted by the square root of its trainable length: long samples count more
-    than in a per-sample mean, less than in a per-token mean. A micro-batch without trainable tokens gives a
-    zero loss that still backpropagates (so that distributed ranks stay in step).
+
+def turn_ids(trainable: torch.Tensor) -> torch.Tensor:
+    """``[B, L-1]`` index of the contiguous run of trainable targets each position belongs to, per row (-1 where
+    not trainable): Megatron's ``get_mask_start_and_end_idx`` as a tensor."""
+    starts = trainable.clone()
+    starts[:, 1:] &= ~trainable[:, :-1]
+    return torch.where(trainable, torch.cumsum(starts.long(), dim=1) - 1, torch.full_like(starts, -1, dtype=torch.long))
+
+
+def square_averaged_loss(losses: torch.Tensor, trainable: torch.Tensor, target_sample_ids: torch.Tensor,
+                         unit: str = "sample") -> torch.Tensor:
+    """Eq. (2) over every unit of the micro-batch: ``sum_j sum(L_j)/sqrt(|L_j|) / sum_j sqrt(|L_j|)``.
+
+    ``unit`` is ``sample`` (each packed sample, the paper's text) or ``turn`` (each contiguous run of trainable
+    targets, Megatron's ``scaled_loss_func``); see the module docstring. Each unit's mean loss is weighted by the
+    square root of its trainable length: long units count more than in a per-unit mean, less than in a per-token
+    mean. A micro-batch without trainable tokens gives a zero loss that still backpropagates (so that
+    distributed ranks stay in step).
     """
+    if unit == "turn":
+        target_sample_ids = turn_ids(trainable)
+    elif unit != "sample":
+        raise ValueError(f"unknown square_average_unit {unit!r}; use one of {list(SQUARE_AVERAGE_UNITS)} "
+                         "(model.loss.square_average_unit)")
     sums, counts = per_sample_sums(losses, trainable, target_sample_ids)
     if sums.numel() == 0:
         return losses.sum() * 0.0
@@ -100,17 +126,22 @@ def square_averaged_loss(losses: torch.Tensor, trainable: torch.Tensor, target_s
 
 
 REDUCTIONS = {"square_averaged": square_averaged_loss,
-              "token_mean": lambda losses, trainable, _sids: mean_token_loss(losses, trainable)}
+              "token_mean": lambda losses, trainable, _sids, unit="sample": mean_token_loss(losses, trainable)}
 
 
 def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor | None = None,
-                        reduction: str = "square_averaged") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loss with the configured reduction (``square_averaged``: eq. 2; ``token_mean``: eq. 1),
-    plus detached statistics (``token_mean_loss``, ``token_accuracy``, ``trainable_tokens``)."""
+                        reduction: str = "square_averaged", unit: str = "sample"
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss with the configured reduction (``square_averaged``: eq. 2 over ``unit`` s, ``sample`` or
+    ``turn``; ``token_mean``: eq. 1), plus detached statistics (``token_mean_loss``, ``token_accuracy``,
+    ``trainable_tokens``)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown loss reduction {reduction!r}; use one of {sorted(REDUCTIONS)}")
+    if unit not in SQUARE_AVERAGE_UNITS:
+        raise ValueError(f"unknown square_average_unit {unit!r}; use one of {list(SQUARE_AVERAGE_UNITS)} "
+                         "(model.loss.square_average_unit)")
     losses, trainable, target_samples = token_cross_entropy(logits, labels, sample_ids)
-    loss = REDUCTIONS[reduction](losses, trainable, target_samples)
+    loss = REDUCTIONS[reduction](losses, trainable, target_samples, unit=unit)
     with torch.no_grad():
         n = trainable.sum()
         correct = (logits[:, :-1].argmax(-1) == labels[:, 1:]) & trainable

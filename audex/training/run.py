@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from audex.data.loader import build_dataloader, plan_blend
 from audex.models.audex_model import AudexModel
+from audex.training.progress import StageProgressBar
 from audex.training.resumable import ExactResume, ResumableLoader
 from audex.training.stages import apply_stage, load_init_weights
 from audex.training.text_gate import TextRegressionGate
@@ -137,6 +138,8 @@ def build_trainer(cfg: DictConfig, max_steps: int):
     devices = _num_devices(cfg.trainer)
     trainer_cfg["accumulate_grad_batches"] = gradient_accumulation(
         int(cfg.data.global_batch_size), rows_per_micro_batch(cfg.data), devices, int(cfg.trainer.get("num_nodes", 1)))
+    if trainer_cfg.get("enable_progress_bar", True):  # the stage's step count as the bar's total, not "?"
+        trainer_cfg["callbacks"] = [*trainer_cfg.get("callbacks", []), StageProgressBar()]
     if trainer_cfg.get("precision") in ("bf16", "bf16-mixed") and trainer_cfg.get("accelerator") in ("gpu", "cuda") \
             and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         log.warning("this GPU has no bf16: training in fp16-mixed")

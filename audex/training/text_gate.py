@@ -7,6 +7,16 @@ audio tasks (ASR, TTS, TTA, audio QA, ...) -- and reports the change. When the t
 ``max_relative_increase`` the gate logs a banner warning, or (``on_regression: error``) fails the run after
 the report is written, so that a chained run stops before the next stage builds on a damaged model.
 
+The two numbers answer different questions, and the report gives both (the verdict line and ``text_gate.json``'s
+``text_relative_change`` and ``text_token_accuracy_change``):
+
+* **loss** (the gated one) -- mean negative log-probability of the reference token: how much probability the model
+  gives the held-out answers. It rises when the model becomes less sure of right tokens *or* confidently wrong.
+* **token accuracy** -- share of reference tokens that are the model's top choice (greedy decoding). It ignores
+  how sure the model is, so it can rise while the loss rises too (more top-1 hits, bought with over-confident
+  misses on the rest). The gate stays on the loss, the quantity training optimises and the one that sampling
+  with a temperature sees.
+
 Config (``model.text_gate`` in every stage)::
 
     text_gate:
@@ -106,6 +116,19 @@ class GateReport:
         return (after - before) / max(before, 1e-12)
 
     @property
+    def text_accuracy_change(self) -> float | None:
+        """End minus start token accuracy of the text task (absolute, 0.032 = +3.2 points)."""
+        if self.text_task not in self.start or self.text_task not in self.end:
+            return None
+        return self.end[self.text_task].token_accuracy - self.start[self.text_task].token_accuracy
+
+    def text_summary(self) -> str:
+        """``loss +5.49 %, token accuracy 0.741 -> 0.773 (+3.2 points)`` for the text task."""
+        s, e = self.start[self.text_task], self.end[self.text_task]
+        return (f"loss {self.text_relative_change:+.2%}, token accuracy {s.token_accuracy:.3f} -> "
+                f"{e.token_accuracy:.3f} ({100 * self.text_accuracy_change:+.1f} points)")
+
+    @property
     def regressed(self) -> bool:
         change = self.text_relative_change
         return change is not None and change > self.max_relative_increase
@@ -125,14 +148,16 @@ class GateReport:
         if verdict is None:
             lines.append(f"  no {self.text_task!r} validation data: text regression not measured")
         else:
-            lines.append(f"  text: {'REGRESSED' if self.regressed else 'ok'} ({verdict:+.2%})")
+            lines.append(f"  text: {'REGRESSED' if self.regressed else 'ok'} ({self.text_summary()}; the gate is on "
+                         "the loss)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"stage": self.stage, "text_task": self.text_task, "max_relative_increase": self.max_relative_increase,
                 "start": {k: asdict(v) for k, v in self.start.items()},
                 "end": {k: asdict(v) for k, v in self.end.items()},
-                "text_relative_change": self.text_relative_change, "regressed": self.regressed}
+                "text_relative_change": self.text_relative_change,
+                "text_token_accuracy_change": self.text_accuracy_change, "regressed": self.regressed}
 
 
 class TextRegressionError(RuntimeError):
@@ -193,8 +218,8 @@ class TextRegressionGate(Callback):
             Path(self.report_path).parent.mkdir(parents=True, exist_ok=True)
             Path(self.report_path).write_text(json.dumps(self.report.to_dict(), indent=2))
         if self.report.regressed:
-            message = (f"TEXT REGRESSION in {self.report.stage}: {self.report.text_task} loss rose by "
-                       f"{self.report.text_relative_change:+.2%} (allowed +{self.report.max_relative_increase:.1%}). "
+            message = (f"TEXT REGRESSION in {self.report.stage}: {self.report.text_task} {self.report.text_summary()} "
+                       f"(loss allowed +{self.report.max_relative_increase:.1%}). "
                        "Raise the text share of the blend (appendix C.2) or lower the learning rate.")
             if self.on_regression == "error":
                 raise TextRegressionError(message)

@@ -66,6 +66,40 @@ def test_pack_balances_bins(lengths, num_bins):
     assert max(fills) - min(fills) <= max(lengths)
 
 
+def _megatron_balanced_greedy_knapsack(item_sizes, max_capacity, delta):
+    """Megatron-LM's ``balanced_greedy_knapsack`` (examples/multimodal/data_loading/knapsacks.py) written out,
+    on item indices; its empty knapsacks are dropped (Audex drops them too)."""
+    order = sorted(range(len(item_sizes)), key=lambda i: item_sizes[i], reverse=True)
+    n = (sum(item_sizes) + max_capacity - 1) // max_capacity + delta
+    knapsacks, fills = [[] for _ in range(n)], [0] * n
+    ks, k = 0, 0
+    while k < len(order):
+        size = item_sizes[order[k]]
+        if fills[ks] + size <= max_capacity:
+            knapsacks[ks].append(order[k])
+            fills[ks] += size
+            k += 1
+        else:
+            knapsacks.append([])
+            fills.append(0)
+        ks = fills.index(min(fills))
+    return [b for b in knapsacks if b]
+
+
+def test_extra_bins_hand_example():
+    # 2,900 tokens: 3 bins + 1 extra -> 4 bins; the 300 and the 100 go to the two emptiest
+    assert pack_balanced_greedy([900, 700, 500, 400, 300, 100], 1000, extra_bins=1) == [[0], [1], [2, 5], [3, 4]]
+    with pytest.raises(ValueError, match="extra_bins"):
+        pack_balanced_greedy([10], 1000, extra_bins=-1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 1000), min_size=1, max_size=200), st.integers(1000, 3000), st.integers(0, 20))
+def test_pack_equals_megatron_balanced_greedy_knapsack(lengths, max_length, delta):
+    assert pack_balanced_greedy(lengths, max_length, extra_bins=delta) == \
+        _megatron_balanced_greedy_knapsack(lengths, max_length, delta)
+
+
 # ---- the packed batch layout -----------------------------------------------------------------------
 def test_collate_rows_layout():
     a, b, c = fake_sequence(7, "a", 1, n_audio=1), fake_sequence(5, "b", 2), fake_sequence(4, "c", 3, n_audio=2)
@@ -163,6 +197,25 @@ def test_online_packer_fills_rows():
     assert sum(fills) == sum(lengths)
     assert sum(fills) / (len(rows) * 1000) >= 0.98
     assert sorted(fills)[1] >= 900  # only the row flushed at the end of the stream may be short
+
+
+def test_online_packer_extra_bins_trade_fill_for_more_rows():
+    """Megatron's delta: every round opens ``extra_bins`` more rows, so there are more, less full rows; nothing
+    is lost."""
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 300) for _ in range(3000)]
+
+    def fills(extra_bins):
+        packer = OnlinePacker(max_length=1000, pad_id=8, buffer_size=256, extra_bins=extra_bins)
+        rows = [r for b in packer.pack_rows(fake_sequence(n, f"s{i}") for i, n in enumerate(lengths)) for r in b]
+        return [sum(len(s) for s in r) for r in rows]
+
+    base, extra = fills(0), fills(4)
+    assert sum(base) == sum(extra) == sum(lengths)
+    assert len(extra) > len(base)
+    assert sum(extra) / (len(extra) * 1000) < sum(base) / (len(base) * 1000)
+    with pytest.raises(ValueError, match="extra_bins"):
+        OnlinePacker(max_length=1000, pad_id=8, extra_bins=-1)
 
 
 def test_online_packer_without_on_skip_raises_for_too_long():

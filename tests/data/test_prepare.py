@@ -162,21 +162,30 @@ def test_chat_jsonl(tmp_path, capsys, tok):
         {"id": "tool", "messages": [{"role": "user", "content": "Weather?"}, {"role": "tool", "content": "{}"},
                                     {"role": "assistant", "content": "Sunny"}]},
         {"id": "open", "messages": [{"role": "user", "content": "Unanswered"}]},
+        {"id": "toolcall", "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}],
+         "messages": [{"role": "user", "content": "Weather?"},
+                      {"role": "assistant", "content": None, "tool_calls": [
+                          {"id": "c0", "type": "function",
+                           "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                      {"role": "tool", "tool_call_id": "c0", "content": "{}"},
+                      {"role": "assistant", "content": "Sunny"}]},
     ]
     jsonl = tmp_path / "chat.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "chat_cuts.jsonl"
     code, printed = run("prepare_chat", [jsonl, "-o", out, "--max-skip-rate", "0.5"], capsys)
-    assert code == 0 and "3 kept, 2 skipped" in printed and "invalid_messages=2" in printed
+    assert code == 0 and "4 kept, 2 skipped" in printed and "invalid_messages=2" in printed
     seqs = built_tasks(tok, out)
     trained = {k: tok.decode(s.input_ids[s.labels != IGNORE_INDEX]) for k, s in seqs.items()}
     assert trained == {"think1": "Add them.\n</think>\n4<|im_end|>", "think2": "Recall.\n</think>\nParis<|im_end|>",
-                       "inst": "Hello!<|im_end|>"}
+                       "inst": "Hello!<|im_end|>",
+                       "toolcall": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                                   "</tool_call><|im_end|>Sunny<|im_end|>"}
     assert all(not s.audios for s in seqs.values())
     assert tok.decode(seqs["think2"].input_ids).startswith("<|im_start|>system\nBe terse.<|im_end|>")
     # forcing instruct mode on chats that carry reasoning skips them instead of dropping the reasoning
     code, printed = run("prepare_chat", [jsonl, "-o", tmp_path / "i.jsonl", "--mode", "instruct"], capsys)
-    assert code == 1 and "1 kept, 4 skipped" in printed
+    assert code == 1 and "2 kept, 4 skipped" in printed
 
 
 @pytest.fixture(scope="module")

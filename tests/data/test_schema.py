@@ -144,4 +144,6 @@ def test_builders_refuse_bad_input(tmp_path):
         schema.make_text_cut("c", [{"role": "user", "content": "a"},
                                    {"role": "assistant", "content": "b", "thinking": "r"}], thinking=False)
     with pytest.raises(ValueError, match="role in"):
+        schema.make_text_cut("c", [{"role": "function", "content": "a"}, {"role": "assistant", "content": "b"}])
+    with pytest.raises(ValueError, match="tool response must follow"):  # "tool" is a role of tool-calling chats
         schema.make_text_cut("c", [{"role": "tool", "content": "a"}, {"role": "assistant", "content": "b"}])

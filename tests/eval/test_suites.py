@@ -278,23 +278,6 @@ def test_mcq_accuracy_from_scripted_answers(tmp_path):
 
 
 # ---- generation -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def speaker_model_dir(tmp_path_factory):
-    """A tiny randomly initialised x-vector model saved as a local Hugging Face folder."""
-    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
-
-    folder = tmp_path_factory.mktemp("wavlm_sv")
-    torch.manual_seed(0)
-    cfg = WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                      conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
-                      num_conv_pos_embedding_groups=2, tdnn_dim=(16, 16, 32), tdnn_kernel=(5, 3, 1),
-                      tdnn_dilation=(1, 2, 1), xvector_output_dim=16, num_buckets=32, max_bucket_distance=100)
-    WavLMForXVector(cfg).save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True,
-                             return_attention_mask=True).save_pretrained(folder)
-    return folder
-
-
 def test_tts_wer_and_speaker_similarity(engine, speech_folder, speaker_model_dir, tmp_path):
     audio = speech_folder / "audio"
     speech = {s.id: s for s in load_samples(references=speech_folder / "refs.jsonl", folder=audio)[0]}

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+from lhotse import CutSet
 
+from audex.data import schema
 from audex.inference.pipelines import AudexPipeline
-from audex.inference.runner import records_from_texts, records_from_wavs, run_inference
+from audex.inference.runner import records_from_manifest, records_from_texts, records_from_wavs, run_inference
 from audex.inference.waveform import write_wav
 from audex.models.checkpoint import load_model
 
@@ -39,6 +41,24 @@ def test_tts_batch_writes_wavs_and_reports_bad_inputs(pipe, tmp_path):
     for line in (lines[0], lines[3]):
         data, sr = sf.read(line["wav"])
         assert sr == 16000 and len(data) == line["codec_frames"] * 320
+
+
+def test_voice_prompted_tts_records_from_texts_and_manifest(pipe, tmp_path, tone):
+    write_wav(tmp_path / "ref.wav", tone(0.4))
+    records = records_from_texts(["Good evening.", "See you."], voice=str(tmp_path / "ref.wav"),
+                                 voice_text="a reference voice")
+    records += records_from_texts(["No prompt here."])
+    records.append({"id": "half", "text": "Hi.", "voice": str(tmp_path / "ref.wav")})       # no voice_text
+    cut = schema.make_tts_cut("From a manifest.", speech_codes=[1, 2, 3], cut_id="m0", voice_codes=[4, 5, 6, 7],
+                              voice_text="the manifest's voice")
+    CutSet.from_cuts([cut]).to_file(tmp_path / "tts.jsonl")
+    manifest = records_from_manifest(tmp_path / "tts.jsonl", "tts")
+    assert manifest[0]["voice"].tolist() == [4, 5, 6, 7] and manifest[0]["voice_text"] == "the manifest's voice"
+    summary = run_inference(pipe, "tts", records + manifest, tmp_path / "out.jsonl", batch_size=8,
+                            sampling={"max_new_tokens": 6, "seed": 0}, wav_dir=tmp_path / "wav", progress=False)
+    lines = read_jsonl(tmp_path / "out.jsonl")
+    assert [x["status"] for x in lines] == ["ok", "ok", "ok", "error", "ok"] and summary["ok"] == 4
+    assert "needs both inputs.voice" in lines[3]["error"]
 
 
 def test_a_failing_input_inside_a_batch_is_isolated(pipe, tmp_path, tone):

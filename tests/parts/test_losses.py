@@ -1,16 +1,21 @@
-"""Losses of section 4.3: eq. (2) against a per-sample reference, packing invariance, MoE balancing terms."""
+"""Losses of section 4.3: eq. (2) per sample and per turn against hand-computed values and Megatron's
+scaled_loss_func, packing invariance, MoE balancing terms."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from audex.models.audex_model import AudexModel
 from audex.parts.losses import (
     IGNORE_INDEX,
     language_model_loss,
     mean_token_loss,
     square_averaged_loss,
     token_cross_entropy,
+    turn_ids,
 )
 from audex.parts.moe import MoeBalancer
 
@@ -108,6 +113,75 @@ def test_square_averaging_differs_from_token_mean_and_sample_mean(samples):
     sample_mean = sum(per_sample) / len(per_sample)
     assert abs(eq2 - eq1) > 1e-3 and abs(eq2 - sample_mean) > 1e-3
     assert min(eq1, sample_mean) < eq2 < max(eq1, sample_mean)
+
+
+def _hand_row():
+    """One packed row of per-target losses: sample 0 has two assistant turns ([1, 2] and [3]), sample 1 one
+    turn ([4, 4, 4, 4]); ``None`` = untrainable (prompt, the header of the second turn, sample start)."""
+    row = [(None, 0), (1.0, 0), (2.0, 0), (None, 0), (3.0, 0), (None, 0),
+           (None, 1), (4.0, 1), (4.0, 1), (4.0, 1), (4.0, 1), (None, -1)]
+    losses = torch.tensor([[v or 0.0 for v, _ in row]])
+    trainable = torch.tensor([[v is not None for v, _ in row]])
+    sids = torch.tensor([[s for _, s in row]])
+    return losses, trainable, sids
+
+
+def test_square_average_units_against_hand_computed_values():
+    losses, trainable, sids = _hand_row()
+    # per sample (the paper): sample 0 sums 6 over 3 tokens, sample 1 sums 16 over 4
+    per_sample = square_averaged_loss(losses, trainable, sids, unit="sample").item()
+    assert per_sample == pytest.approx((6 / math.sqrt(3) + 16 / 2) / (math.sqrt(3) + 2), rel=1e-6)
+    assert per_sample == pytest.approx(3.0717968, rel=1e-6)
+    # per turn (Megatron): [1, 2] over 2, [3] over 1, [4, 4, 4, 4] over 4
+    per_turn = square_averaged_loss(losses, trainable, sids, unit="turn").item()
+    assert per_turn == pytest.approx((3 / math.sqrt(2) + 3 / 1 + 16 / 2) / (math.sqrt(2) + 1 + 2), rel=1e-6)
+    assert per_turn == pytest.approx(2.9725160, rel=1e-6)
+    assert turn_ids(trainable).tolist() == [[-1, 0, 0, -1, 1, -1, -1, 2, 2, 2, 2, -1]]
+
+
+def _megatron_scaled_loss(losses, loss_mask):
+    """Megatron-LM's ``scaled_loss_func`` (examples/multimodal/train.py) written out: turns are the contiguous
+    runs of the loss mask of each row."""
+    means, lengths = [], []
+    for row_losses, row_mask in zip(losses.tolist(), loss_mask.tolist()):
+        t = 0
+        while t < len(row_mask):
+            if row_mask[t]:
+                end = t
+                while end + 1 < len(row_mask) and row_mask[end + 1]:
+                    end += 1
+                n = end - t + 1
+                means.append(sum(row_losses[t:end + 1]) / n)
+                lengths.append(n)
+                t = end + 1
+            else:
+                t += 1
+    base = sum(math.sqrt(n) for n in lengths)
+    return sum(m * math.sqrt(n) / base for m, n in zip(means, lengths))
+
+
+def test_turn_unit_equals_megatron_and_sample_unit_on_single_turn_samples(samples):
+    # a two-turn chat packed with the fixture's single-turn samples: its middle prompt tokens split it
+    gen = torch.Generator().manual_seed(1)
+    ids, labels, logits = _sample(30, 3, gen)
+    labels[12:16] = IGNORE_INDEX
+    _, lab, lg, sids = _pack(samples + [(ids, labels, logits)], 200)
+    losses, trainable, target_sids = token_cross_entropy(lg, lab, sids)
+    per_turn, _ = language_model_loss(lg, lab, sids, unit="turn")
+    assert per_turn.item() == pytest.approx(_megatron_scaled_loss(losses, trainable), rel=1e-5)
+    assert per_turn.item() != pytest.approx(language_model_loss(lg, lab, sids, unit="sample")[0].item(), rel=1e-4)
+    # every fixture sample is one turn: the units agree there
+    _, lab, lg, sids = _pack(samples, 160)
+    assert language_model_loss(lg, lab, sids, unit="turn")[0].item() == pytest.approx(
+        language_model_loss(lg, lab, sids, unit="sample")[0].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="square_average_unit"):
+        language_model_loss(lg, lab, sids, unit="chat")
+
+
+def test_loss_unit_is_read_from_the_model_config():
+    loss_unit = AudexModel.loss_unit.fget
+    assert loss_unit(SimpleNamespace(cfg=OmegaConf.create({"loss": {"square_average_unit": "turn"}}))) == "turn"
+    assert loss_unit(SimpleNamespace(cfg=OmegaConf.create({"loss": {"reduction": "square_averaged"}}))) == "sample"
 
 
 def test_no_prediction_across_packed_boundary(samples):

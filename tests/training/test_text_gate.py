@@ -9,7 +9,13 @@ import torch
 from audex.data.collate import collate_padded
 from audex.data.schema import make_text_cut, make_tts_cut
 from audex.data.sequence import SequenceBuilder
-from audex.training.text_gate import TaskMetrics, TextRegressionError, TextRegressionGate, evaluate_tasks
+from audex.training.text_gate import (
+    GateReport,
+    TaskMetrics,
+    TextRegressionError,
+    TextRegressionGate,
+    evaluate_tasks,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +73,8 @@ def test_gate_reports_a_text_regression_and_fails_when_configured(tiny_model, lo
     assert gate.report.regressed and gate.report.text_relative_change > 0.05
     saved = json.loads((tmp_path / "gate.json").read_text())
     assert saved["regressed"] and set(saved["start"]) == {"text", "tts"}
+    assert saved["text_token_accuracy_change"] == pytest.approx(
+        saved["end"]["text"]["token_accuracy"] - saved["start"]["text"]["token_accuracy"])
     with pytest.raises(TextRegressionError, match="TEXT REGRESSION in stageX"):
         _run_gate(tiny_model, loaders, _scramble_text_head, "error", tmp_path)
 
@@ -80,6 +88,17 @@ def test_gate_passes_when_only_audio_rows_change(tiny_model, loaders, tmp_path):
     assert gate.report.text_relative_change == 0.0  # input rows of codec tokens never reach text chats
     assert gate.report.end["tts"].loss != gate.report.start["tts"].loss
     assert "text: ok" in gate.report.format()
+
+
+def test_report_gives_loss_and_token_accuracy_when_they_disagree():
+    """The demo's stage 2 case: text loss +5.49 % (a regression) while token accuracy rose 0.741 -> 0.773."""
+    report = GateReport("stage2", "text", 0.05, start={"text": TaskMetrics(loss=2.0, token_accuracy=0.741, tokens=900)},
+                        end={"text": TaskMetrics(loss=2.1098, token_accuracy=0.773, tokens=900)})
+    assert report.regressed and report.text_relative_change == pytest.approx(0.0549)
+    assert report.text_accuracy_change == pytest.approx(0.032)
+    text = report.format()
+    assert "text: REGRESSED (loss +5.49%, token accuracy 0.741 -> 0.773 (+3.2 points); the gate is on the loss)" in text
+    assert report.to_dict()["text_token_accuracy_change"] == pytest.approx(0.032)
 
 
 def test_gate_start_survives_a_resume():
