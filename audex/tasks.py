@@ -114,12 +114,6 @@ _REGISTRY: tuple[Task, ...] = (
 
 #: every task by name, in a stable order
 TASKS: dict[str, Task] = {t.name: t for t in _REGISTRY}
-#: tasks that take an input audio
-AUDIO_IN_TASKS: tuple[str, ...] = tuple(t.name for t in _REGISTRY if t.audio_in)
-#: tasks whose input is text only (chat, TTS, TTA)
-TEXT_IN_TASKS: tuple[str, ...] = tuple(t.name for t in _REGISTRY if not t.audio_in)
-#: tasks that generate codec tokens with CFG
-GENERATION_TASKS: tuple[str, ...] = tuple(t.name for t in _REGISTRY if t.cfg)
 #: tasks Audex's server offers
 SERVED_TASKS: tuple[str, ...] = tuple(t.name for t in _REGISTRY if t.served)
 #: training-data tasks whose cut carries input audio (``<sound>`` in the prompt)
@@ -129,11 +123,10 @@ GENERATION_DATA_TASKS: tuple[str, ...] = tuple(t.data_task for t in _REGISTRY if
 assert set(t.data_task for t in _REGISTRY if t.data_task) == set(DATA_TASKS), "every data task trains a task"
 
 
-def task(name: str, among: Sequence[str] | None = None) -> Task:
-    """The task called ``name``; ``among`` restricts the accepted names (e.g. :data:`SERVED_TASKS`)."""
-    known = list(among) if among is not None else list(TASKS)
-    if name not in known:
-        raise ValueError(f"unknown task {name!r}; known: {known}")
+def task(name: str) -> Task:
+    """The task called ``name``, or a ``ValueError`` listing the known ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {list(TASKS)}")
     return TASKS[name]
 
 
@@ -145,10 +138,3 @@ def record_fields() -> tuple[str, ...]:
         if t.field and t.field not in names and t.field != "text":
             names.append(t.field)
     return ("language", *names, "choices", "voice", "voice_text")
-
-
-def describe() -> list[dict[str, Any]]:
-    """The registry as rows (for ``--help`` texts and the README)."""
-    return [{"task": t.name, "input": ("audio" if t.audio_in else "text") + (f" + {t.field}" if t.audio_in and t.field else ""),
-             "output": t.output, "preset": t.preset, "cfg": t.cfg, "trained_by": t.data_task, "served": t.served}
-            for t in _REGISTRY]

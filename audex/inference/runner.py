@@ -102,11 +102,12 @@ def prepare(record: dict, task: str) -> dict:
 # ---- running ------------------------------------------------------------------------------------
 def _run_batch(pipe: AudexPipeline, task: str, recs: list[dict], sampling: dict, wav_dir: Path | None) -> list[dict]:
     """Results (JSON-serialisable dicts) for one batch of prepared records."""
-    out = task_spec(task).run(pipe, recs, **sampling)
+    spec = task_spec(task)
+    out = spec.run(pipe, recs, **sampling)
     results = []
     for rec, res in zip(recs, out):
         row: dict[str, Any]
-        output = task_spec(task).output
+        output = spec.output
         if output in ("speech", "audio"):
             row = {"codec_frames": int(res.codes.shape[-1]), "seconds": res.waveform.numel() / 16000,
                    "finish_reason": res.finish_reason}
@@ -132,7 +133,7 @@ def run_inference(pipe: AudexPipeline, task: str, records: Iterable[dict], outpu
                   batch_size: int = 8, sampling: dict | None = None, wav_dir: str | Path | None = None,
                   progress: bool = True, on_result: Callable[[dict], None] | None = None) -> dict:
     """Run ``task`` over ``records``; one JSON line per record (``status``: ok | error, with ``error``)."""
-    task_spec(task)
+    task_spec(task)  # an unknown task fails here, before any input is read
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     records = list(records)
