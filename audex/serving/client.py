@@ -65,8 +65,10 @@ class AudexTritonClient:
 
     def build_inputs(self, task: str, text: str | None = None, audio=None, sample_rate: int | None = None,
                      max_new_tokens: int | None = None, seed: int | None = None,
-                     guidance_scale: float | None = None) -> list:
+                     guidance_scale: float | None = None, stream: bool | None = None) -> list:
         inputs = [self._input("task", np.array([[task.encode("utf-8")]], dtype=np.object_), "BYTES")]
+        if stream is not None:                       # the decoupled ensemble's input (TensorRT-LLM's name)
+            inputs.append(self._input("stream", np.array([[bool(stream)]], dtype=np.bool_), "BOOL"))
         if text is not None:
             inputs.append(self._input("text", np.array([[text.encode("utf-8")]], dtype=np.object_), "BYTES"))
         if audio is not None:
@@ -93,12 +95,15 @@ class AudexTritonClient:
         return self._reply(self.client.infer(self.model_name, inputs, **kwargs))
 
     def stream(self, task: str, model_name: str = "ensemble_stream", **kwargs) -> Iterator[AudexReply]:
-        """The chunks of a decoupled (streaming) model over gRPC, in order, until its final response."""
+        """The chunks of a decoupled (streaming) model over gRPC, in order, until its final response (an ensemble
+        gets ``stream=true``, TensorRT-LLM's input that turns streaming on)."""
         if self.protocol != "grpc":
             raise ValueError("streaming needs protocol='grpc' (Triton's HTTP endpoint answers once per request)")
         replies: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: replies.put((result, error)))
         try:
+            if model_name.startswith("ensemble"):
+                kwargs.setdefault("stream", True)
             self.client.async_stream_infer(model_name, self.build_inputs(task, **kwargs),
                                            enable_empty_final_response=True)
             while True:

@@ -13,8 +13,9 @@ Each is run by :class:`~audex.serving.triton.python_model.AudexPythonModel` (``s
   TensorRT-LLM's own Triton model), through :class:`~audex.serving.guided_executor.GuidedExecutor` on
   TensorRT-LLM's executor (``parameters.executor: tensorrt_llm``, the TensorRT-LLM engine in ``gpt_model_path``) or on
   the reference executor (``executor: torch``, the export's ``hf/``; what runs on CPU machines). TTS/TTA requests with
-  lambda != 1 decode as a token-synchronised CFG pair. A decoupled (streaming) instance sends one response per
-  ``stream_chunk_seconds`` of audio (16 tokens of text) and the final flag with the last; ``output_kind`` is echoed;
+  lambda != 1 decode as a token-synchronised CFG pair. The model is decoupled and serves both ensembles: a request
+  with ``streaming`` true (TensorRT-LLM's input) gets one response per ``stream_chunk_seconds`` of audio (16 tokens
+  of text) and the final flag with the last, any other request one response; ``output_kind`` is echoed;
 * :class:`PostprocessingHandler`: ``output_ids``, ``sequence_length``, ``output_kind`` (text / speech / audio, echoed
   by the LLM step; read off the ids when absent) -> ``text`` and ``audio`` (16 kHz); with ``partial: true`` (the
   streaming ensemble) each chunk is decoded on its own.
@@ -40,7 +41,6 @@ from audex.serving.guided_executor import GuidedExecutor, LlmJob
 from audex.serving.local_engine import LocalEngine
 from audex.serving.requests import ServeLimits, ServeRequest, serving_presets
 from audex.serving.triton.llm_io import LlmInputBuilder, LlmOutputDecoder
-from audex.serving.triton.pairing_metrics import PairingMetrics
 from audex.tokenizer import AudexTokenizer
 
 log = logging.getLogger(__name__)
@@ -211,8 +211,8 @@ class LlmHandler:
         # the executor refuses a prompt table whose dtype is not the weights' (PromptTuningBuffers::validate): take
         # it from the engine (its config.json; float32 for the reference executor)
         self.table_dtype = self.guided.engine.dtype
-        self.metrics = None
-        self.streaming = params.get("decoupled") == "true"
+        self.report = None
+        self.decoupled = params.get("decoupled") == "true"
         self.chunk_seconds = float(params.get("stream_chunk_seconds", "1.0"))
         self._jobs: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -248,13 +248,17 @@ class LlmHandler:
         uncond = None
         if "uncond_input_ids" in inputs and one_value(inputs, "uncond_input_lengths", int, 0) > 0:
             uncond = inputs["uncond_input_ids"].reshape(-1)[: one_value(inputs, "uncond_input_lengths", int)].tolist()
+        streaming = bool(one_value(inputs, "streaming", bool, False))
+        if streaming and not self.decoupled:      # as TensorRT-LLM's own model answers
+            raise ValueError("input 'streaming' is true but this LLM model is not decoupled: streaming is only "
+                             "supported in decoupled mode")
         table = inputs.get("prompt_embedding_table")
         prompt_table = None
         if table is not None and max(ids) >= self.vocab.size:
             prompt_table = torch.from_numpy(np.ascontiguousarray(table.reshape(-1, table.shape[-1]))).to(self.table_dtype)
         return LlmJob(ids, sampling.max_new_tokens, one_value(inputs, "end_id", int), one_value(inputs, "pad_id", int), sampling,
                       uncond_input_ids=uncond if sampling.uses_cfg else None, output=output, prompt_table=prompt_table,
-                      streaming=self.streaming)
+                      streaming=streaming)
 
     def submit(self, rid, inputs, emit) -> None:
         job = self.job(inputs)
@@ -263,7 +267,7 @@ class LlmHandler:
         def on_event(event):
             if event.error is not None:
                 emit(rid, None, f"generation failed: {event.error}", True, False)
-            elif not self.streaming:
+            elif not job.streaming:
                 emit(rid, self._outputs(event.tokens, job.output), final=True)
             else:
                 buffer.extend(event.tokens)
@@ -273,8 +277,8 @@ class LlmHandler:
             if event.final:
                 with self._lock:
                     self._jobs.pop(rid, None)
-                if self.metrics is not None:
-                    self.metrics.update(self.guided.stats)
+                if self.report is not None:
+                    self.report(self.guided.stats)
 
         job_id = self.guided.submit(job, on_event)
         with self._lock:
@@ -287,9 +291,10 @@ class LlmHandler:
             log.info("request %d was cancelled by its client: cancelling job %d (both CFG twins)", rid, job_id)
             self.guided.cancel(job_id)
 
-    def attach_metrics(self, pb_utils, model_name: str) -> None:
-        """Export the pairing counts as Triton metrics (see :mod:`~audex.serving.triton.pairing_metrics`)."""
-        self.metrics = PairingMetrics(pb_utils, model_name)
+    def report_stats(self, report) -> None:
+        """``report(stats)`` gets the pairing counts after each job; the python model exports them as Triton metrics
+        (:mod:`~audex.serving.triton.pairing_metrics`), in the stub or from a worker process."""
+        self.report = report
 
     def close(self) -> None:
         stats = self.guided.stats
