@@ -1,7 +1,6 @@
 """Triton repositories: generated config.pbtxt files parse back into tritonclient's ModelConfig, the GPU ensemble is
 wired consistently, and the python steps around the TensorRT-LLM engine write the same prompts as the pipelines."""
 
-import json
 
 import numpy as np
 import pytest
@@ -213,14 +212,22 @@ def test_make_triton_repo_cli_writes_both_layouts(tiny_model, tmp_path, capsys):
     params.update(executor="torch", max_prompt_embedding_table_size="24000")
     with pytest.raises(ValueError, match="375 rows, but one clip of serve.max_audio_seconds=30 takes 750 rows"):
         LlmHandler(params)
-    # an engine for two ranks: the LLM model runs one process (no orchestrator mode), so it says so
-    engine = tmp_path / "engine_tp2"
-    engine.mkdir()
-    (engine / "config.json").write_text(json.dumps({"pretrained_config": {"mapping": {"world_size": 2, "tp_size": 2,
-                                                                                      "pp_size": 1}}}))
-    params.update(executor="tensorrt_llm", gpt_model_path=str(engine), max_prompt_embedding_table_size="48000")
-    with pytest.raises(RuntimeError, match="engine for 2 ranks .* no orchestrator mode"):
-        LlmHandler(params)
+    # an engine for two ranks in TensorRT-LLM's leader mode: rank 1's server loads the LLM model as a participant
+    # (it takes no requests, as TensorRT-LLM's own model on a non-leader rank)
+    params.update(max_prompt_embedding_table_size="48000", world_size="2",
+                  model_dir=str(tmp_path / "gpu64" / "tensorrt_llm" / "1"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMPI_COMM_WORLD_RANK", "1")
+        mp.setenv("OMPI_COMM_WORLD_SIZE", "2")
+        participant = LlmHandler(params | {"decoupled": "true"})
+        assert participant.participant
+        with pytest.raises(RuntimeError, match="participant rank .* send requests to the leader"):
+            participant.submit(1, {}, None)
+        participant.close()
+        mp.setenv("OMPI_COMM_WORLD_RANK", "0")
+        leader = LlmHandler(params | {"decoupled": "true"})
+        assert not leader.participant
+        leader.close()
     with pytest.raises(ValueError, match="max_prompt_embedding_table_size=24000 gives each of max_batch_size=64 "
                                          "requests 375 rows"):
         cli_main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu375'}",

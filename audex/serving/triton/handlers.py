@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import torch
 from audex.export.trtllm_checkpoint import BUILD_KEYS, check_prompt_table
 from audex.inference.sampling import SamplingParams
 from audex.models.checkpoint import load_model
-from audex.serving.engine_facts import check_single_rank
+from audex.serving.executor_api import mpi_world
 from audex.serving.guided_executor import GuidedExecutor, LlmJob
 from audex.serving.local_engine import LocalEngine
 from audex.serving.requests import ServeLimits, ServeRequest, serving_presets
@@ -168,6 +169,27 @@ def executor_module(kind: str):
     raise ValueError(f"parameters.executor must be 'tensorrt_llm' or 'torch', got {kind!r}")
 
 
+def parallel_config(trtllm, params: dict):
+    """The executor's ``ParallelConfig``, as TensorRT-LLM's own Triton model builds it (``get_parallel_config`` of
+    ``triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/1/model.py``): ``gpu_device_ids`` (comma-separated)
+    and, with ``TRTLLM_ORCHESTRATOR=1``, ORCHESTRATOR mode with this process as orchestrator when it is MPI rank 0 and
+    ``executor_worker_path`` as the worker; None (LEADER mode over the MPI job, the default) otherwise."""
+    kwargs = {}
+    if params.get("gpu_device_ids"):
+        kwargs["device_ids"] = [int(x) for x in params["gpu_device_ids"].split(",")]
+    if os.environ.get("TRTLLM_ORCHESTRATOR", "0") == "1":
+        if os.environ.get("TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES", "1") != "1":
+            raise ValueError("orchestrator mode with --disable-spawn-processes is not supported in the Python "
+                             "backend (TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES=0)")
+        if params.get("worker_path"):
+            raise ValueError("parameters.worker_path is no longer supported: name the trtllmExecutorWorker "
+                             "executable in parameters.executor_worker_path")
+        kwargs["communication_mode"] = trtllm.CommunicationMode.ORCHESTRATOR
+        kwargs["orchestrator_config"] = trtllm.OrchestratorConfig(mpi_world()[0] == 0,
+                                                                  params.get("executor_worker_path") or "")
+    return trtllm.ParallelConfig(**kwargs) if kwargs else None
+
+
 class LlmHandler:
     """LLM inputs -> generated ids, CFG pairs included (see the module docstring)."""
 
@@ -176,8 +198,6 @@ class LlmHandler:
     def __init__(self, params: dict):
         export_dir = Path(params["export_dir"])
         kind = params.get("executor", "tensorrt_llm")
-        if kind == "tensorrt_llm":
-            check_single_rank(params.get("gpt_model_path"))
         trtllm = executor_module(kind)
         self.tokenizer = AudexTokenizer.load(export_dir / "hf")
         self.vocab = self.tokenizer.vocab
@@ -194,10 +214,11 @@ class LlmHandler:
                 # bounded: the router then also counts KV blocks for CFG pairs (see GuidedExecutor._admit)
                 int(params["kv_cache_max_tokens"]) if params.get("kv_cache_max_tokens") else None,
                 free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_mem_fraction", "0.85"))),
-            enable_chunked_context=False)
+            enable_chunked_context=False, parallel_config=parallel_config(trtllm, params))
         if kind == "torch":
-            # the reference executor gets the sizes trtllm-build would have fixed in the engine
-            model_path = trtllm.ReferenceEngine.from_build(str(export_dir / "hf"), build)
+            # the reference executor gets the sizes trtllm-build would have fixed in the engine, and its ranks
+            model_path = trtllm.ReferenceEngine.from_build(str(export_dir / "hf"),
+                                                           build | {"world_size": params.get("world_size", 1)})
         else:
             model_path = params.get("gpt_model_path")
         # the grammar of the presets, as the local engine applies it (the limits cap the token budget per request)
@@ -211,6 +232,13 @@ class LlmHandler:
         # the executor refuses a prompt table whose dtype is not the weights' (PromptTuningBuffers::validate): take
         # it from the engine (its config.json; float32 for the reference executor)
         self.table_dtype = self.guided.engine.dtype
+        # LEADER mode with tensor/pipeline parallelism: every rank's server loads this model and its executor, only
+        # the leader's takes requests; as TensorRT-LLM's own model does, a participant waits here for the leader
+        self.participant = not self.guided.executor.can_enqueue_requests()
+        if self.participant:
+            log.info("this rank is a participant of the LLM's executor (TensorRT-LLM leader mode): it runs its share "
+                     "of the engine for the leader and takes no requests")
+            self.guided.shutdown()
         self.report = None
         self.decoupled = params.get("decoupled") == "true"
         self.chunk_seconds = float(params.get("stream_chunk_seconds", "1.0"))
@@ -261,6 +289,9 @@ class LlmHandler:
                       streaming=streaming)
 
     def submit(self, rid, inputs, emit) -> None:
+        if self.participant:
+            raise RuntimeError("this LLM model runs on a participant rank (TensorRT-LLM leader mode): send requests "
+                               "to the leader's server (rank 0)")
         job = self.job(inputs)
         chunk, buffer = self._chunk_tokens(job.output), []
 
@@ -297,6 +328,8 @@ class LlmHandler:
         self.report = report
 
     def close(self) -> None:
+        if self.participant:
+            return
         stats = self.guided.stats
         log.info("CFG pairing over this instance's life: %d guided, %d unguided, %d replayed, %d solo, %d retired "
                  "tokens, %d split pairs", stats["guided"], stats["unguided"], stats["replay"], stats["solo"],
