@@ -59,6 +59,18 @@ def engine_facts(executor, model_path, config, vocab_size: int) -> EngineFacts:
                        max_tokens // per_block if max_tokens else None, per_block)
 
 
+def engine_dtype(engine_dir) -> str | None:
+    """The weights' dtype of a TensorRT-LLM engine folder (``pretrained_config.dtype`` of its ``config.json``), or
+    None when there is no engine there yet: the dtype its executor requires of a prompt table."""
+    path = Path(str(engine_dir)) / "config.json"
+    if not path.exists():
+        return None
+    engine = json.loads(path.read_text())
+    pretrained = engine.get("pretrained_config", engine)
+    dtype = pretrained.get("dtype") or pretrained.get("torch_dtype")
+    return str(dtype) if dtype else None
+
+
 def content_id(table: torch.Tensor) -> int:
     """A clip's extra id: a 56-bit hash of its prompt-table rows (never 0, the id of plain text positions)."""
     data = table.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()

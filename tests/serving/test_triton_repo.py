@@ -122,6 +122,16 @@ def test_gpu_ensemble_rules_triton_enforces_at_load_time(tiny_model, tmp_path):
     assert table_type == mc.DataType.Value("TYPE_FP16")
     with pytest.raises(ValueError, match="cannot write bfloat16"):
         write_gpu_repository(tmp_path / "cpp16", tmp_path / "export", summary, llm_backend="tensorrtllm")
+    # a built engine decides: its config.json says float16, so the table is float16 whatever the config asked for
+    engine = tmp_path / "engine_fp16"
+    engine.mkdir()
+    (engine / "config.json").write_text('{"pretrained_config": {"dtype": "float16"}}')
+    cpp = write_gpu_repository(tmp_path / "cpp_built", tmp_path / "export", summary, llm_backend="tensorrtllm",
+                               engine_dir=engine, prompt_table_dtype="bfloat16")
+    pre = read_config(cpp / "preprocessing" / "config.pbtxt")
+    assert pre.parameters["prompt_table_dtype"].string_value == "float16"
+    assert {i.name: i.data_type for i in read_config(cpp / "tensorrt_llm" / "config.pbtxt").input}[
+        "prompt_embedding_table"] == mc.DataType.Value("TYPE_FP16")
     python_llm = read_config(repo / "tensorrt_llm" / "config.pbtxt")
     assert {i.name: i.data_type for i in python_llm.input}["prompt_embedding_table"] == mc.DataType.Value("TYPE_FP32")
     with pytest.raises(ValueError, match="executor must be one of"):

@@ -44,6 +44,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from audex import config_path
 from audex.export.trtllm_checkpoint import check_prompt_table
+from audex.serving.engine_facts import engine_dtype
 from audex.serving.requests import ServeLimits
 from audex.serving.triton.config_protos import (  # noqa: F401 - ModelSummary is part of this module's API
     ModelSummary,
@@ -69,6 +71,8 @@ from audex.serving.triton.ensemble_configs import (
     table_dtype_for,
     tensorrt_llm_config,
 )
+
+log = logging.getLogger(__name__)
 
 
 # ---- CPU repository ----------------------------------------------------------------------------
@@ -135,6 +139,12 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
     out = Path(out_dir)
     export_dir = str(Path(export_dir).resolve())
     engine_dir = str(engine_dir or Path(export_dir) / "engine")
+    built = engine_dtype(engine_dir)
+    if built is not None and built != prompt_table_dtype:
+        # the executor refuses a prompt table whose dtype is not the weights': the built engine decides
+        log.warning("the engine in %s holds %s weights, not %s: the prompt table follows the engine", engine_dir,
+                    built, prompt_table_dtype)
+        prompt_table_dtype = built
     limits = limits or ServeLimits()
     cfg = llm_backend == "python"
     build = dict(build or {})
