@@ -53,7 +53,6 @@ from audex.inference.constraints import CodecConstraint
 from audex.inference.sampling import SamplingParams
 from audex.serving.cfg_pairing import COND, UNCOND, CfgPairTracker
 from audex.serving.engine_facts import EngineFacts
-from audex.serving.guided_executor import JobEvent, LlmJob
 from audex.serving.llm_api_model import (
     AUDEX_ARCHITECTURES,
     AudexInputProcessor,
@@ -62,6 +61,7 @@ from audex.serving.llm_api_model import (
     register_trtllm_models,
 )
 from audex.serving.llm_api_pairing import ContextProbe, StepPairing, TwinLogitsProcessor
+from audex.serving.llm_job import JobEvent, LlmJob
 from audex.serving.requests import ServeLimits
 
 log = logging.getLogger(__name__)
