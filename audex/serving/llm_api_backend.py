@@ -209,8 +209,16 @@ class LlmApiBackend:
         self.loop.call_soon_threadsafe(self._cancel, job_id)
 
     def shutdown(self) -> None:
+        """Stop following requests (their tasks are cancelled), then the loop, the LLM and the pairing session."""
+        async def drain():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(drain(), self.loop).result(timeout=30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=30)
+        self.loop.close()
         self.llm.shutdown()
         self.pairing.close()
 

@@ -91,9 +91,9 @@ class KvCacheConfig:
 
 _UNMODELLED = dict(bad=None, bad_token_ids=None, stop=None, stop_token_ids=None, include_stop_str_in_output=False,
                    embedding_bias=None, apply_batched_logits_processor=False, n=1, best_of=None, use_beam_search=False,
-                   top_p_min=None, top_p_reset_ids=None, top_p_decay=None, min_tokens=None,
-                   beam_search_diversity_rate=None, repetition_penalty=None, presence_penalty=None,
-                   frequency_penalty=None, length_penalty=None, early_stopping=None, no_repeat_ngram_size=None,
+                   top_p_min=None, top_p_reset_ids=None, top_p_decay=None, min_tokens=None, presence_penalty=None,
+                   beam_search_diversity_rate=None, repetition_penalty=None, frequency_penalty=None,
+                   length_penalty=None, early_stopping=None, no_repeat_ngram_size=None,
                    min_p=None, beam_width_array=None, logprobs=None, prompt_logprobs=None, return_context_logits=False,
                    return_generation_logits=False, exclude_input_from_output=True, return_encoder_output=False,
                    return_perf_metrics=False, additional_model_outputs=None, lookahead_config=None,
@@ -102,8 +102,7 @@ _UNMODELLED = dict(bad=None, bad_token_ids=None, stop=None, stop_token_ids=None,
 
 
 class SamplingParams:
-    """``tensorrt_llm.SamplingParams`` (keyword-only): the fields modelled here; the other real ones at their
-    defaults."""
+    """``tensorrt_llm.SamplingParams`` (keyword-only): the fields modelled here; the other real ones at defaults."""
 
     def __init__(self, *, end_id=None, pad_id=None, max_tokens=32, logits_processor=None, top_k=None, top_p=None,
                  seed=None, temperature=None, detokenize=True, **kwargs):
@@ -125,7 +124,7 @@ class CompletionOutput:
     index: int
     token_ids: list = field(default_factory=list)
     finish_reason: str | None = None
-    _last: int = 0
+    _last: int = 0        # tokens before the latest update
 
     @property
     def token_ids_diff(self) -> list:
@@ -139,12 +138,12 @@ class RequestOutput:
         self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
         self.outputs = [CompletionOutput(0)]
         self._streaming, self._engine, self._done, self._aborted = streaming, engine, False, False
+        self._queue: queue.Queue = queue.Queue()
         try:
             self._loop = asyncio.get_running_loop()
             self._aqueue = asyncio.Queue()
         except RuntimeError:
             self._loop, self._aqueue = None, None
-        self._queue: queue.Queue = queue.Queue()
 
     @property
     def finished(self) -> bool:
@@ -192,8 +191,7 @@ class RequestOutput:
     def __next__(self):
         if self._done:
             raise StopIteration
-        self._result_step()
-        return self
+        return self._result_step() or self
 
     def __aiter__(self):
         return self
@@ -201,15 +199,11 @@ class RequestOutput:
     async def __anext__(self):
         if self._done:
             raise StopAsyncIteration
-        await self._aresult_step()
-        return self
+        return await self._aresult_step() or self
 
     def abort(self) -> None:
         self._engine._abort(self.request_id)
         self._aborted = True
-
-    def aborted(self) -> bool:
-        return self._aborted
 
 
 @dataclass
@@ -227,8 +221,7 @@ class _Live:
 
 
 _LLM_ARGS = dict(backend=None, max_batch_size=None, max_input_len=None, max_seq_len=None, max_num_tokens=8192,
-                 kv_cache_config=None, enable_chunked_prefill=False, disable_overlap_scheduler=False,
-                 scheduler_config=None)
+                 kv_cache_config=None, enable_chunked_prefill=False, disable_overlap_scheduler=False, scheduler_config=None)
 _LLM_UNMODELLED = dict(pipeline_parallel_size=1, context_parallel_size=1, gpus_per_node=None, moe_expert_parallel_size=None,
                        enable_attention_dp=False, cuda_graph_config=None, enable_lora=False, lora_config=None,
                        speculative_config=None, guided_decoding_backend=None, batched_logits_processor=None,
@@ -268,9 +261,7 @@ class LLM:
         self.max_num_tokens = int(args["max_num_tokens"])
         self._keeps_last = "logits_to_keep" in inspect.signature(self.lm.forward).parameters
         self._lock = threading.Condition()
-        self._waiting: list[_Live] = []
-        self._active: dict[int, _Live] = {}
-        self._aborted: set[int] = set()
+        self._waiting, self._active, self._aborted = [], {}, set()    # _Live s; request id -> _Live; request ids
         self._next_id, self._running = 1, True
         self.steps: list[list[int]] = []                 # request ids of each step (what the scheduler ran)
         self._thread = threading.Thread(target=self._loop, name="reference-llm-api", daemon=True)
@@ -295,18 +286,15 @@ class LLM:
             raise ValueError(f"The sum of prompt length ({float(len(ids))}), query length (0) should not exceed "
                              f"max_num_tokens ({self.max_num_tokens})")
         if len(ids) >= self.max_seq_len:
-            raise ValueError(f"prompt length ({len(ids)}) leaves no room for output within max_seq_len "
-                             f"({self.max_seq_len})")
+            raise ValueError(f"prompt length ({len(ids)}) must stay below max_seq_len ({self.max_seq_len})")
         for lp in params.logits_processor if isinstance(params.logits_processor, list) else [params.logits_processor]:
             if lp is not None and not 4 <= len(inspect.signature(lp).parameters) <= 5:
                 raise AssertionError("Logit post processor signature must match the `LogitsProcessor` interface "
                                      "defined in `tensorrtllm.sampling_params`.")
         with self._lock:
-            if not self._running:
-                raise RuntimeError("the LLM was shut down")
             req_id, self._next_id = self._next_id, self._next_id + 1
             output = RequestOutput(req_id, prompt, ids, streaming, self)
-            budget = min(int(params.max_tokens), self.max_seq_len - len(ids))
+            budget = min(int(params.max_tokens), self.max_seq_len - len(ids))     # capped, as the engine does
             self._waiting.append(_Live(output, ids, rows, params, budget, len(ids)))
             self._lock.notify_all()
         return output
