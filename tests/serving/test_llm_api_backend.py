@@ -3,6 +3,7 @@ equals PyTorch eager, two different clips in a row get their own answers, seeded
 eq. (3) over two separate passes, on the dense and the Nemotron-H backbone; sizes are checked at start-up."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -190,3 +191,26 @@ def test_requests_the_llm_refuses_fail_alone(tiny_model, dense):
                       uncond_input_ids=prompt[:3], output="speech")
     done = dense.submit(unseeded, got)
     assert unseeded.sampling.seed is not None and got.wait(done)[-1].error is None   # a sampled pair gets a seed
+
+
+def test_streaming_pairs_and_cancelled_jobs(tiny_model, dense):
+    pipe = AudexPipeline(tiny_model)
+    cond, uncond = pipe._generation_prompts(tts_user_content, ["Hello there."], tiny_model.vocab.speechgen_start, False)
+    streamed = speech_job(tiny_model, cond[0], uncond[0])
+    streamed.streaming = True
+    assert run(dense, streamed) == run(dense, speech_job(tiny_model, cond[0], uncond[0]))
+    got = Collector()
+    long = speech_job(tiny_model, cond[0], uncond[0])
+    long.max_new_tokens = 400
+    job_id = dense.submit(long, got)
+    state, wait_for = dense._jobs[job_id], time.monotonic() + 60
+    while not (len(state.keys) == 2 and set(state.keys.values()) <= dense.pairing.started):   # both twins running
+        assert time.monotonic() < wait_for
+        time.sleep(0.01)
+    dense.cancel(job_id)
+    final = got.wait(job_id)[-1]
+    assert final.final and final.finish_reason == "cancelled" and len(final.tokens) < 400
+    deadline = time.monotonic() + 60
+    while (dense.pending() or dense.pairing.tracker.pairs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert dense.pending() == 0 and dense.pairing.tracker.pairs == {}
