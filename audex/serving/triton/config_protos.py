@@ -58,16 +58,21 @@ def tensor(cls, name: str, dtype: str, dims, optional: bool = False, ragged: boo
     return t
 
 
-def request_inputs(seed_type: str, ragged_audio: bool) -> list:
+def request_inputs(seed_type: str, ragged_audio: bool, voice_and_tools: bool = False) -> list:
     """The inputs of a :class:`~audex.serving.requests.ServeRequest`, as every request-facing model declares them:
     ``task`` and, optional, ``text``, ``audio``, ``sample_rate``, ``max_new_tokens``, ``seed``, ``guidance_scale``
-    (``seed`` is UINT64 where it meets TensorRT-LLM's ``random_seed``; an ensemble's own inputs are not ragged)."""
+    (``seed`` is UINT64 where it meets TensorRT-LLM's ``random_seed``; an ensemble's own inputs are not ragged).
+    ``voice_and_tools``: also a TTS voice prompt (``voice``, ``voice_sample_rate``, ``voice_text``) and a chat's
+    ``tools`` (JSON), which only the CPU ``audex`` model serves."""
     specs = [("task", "TYPE_STRING", [1], False), ("text", "TYPE_STRING", [1], True),
              ("audio", "TYPE_FP32", [-1], True), ("sample_rate", "TYPE_INT32", [1], True),
              ("max_new_tokens", "TYPE_INT32", [1], True), ("seed", seed_type, [1], True),
              ("guidance_scale", "TYPE_FP32", [1], True)]
-    return [tensor(mc.ModelInput, name, dtype, dims, optional=optional, ragged=ragged_audio and name == "audio")
-            for name, dtype, dims, optional in specs]
+    if voice_and_tools:
+        specs += [("voice", "TYPE_FP32", [-1], True), ("voice_sample_rate", "TYPE_INT32", [1], True),
+                  ("voice_text", "TYPE_STRING", [1], True), ("tools", "TYPE_STRING", [1], True)]
+    return [tensor(mc.ModelInput, name, dtype, dims, optional=optional,
+                   ragged=ragged_audio and name in ("audio", "voice")) for name, dtype, dims, optional in specs]
 
 
 def set_params(config: mc.ModelConfig, values: dict) -> None:

@@ -72,11 +72,12 @@ def audex_engine_config(model_path: str, limits: ServeLimits, *, max_batch_size:
                         max_queue_delay_us: int = 2000, instances: int = 1, num_threads: int = 1) -> mc.ModelConfig:
     """``audex``: the python-backend model running the PyTorch engine (all tasks)."""
     c = mc.ModelConfig(name="audex", backend="python", max_batch_size=max_batch_size)
-    c.input.extend(request_inputs("TYPE_INT64", ragged_audio=True))
+    c.input.extend(request_inputs("TYPE_INT64", ragged_audio=True, voice_and_tools=True))
     c.output.extend([
         tensor(mc.ModelOutput, "text", "TYPE_STRING", [1]),
         tensor(mc.ModelOutput, "audio", "TYPE_FP32", [-1]),
         tensor(mc.ModelOutput, "finish_reason", "TYPE_STRING", [1]),
+        tensor(mc.ModelOutput, "tool_calls", "TYPE_STRING", [1]),   # JSON {tool_calls, tool_call_error}; "" otherwise
     ])
     c.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     c.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances))
