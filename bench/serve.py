@@ -8,9 +8,17 @@ serves). Prints requests/s and p50/p95 latency side by side; the last line is JS
 
     python bench/serve.py --requests 200 --concurrency 8
 
-``--layout gpu`` measures the GPU ensemble instead (preprocessing -> LLM with CFG pairs -> postprocessing, the
-PyTorch reference executor standing in for TensorRT-LLM's) against the same three step handlers chained in this
-process, built from the very ``config.pbtxt`` parameters the server reads.
+``--layout gpu`` measures the GPU ensemble instead (preprocessing -> LLM with CFG pairs -> postprocessing) against
+the same three step handlers chained in this process, built from the very ``config.pbtxt`` parameters the server
+reads, and against PyTorch eager: :class:`~audex.serving.local_engine.LocalEngine` (Audex's own KV-cached generation)
+on the same device, ``--concurrency`` requests per call (``eager_rps``, ``speedup_vs_eager`` = Triton req/s over eager
+req/s; the issue's goal is >= 3 on a GPU). ``--executor torch`` (default) runs the LLM step on the CPU references;
+``--executor tensorrt_llm --runtime pytorch`` runs TensorRT-LLM's LLM API (PyTorch backend) on a GPU:
+
+    python bench/serve.py --layout gpu --runtime pytorch --executor tensorrt_llm --requests 256 --concurrency 64
+
+That GPU command is written and was never run (no GPU was lent to the session that wrote it); only the CPU
+references have been measured.
 """
 
 from __future__ import annotations
@@ -83,13 +91,16 @@ def run_load(call, requests, concurrency: int) -> tuple[list[float], int, float]
     return latencies, failures[0], time.perf_counter() - t0
 
 
-def gpu_ensemble(model, work: Path):
-    """The GPU repository over an export of ``model`` (reference executor), and the direct chain of its handlers."""
+def gpu_ensemble(model, work: Path, executor: str = "torch", runtime: str = "engine", max_batch_size: int = 8):
+    """The GPU repository over an export of ``model``, and the direct chain of its handlers."""
     cfg = OmegaConf.load(config_path("export.yaml"))
-    cfg.trtllm.dtype = "float32"
+    cfg.trtllm.dtype = "float32" if executor == "torch" else "bfloat16"
     export_bundle(model, work / "export", cfg)
+    build = {**OmegaConf.to_container(cfg.trtllm.build, resolve=True), "max_batch_size": max_batch_size}
+    build["max_prompt_embedding_table_size"] = max_batch_size * 750
     repo = write_gpu_repository(work / "repo", work / "export", ModelSummary.from_export(work / "export"),
-                                executor="torch", max_batch_size=8, limits=LIMITS)
+                                executor=executor, runtime=runtime, max_batch_size=max_batch_size, limits=LIMITS,
+                                build=build, prompt_table_dtype=cfg.trtllm.dtype)
 
     def params(name):
         out = {k: v.string_value for k, v in read_config(repo / name / "config.pbtxt").parameters.items()}
@@ -132,7 +143,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--model", default=str(config_path("model", "tiny.yaml")), help=".nemo, folder or YAML")
     parser.add_argument("--layout", choices=["cpu", "gpu"], default="cpu",
-                        help="cpu: the one-model CPU repository; gpu: the ensemble with CFG pairs (reference executor)")
+                        help="cpu: the one-model CPU repository; gpu: the ensemble with CFG pairs")
+    parser.add_argument("--executor", choices=["torch", "tensorrt_llm"], default="torch",
+                        help="gpu layout: the CPU references (torch) or TensorRT-LLM (a GPU host)")
+    parser.add_argument("--runtime", choices=["engine", "pytorch"], default="engine",
+                        help="gpu layout: executor bindings over an engine, or the LLM API (PyTorch backend)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="audex_bench_serve_"))
@@ -152,8 +167,18 @@ def main() -> None:
         if res.error:
             raise RuntimeError(res.error)
 
+    eager_rps = None
     if args.layout == "gpu":
-        repo, direct, close = gpu_ensemble(model, work)
+        device = "cuda" if args.executor == "tensorrt_llm" else "cpu"
+        eager = LocalEngine(model.to(device), LIMITS)
+        t0 = time.perf_counter()
+        for i in range(0, len(requests), args.concurrency):           # eager: batches of --concurrency requests
+            failures = [r for r in eager.run(requests[i:i + args.concurrency]) if r.error]
+            assert not failures, failures[0].error
+        eager_rps = len(requests) / (time.perf_counter() - t0)
+        model.to("cpu")
+        repo, direct, close = gpu_ensemble(model, work, args.executor, args.runtime,
+                                           max_batch_size=max(8, args.concurrency))
         model_name = "ensemble"
     else:
         repo = write_cpu_repository(work / "repo", model_path, limits=LIMITS)
@@ -185,7 +210,10 @@ def main() -> None:
     print(json.dumps({"triton_overhead": round(d_rps / t_rps - 1.0, 4), "p50_ms": round(t_p50, 2),
                       "p95_ms": round(t_p95, 2), "failures": t_fail + d_fail, "requests": args.requests,
                       "concurrency": args.concurrency, "direct_p50_ms": round(d_p50, 2), "direct_rps": round(d_rps, 3),
-                      "triton_rps": round(t_rps, 3), "layout": args.layout}))
+                      "triton_rps": round(t_rps, 3), "layout": args.layout, "executor": args.executor,
+                      "runtime": args.runtime,
+                      **({"eager_rps": round(eager_rps, 3), "speedup_vs_eager": round(t_rps / eager_rps, 3)}
+                         if eager_rps else {})}))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -42,7 +42,8 @@ def write_repository(cfg: DictConfig) -> Path:
                                     executor=cfg.executor, limits=limits, prompt_table_dtype=cfg.trtllm.dtype,
                                     build=OmegaConf.to_container(cfg.trtllm.build, resolve=True),
                                     kv_cache_reuse=bool(cfg.trtllm.get("kv_cache_reuse", False)),
-                                    kv_cache_max_tokens=cfg.trtllm.get("kv_cache_max_tokens"))
+                                    kv_cache_max_tokens=cfg.trtllm.get("kv_cache_max_tokens"),
+                                    runtime=cfg.trtllm.get("runtime", "engine"))
     raise SystemExit(f"layout must be one of {LAYOUTS}, got {cfg.layout!r}")
 
 

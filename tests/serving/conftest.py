@@ -3,7 +3,8 @@ they are not collected, and pytest says so."""
 
 import importlib.util
 
-TRITON_TESTS = ["test_triton_repo.py", "test_triton_serve.py", "test_triton_ensemble.py", "test_serving_cli.py"]
+TRITON_TESTS = ["test_triton_repo.py", "test_triton_serve.py", "test_triton_ensemble.py", "test_serving_cli.py",
+                "test_llm_api_triton.py"]
 
 if importlib.util.find_spec("tritonclient") is None:
     collect_ignore = TRITON_TESTS

@@ -15,6 +15,7 @@ from audex.serving.triton.config_protos import ModelSummary, request_inputs, set
 
 LLM_BACKENDS = ("python", "tensorrtllm")
 EXECUTORS = ("tensorrt_llm", "torch")
+RUNTIMES = ("engine", "pytorch")      # TensorRT-LLM: a trtllm-build engine, or the LLM API (PyTorch backend)
 
 
 _LLM_INPUTS = [  # (name, type, dims, optional, ragged): TensorRT-LLM's inflight_batcher_llm names
@@ -105,7 +106,7 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
                         executor: str = "tensorrt_llm", limits: ServeLimits | None = None,
                         prompt_table_dtype: str = "bfloat16", max_queue_delay_us: int = 1000,
                         build: dict | None = None, kv_cache_reuse: bool = False,
-                        kv_cache_max_tokens: int | None = None) -> mc.ModelConfig:
+                        kv_cache_max_tokens: int | None = None, runtime: str = "engine") -> mc.ModelConfig:
     """The LLM step, with the input / output names of TensorRT-LLM's ``inflight_batcher_llm`` layout.
 
     ``backend="python"`` (default): Audex's model (:class:`~audex.serving.triton.handlers.LlmHandler`)
@@ -123,6 +124,9 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
         raise ValueError(f"backend must be one of {LLM_BACKENDS}, got {backend!r}")
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if runtime not in RUNTIMES or (runtime == "pytorch" and backend != "python"):
+        raise ValueError(f"trtllm.runtime must be one of {RUNTIMES} (pytorch: the LLM API, with llm_backend=python), "
+                         f"got {runtime!r} with llm_backend={backend!r}")
     c = mc.ModelConfig(name=name, backend=backend, max_batch_size=max_batch_size)
     c.model_transaction_policy.decoupled = decoupled
     _llm_tensors(c, summary, backend, prompt_table_dtype, streaming=True)
@@ -144,7 +148,7 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
     if kv_cache_max_tokens is not None:
         params["kv_cache_max_tokens"] = int(kv_cache_max_tokens)
     if backend == "python":
-        params.update({"executor": executor, "export_dir": export_dir or "",
+        params.update({"executor": executor, "trtllm_runtime": runtime, "export_dir": export_dir or "",
                        "max_batch_size": max_batch_size, "max_lag_steps": 4, "stream_chunk_seconds": 1.0,
                        "prompt_table_dtype": prompt_table_dtype, "python": sys.executable,
                        "frames_per_window": summary.frames_per_window, "window_seconds": summary.window_seconds,

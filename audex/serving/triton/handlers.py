@@ -42,6 +42,7 @@ from audex.inference.sampling import SamplingParams
 from audex.models.checkpoint import load_model
 from audex.serving.executor_api import mpi_world
 from audex.serving.guided_executor import GuidedExecutor, LlmJob
+from audex.serving.llm_api_backend import LlmApiBackend, llm_api_module
 from audex.serving.local_engine import LocalEngine
 from audex.serving.requests import ServeLimits, ServeRequest, serving_presets
 from audex.serving.triton.llm_io import LlmInputBuilder, LlmOutputDecoder
@@ -211,6 +212,28 @@ def parallel_config(trtllm, params: dict):
     return trtllm.ParallelConfig(**kwargs) if kwargs else None
 
 
+def _executor_router(params: dict, export_dir: Path, trtllm, kind: str, tokenizer, build: dict,
+                     grammar: dict) -> GuidedExecutor:
+    """The executor-bindings route (``trtllm_runtime: engine``): a trtllm-build engine, or the reference executor."""
+    config = trtllm.ExecutorConfig(
+        1, scheduler_config=trtllm.SchedulerConfig(trtllm.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT),
+        kv_cache_config=trtllm.KvCacheConfig(
+            params.get("enable_kv_cache_reuse", "false") == "true",
+            # bounded: the router then also counts KV blocks for CFG pairs (see GuidedExecutor._admit)
+            int(params["kv_cache_max_tokens"]) if params.get("kv_cache_max_tokens") else None,
+            free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_mem_fraction", "0.85"))),
+        enable_chunked_context=False, parallel_config=parallel_config(trtllm, params))
+    if kind == "torch":
+        # the reference executor gets the sizes trtllm-build would have fixed in the engine, and its ranks
+        model_path = trtllm.ReferenceEngine.from_build(str(export_dir / "hf"),
+                                                       build | {"world_size": params.get("world_size", 1)})
+    else:
+        model_path = params.get("gpt_model_path")
+    # pairs reach the engine only when both twins fit in its batch
+    return GuidedExecutor.create(trtllm, model_path, tokenizer, config,
+                                 max_inflight=max(2, int(params.get("max_batch_size", "8"))), **grammar)
+
+
 class LlmHandler:
     """LLM inputs -> generated ids, CFG pairs included (see the module docstring)."""
 
@@ -228,34 +251,25 @@ class LlmHandler:
             # fail at start-up, not on the first clip: each request gets size // max_batch_size rows
             check_prompt_table(build, limits.max_audio_seconds, int(params["frames_per_window"]),
                                float(params["window_seconds"]))
-        config = trtllm.ExecutorConfig(
-            1, scheduler_config=trtllm.SchedulerConfig(trtllm.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT),
-            kv_cache_config=trtllm.KvCacheConfig(
-                params.get("enable_kv_cache_reuse", "false") == "true",
-                # bounded: the router then also counts KV blocks for CFG pairs (see GuidedExecutor._admit)
-                int(params["kv_cache_max_tokens"]) if params.get("kv_cache_max_tokens") else None,
-                free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_mem_fraction", "0.85"))),
-            enable_chunked_context=False, parallel_config=parallel_config(trtllm, params))
-        if kind == "torch":
-            # the reference executor gets the sizes trtllm-build would have fixed in the engine, and its ranks
-            model_path = trtllm.ReferenceEngine.from_build(str(export_dir / "hf"),
-                                                           build | {"world_size": params.get("world_size", 1)})
-        else:
-            model_path = params.get("gpt_model_path")
         # the grammar of the presets, as the local engine applies it (the limits cap the token budget per request)
         presets = serving_presets(self.vocab, limits, model_file(params, "presets"))
-        self.guided = GuidedExecutor.create(trtllm, model_path, self.tokenizer, config,
-                                            audio_seconds=presets["tta"].audio_seconds or limits.tta_seconds,
-                                            max_speech_seconds=presets["tts"].max_speech_seconds,
-                                            max_lag_steps=int(params.get("max_lag_steps", "4")),
-                                            # pairs reach the engine only when both twins fit in its batch
-                                            max_inflight=max(2, int(params.get("max_batch_size", "8"))))
+        grammar = dict(audio_seconds=presets["tta"].audio_seconds or limits.tta_seconds,
+                       max_speech_seconds=presets["tts"].max_speech_seconds,
+                       max_lag_steps=int(params.get("max_lag_steps", "4")))
+        if params.get("trtllm_runtime", "engine") == "pytorch":      # TensorRT-LLM's LLM API: both backbones
+            self.guided = LlmApiBackend.create(llm_api_module(kind), export_dir, self.tokenizer, build, limits,
+                                               int(params["frames_per_window"]), float(params["window_seconds"]),
+                                               **grammar)
+        else:
+            self.guided = _executor_router(params, export_dir, trtllm, kind, self.tokenizer, build, grammar)
         # the executor refuses a prompt table whose dtype is not the weights' (PromptTuningBuffers::validate): take
         # it from the engine (its config.json; float32 for the reference executor)
         self.table_dtype = self.guided.engine.dtype
         # LEADER mode with tensor/pipeline parallelism: every rank's server loads this model and its executor, only
         # the leader's takes requests; as TensorRT-LLM's own model does, a participant waits here for the leader
-        self.participant = not self.guided.executor.can_enqueue_requests()
+        # (the LLM API runtime runs one rank in this process: it has no participants)
+        executor = getattr(self.guided, "executor", None)
+        self.participant = executor is not None and not executor.can_enqueue_requests()
         if self.participant:
             log.info("this rank is a participant of the LLM's executor (TensorRT-LLM leader mode): it runs its share "
                      "of the engine for the leader and takes no requests")

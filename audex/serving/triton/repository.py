@@ -129,11 +129,12 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
                          executor: str = "tensorrt_llm", limits: ServeLimits | None = None,
                          prompt_table_dtype: str = "bfloat16", handler_process: str | None = None,
                          num_threads: int = 1, build: dict | None = None, kv_cache_reuse: bool = False,
-                         kv_cache_max_tokens: int | None = None) -> Path:
+                         kv_cache_max_tokens: int | None = None, runtime: str = "engine") -> Path:
     """The GPU ensemble (see the module docstring) over an export folder written by ``examples/audex_export.py``.
 
-    ``llm_backend``/``executor``: see :func:`tensorrt_llm_config` (``executor="torch"`` serves the same ensemble on a
-    CPU machine with the reference executor). ``handler_process="worker"`` forces the python steps' handlers into
+    ``llm_backend``/``executor``/``runtime``: see :func:`tensorrt_llm_config` (``executor="torch"`` serves the same
+    ensemble on a CPU machine with the reference executor; ``runtime="pytorch"``: TensorRT-LLM's LLM API, both
+    backbones, :mod:`audex.serving.llm_api_backend`). ``handler_process="worker"`` forces the python steps' handlers into
     worker processes (:mod:`audex.serving.triton.python_model`); by default they run in the stub unless the launcher
     says otherwise.
     """
@@ -154,7 +155,7 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
         check_prompt_table(build, limits.max_audio_seconds, summary.frames_per_window, summary.window_seconds)
     llm = dict(backend=llm_backend, export_dir=export_dir, executor=executor, limits=limits,
                prompt_table_dtype=prompt_table_dtype, build=build, kv_cache_reuse=kv_cache_reuse,
-               kv_cache_max_tokens=kv_cache_max_tokens)
+               kv_cache_max_tokens=kv_cache_max_tokens, runtime=runtime)
     configs = [
         preprocessing_config(summary, export_dir, max_batch_size, limits,
                              table_dtype=table_dtype_for(llm_backend, prompt_table_dtype)),
