@@ -7,9 +7,9 @@ out), then the LM with ``inputs_embeds`` (audio frames already merged in) and pa
 
 * the embeddings enter megatron-core as ``decoder_input`` (Megatron-Bridge's Qwen2-Audio pattern); with sequence
   parallelism this rank's sequence slice is scattered first;
-* every row (packed or not) runs in the THD layout: the samples of all rows are concatenated, ``cu_seqlens``
-  marks them (``PackedSeqParams``), padding never enters; RoPE restarts per sample as the packed
-  ``position_ids`` do;
+* every row (packed or not) runs in the THD layout: the rows are concatenated, ``cu_seqlens`` marks every
+  sample and every padding run as its own segment (``PackedSeqParams``); padding logits are zero; RoPE
+  restarts per sample as the packed ``position_ids`` do;
 * its ``state_dict()`` holds Hugging Face names and whole tensors (gathered over TP and EP), and
   ``load_state_dict`` takes them, so ``.nemo`` archives of both engines are interchangeable;
   :meth:`save_pretrained` writes a transformers folder.
@@ -55,19 +55,29 @@ def spans_from_mask(attention_mask: torch.Tensor | None, batch: int, length: int
 
 
 def thd_layout(spans, batch: int, length: int, pad_multiple: int = 1):
-    """Flat token index of every sample token in order, and ``cu_seqlens`` (int32) over them; the total is padded
-    to ``pad_multiple`` (sequence parallelism) by one extra segment that is dropped again after the model."""
-    index, cu = [], [0]
+    """Every position of every row, in order, as THD segments: each sample is a segment, and so is each run of
+    padding between or after them (so every rank of a batch of equal shapes holds equal token counts, as
+    megatron-core's expert dispatch and sequence parallelism need). Returns ``cu_seqlens`` (int32), the padding
+    flags of the ``t`` tokens, and how many tokens were appended so that ``t`` divides by ``pad_multiple``."""
+    cu, padding = [0], []
     for b, row in enumerate(spans):
-        for start, end in row:
-            index.extend(range(b * length + start, b * length + end))
-            cu.append(len(index))
-    if not index:
-        raise ValueError("the batch holds no tokens (every row is padding)")
-    pad = (-len(index)) % pad_multiple
-    if pad:
-        cu.append(len(index) + pad)
-    return torch.tensor(index, dtype=torch.long), torch.tensor(cu, dtype=torch.int32), pad
+        at = 0
+        for start, end in sorted(row):
+            if start < at or end > length or start >= end:
+                raise ValueError(f"row {b}: segment ({start}, {end}) overlaps another or leaves the row of {length}")
+            for lo, hi, pad in ((at, start, True), (start, end, False)):
+                if hi > lo:
+                    cu.append(cu[-1] + hi - lo)
+                    padding.extend([pad] * (hi - lo))
+            at = end
+        if at < length:
+            cu.append(cu[-1] + length - at)
+            padding.extend([True] * (length - at))
+    extra = (-cu[-1]) % pad_multiple
+    if extra:
+        cu.append(cu[-1] + extra)
+        padding.extend([True] * extra)
+    return torch.tensor(cu, dtype=torch.int32), torch.tensor(padding, dtype=torch.bool), extra
 
 
 class MegatronCausalLM(nn.Module):
@@ -121,11 +131,11 @@ class MegatronCausalLM(nn.Module):
         if len(spans) != batch:
             raise ValueError(f"audex_segments lists {len(spans)} rows for a batch of {batch}")
         p = self.parallelism
-        index, cu, pad = thd_layout(spans, batch, length, p.tensor if p.sequence else 1)
-        index, cu = index.to(inputs_embeds.device), cu.to(inputs_embeds.device)
-        tokens = inputs_embeds.reshape(batch * length, hidden).index_select(0, index)
-        if pad:
-            tokens = torch.cat([tokens, tokens.new_zeros(pad, hidden)])
+        cu, padding, extra = thd_layout(spans, batch, length, p.tensor if p.sequence else 1)
+        cu, padding = cu.to(inputs_embeds.device), padding.to(inputs_embeds.device)
+        tokens = inputs_embeds.reshape(batch * length, hidden)
+        if extra:
+            tokens = torch.cat([tokens, tokens.new_zeros(extra, hidden)])
         decoder_input = tokens.unsqueeze(1)  # [t, 1, h]
         if p.sequence:
             from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
@@ -136,9 +146,12 @@ class MegatronCausalLM(nn.Module):
         longest = int((cu[1:] - cu[:-1]).max())
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                                  max_seqlen_kv=longest)
+        # no padding_mask: megatron-core 0.16.1's router broadcasts it wrongly against the routing map
+        # (router.py _apply_expert_bias: [t, E] & [t]); padding runs are routed like tokens, and counted in the
+        # expert-bias token counts
         logits = self.mcore(None, None, None, decoder_input=decoder_input, packed_seq_params=packed)  # [1, t, V]
-        logits = logits.reshape(-1, logits.shape[-1])[: index.numel()]
-        out = logits.new_zeros(batch * length, logits.shape[-1]).index_copy(0, index, logits)
+        logits = logits.reshape(-1, logits.shape[-1])[: batch * length]
+        out = logits.masked_fill(padding[: batch * length].unsqueeze(1), 0.0)
         return CausalLMOutputWithPast(logits=out.view(batch, length, -1))
 
     # ---- Hugging Face weights in and out ---------------------------------------------------------
@@ -186,7 +199,26 @@ class MegatronCausalLM(nn.Module):
         lm.save_pretrained(folder, **kwargs)
 
 
+def layout_from_parallel_state() -> ParallelismConfig:
+    """The sizes megatron-core's parallel state was initialised with (sequence parallelism is not recorded there:
+    pass ``parallelism`` to get it)."""
+    require_megatron()
+    from megatron.core import parallel_state as ps
+
+    if not (torch.distributed.is_initialized() and ps.model_parallel_is_initialized()):
+        raise RuntimeError("engine megatron needs torch.distributed and megatron-core's model parallel state: call "
+                           "audex.parallel.megatron_strategy.init_model_parallel(...) first (MegatronStrategy does)")
+    return ParallelismConfig(
+        world_size=torch.distributed.get_world_size(), tensor=ps.get_tensor_model_parallel_world_size(),
+        context=ps.get_context_parallel_world_size(), pipeline=ps.get_pipeline_model_parallel_world_size(),
+        expert=ps.get_expert_model_parallel_world_size(), expert_tensor=ps.get_expert_tensor_parallel_world_size())
+
+
 def megatron_lm(hf_lm, parallelism=None, dtype=None, overrides=None) -> MegatronCausalLM:
-    """:class:`MegatronCausalLM` for ``AudexBackbone`` (the layout from ``parallelism:``)."""
-    p = parallelism if isinstance(parallelism, ParallelismConfig) else ParallelismConfig.from_dict(parallelism)
+    """:class:`MegatronCausalLM` for ``AudexBackbone``: the layout from ``parallelism`` (a dict or config) or, when
+    None, from megatron-core's initialised parallel state."""
+    if parallelism is None:
+        p = layout_from_parallel_state()
+    else:
+        p = parallelism if isinstance(parallelism, ParallelismConfig) else ParallelismConfig.from_dict(parallelism)
     return MegatronCausalLM(hf_lm, p, dtype=dtype, overrides=overrides)

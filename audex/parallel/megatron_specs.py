@@ -19,6 +19,7 @@ megatron-core is imported inside functions: it is an optional extra (``pip insta
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
@@ -28,11 +29,12 @@ from audex.parallel.config import ParallelismConfig
 from audex.parallel.megatron_convert import LLAMA, hybrid_pattern, model_type_of
 from audex.parallel.megatron_shard import ShardDims
 
-MIN_MCORE = (0, 16)
+MIN_MCORE, TESTED_MCORE = (0, 16), "0.16"
 
 
 def require_megatron() -> str:
-    """The installed megatron-core version, or a clear error naming the install command."""
+    """The installed megatron-core version, or a clear error naming the install command. Releases after the
+    tested 0.16 line warn once: their layer specs and routers may have moved."""
     try:
         found = version("megatron-core")
     except PackageNotFoundError:
@@ -42,6 +44,9 @@ def require_megatron() -> str:
     if parts < MIN_MCORE:
         raise ImportError(f"megatron-core {found} is too old for engine megatron: need >= "
                           f"{'.'.join(map(str, MIN_MCORE))} (pip install 'audex[megatron]')")
+    if not found.startswith(TESTED_MCORE + "."):
+        warnings.warn(f"engine megatron is written and tested against megatron-core {TESTED_MCORE}.x; megatron-core "
+                      f"{found} is untested (pip install 'megatron-core>=0.16.1,<0.17' for the tested one)", stacklevel=2)
     return found
 
 

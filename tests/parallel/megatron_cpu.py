@@ -24,6 +24,9 @@ NEMOTRON_MOE = dict(vocab_size=256, hidden_size=64, hybrid_override_pattern="*E*
                     moe_intermediate_size=32, moe_shared_expert_intermediate_size=64, routed_scaling_factor=2.5,
                     norm_topk_prob=True, mlp_hidden_act="relu2", max_position_embeddings=256)
 KINDS = {"llama": LLAMA, "nemotron_h": NEMOTRON_MOE}
+#: training equivalence runs the aux-loss-free balancing alone: megatron's sequence-level aux loss (coefficient
+#: 1e-6) is computed per THD pack, and a data-parallel rank's pack is not the one-process pack
+NO_AUX = {"moe_aux_loss_coeff": 0.0}
 SEGMENTS = [[(0, 5), (5, 12), (12, 15)], [(0, 9)]]   # two rows of 16: three awkward samples, one sample + padding
 
 
@@ -54,7 +57,8 @@ def megatron_state(**sizes):
     """megatron-core parallel state on an initialised gloo group (``tensor_model_parallel_size=...``)."""
     from megatron.core import parallel_state as ps
 
-    install_cpu_shim()
+    if not torch.cuda.is_available():
+        install_cpu_shim()
     ps.initialize_model_parallel(**sizes)
     try:
         yield ps
@@ -100,3 +104,36 @@ def layout_worker(rank: int, world: int, tmp_path, kind: str, layout: dict) -> N
         if rank == 0:
             out["state"] = state
         torch.save(out, tmp_path / f"rank{rank}.pt")
+
+
+def train_steps(lm, ids: torch.Tensor, rows: list[int], steps: int = 2) -> dict:
+    """``steps`` steps of :class:`~audex.parallel.megatron_strategy.MegatronTrainer` (CPU path) on ``rows`` of the
+    batch; the loss is the mean over the rows' positions, so that data-parallel halves average to the whole."""
+    from audex.parallel.megatron_strategy import MegatronTrainer
+
+    trainer = MegatronTrainer(lm, lr=1e-2, clip_grad=0.0, distributed_optimizer=False)
+    segments = [SEGMENTS[r] for r in rows]
+    part = ids[rows]
+
+    def loss_fn():
+        logits = lm(input_ids=part, audex_segments=segments).logits
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.roll(part, -1, 1).reshape(-1))
+
+    losses = [trainer.step(loss_fn)[0] for _ in range(steps)]
+    return {"losses": torch.stack(losses), "state": lm.state_dict()}
+
+
+def train_worker(rank: int, world: int, tmp_path, kind: str, layout: dict) -> None:
+    """Data parallel over 2 ranks (each its own row) inside the given layout; rank 0 saves the trained weights."""
+    from audex.modules.megatron_backbone import MegatronCausalLM
+    from audex.parallel.config import ParallelismConfig
+
+    p = ParallelismConfig(world_size=world, **layout)
+    with megatron_state(tensor_model_parallel_size=p.tensor, expert_model_parallel_size=p.expert,
+                        expert_tensor_parallel_size=p.expert_tensor_size) as ps:
+        lm = MegatronCausalLM(tiny_hf(kind), p, overrides=NO_AUX)
+        dp = ps.get_data_parallel_rank()
+        rows = [0, 1] if ps.get_data_parallel_world_size() == 1 else [dp]
+        out = train_steps(lm, torch.load(tmp_path / "ids.pt"), rows)
+        if rank == 0:
+            torch.save(out, tmp_path / "trained.pt")

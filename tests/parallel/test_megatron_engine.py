@@ -13,10 +13,23 @@ import torch
 
 pytest.importorskip("megatron.core", reason="engine megatron needs pip install 'audex[megatron]'")
 
-from megatron_cpu import SEGMENTS, one_process, run_step, tiny_hf, layout_worker  # noqa: E402
+from megatron_cpu import KINDS as CFGS  # noqa: E402
+from megatron_cpu import (  # noqa: E402
+    NO_AUX,
+    SEGMENTS,
+    layout_worker,
+    megatron_state,
+    one_process,
+    run_step,
+    tiny_hf,
+    train_steps,
+    train_worker,
+)
 from parallel_workers import spawn  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
+from audex import config_path  # noqa: E402
+from audex.models.audex_model import AudexModel  # noqa: E402
 from audex.modules.megatron_backbone import MegatronCausalLM  # noqa: E402
 from audex.parallel.megatron_convert import hf_to_megatron, megatron_to_hf  # noqa: E402
 
@@ -101,10 +114,6 @@ def test_two_processes_equal_one(single, tmp_path, kind, layout):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="megatron-core's Mamba mixer needs mamba_ssm/causal_conv1d "
                     "CUDA kernels; run in tests/gpu")
 def test_nemotron_h_with_mamba_layers_matches_hf_on_gpu(tmp_path):
-    from transformers import AutoConfig
-
-    from megatron_cpu import KINDS as CFGS, megatron_state
-
     cfg = AutoConfig.for_model("nemotron_h", **{**CFGS["nemotron_h"], "hybrid_override_pattern": "ME*E"})
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(cfg).cuda().eval()
@@ -122,3 +131,51 @@ def test_nemotron_h_with_mamba_layers_matches_hf_on_gpu(tmp_path):
             assert all(torch.equal(state[k].cpu(), v.cpu()) for k, v in hf.state_dict().items())
     finally:
         torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def trained_one(tmp_path_factory):
+    """Two training steps in one process on the whole batch (megatron DDP + finalize_model_grads + AdamW)."""
+    tmp = tmp_path_factory.mktemp("mct")
+    with one_process(tmp):
+        return train_steps(MegatronCausalLM(tiny_hf("nemotron_h"), overrides=NO_AUX), ids_batch(), [0, 1])
+
+
+def test_training_step_moves_weights_and_router_bias(trained_one):
+    ref = tiny_hf("nemotron_h").state_dict()
+    state = trained_one["state"]
+    bias = "model.layers.1.mixer.gate.e_score_correction_bias"
+    # the aux-loss-free update moves every expert's bias by +-rate per step (rate 1e-3, 2 steps)
+    assert torch.allclose((state[bias] - ref[bias]).abs(), torch.full((8,), 2e-3), atol=1e-6)
+    assert not torch.equal(state["model.layers.0.mixer.q_proj.weight"], ref["model.layers.0.mixer.q_proj.weight"])
+
+
+def test_data_and_expert_parallel_training_equals_one_process(trained_one, tmp_path):
+    """EP=2 with DP=2 (each rank its own row): megatron DDP's grad reduce, the expert grads and the router
+    bias update from token counts all-reduced over DP give the one-process weights."""
+    torch.save(ids_batch(), tmp_path / "ids.pt")
+    spawn(train_worker, 2, tmp_path, "nemotron_h", dict(expert=2))
+    got = torch.load(tmp_path / "trained.pt", weights_only=False)["state"]
+    ref = trained_one["state"]
+    assert set(got) == set(ref)
+    worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    assert worst <= 1e-5, worst
+
+
+def test_audex_model_same_interface_on_both_engines(tmp_path):
+    """The tiny AudexModel with engine megatron: loads engine hf's state dict, gives its packed-row logits
+    (audio-free prompt, three samples + padding) within 1e-5, and hands back the same state dict."""
+    torch.manual_seed(0)
+    hf_model = AudexModel.from_config_file(config_path("model", "tiny.yaml")).eval()
+    sample_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 3 + [-1]])
+    position_ids = torch.tensor([list(range(5)) + list(range(7)) + list(range(3)) + [0]])
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(5))
+    want = hf_model(input_ids=ids, position_ids=position_ids, sample_ids=sample_ids).logits
+    with one_process(tmp_path):
+        mc_model = AudexModel.from_config_file(config_path("model", "tiny.yaml"), **{"backbone.engine": "megatron"})
+        mc_model.load_state_dict(hf_model.state_dict())
+        got = mc_model.eval()(input_ids=ids, position_ids=position_ids, sample_ids=sample_ids).logits
+        state = mc_model.state_dict()
+    assert (got[0, :15] - want[0, :15]).abs().max().item() <= 1e-5
+    ref = hf_model.state_dict()
+    assert set(state) == set(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
