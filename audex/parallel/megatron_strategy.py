@@ -18,7 +18,8 @@ tensors; on CPU (``optimizer='torch'``) torch's AdamW steps on megatron DDP's re
 without clipping, so that DDP and ``finalize_model_grads`` still run (tests/parallel/test_megatron_engine.py).
 
 :class:`MegatronStrategy` is the Lightning side: a ``DDPStrategy`` whose environment set-up also initialises the
-model parallel state, and which leaves the model unwrapped (megatron-core's DDP wraps the backbone instead).
+model parallel state, which wraps the backbone in megatron's DDP instead of the module in torch's, and which
+finishes the grads after each backward (:func:`finish_grads`) for the module's own optimizer.
 """
 
 from __future__ import annotations
@@ -32,9 +33,18 @@ from audex.parallel.config import ParallelismConfig
 
 def init_model_parallel(p: ParallelismConfig, seed: int = 1234) -> None:
     """Initialise torch.distributed (from the usual env variables, nccl on GPU, gloo on CPU) if needed, then
-    megatron-core's model parallel groups with the sizes of ``p``."""
+    megatron-core's model parallel groups with the sizes of ``p``. Idempotent: engine ``megatron`` builds its
+    model inside the parallel state, so a script launched by torchrun calls this before building ``AudexModel``,
+    and :class:`MegatronStrategy` calls it again (a check that the sizes agree)."""
     from megatron.core import parallel_state as ps
 
+    if dist.is_initialized() and ps.model_parallel_is_initialized():
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size(),
+                ps.get_expert_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        if have != (p.tensor, p.context, p.expert, p.pipeline):
+            raise ValueError(f"megatron-core's parallel state has (TP, CP, EP, PP) = {have}, the config asks for "
+                             f"{(p.tensor, p.context, p.expert, p.pipeline)}")
+        return
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
@@ -47,6 +57,20 @@ def init_model_parallel(p: ParallelismConfig, seed: int = 1234) -> None:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)
+
+
+def finish_grads(ddps, outside=()) -> None:
+    """After the backward of a step: megatron's ``finalize_model_grads`` on the DDP-wrapped models (DP grad
+    reduce, SP norm grads, router expert-bias update), the reduced ``main_grad`` buffers handed to ``.grad`` for a
+    torch optimizer, and the data-parallel average of the ``outside`` parameters' grads."""
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(list(ddps))
+    for ddp in ddps:
+        for p in ddp.module.parameters():
+            if p.requires_grad and getattr(p, "main_grad", None) is not None:
+                p.grad = p.main_grad.to(p.dtype)
+    all_reduce_outside_grads(outside)
 
 
 def all_reduce_outside_grads(params, average: bool = True) -> None:
@@ -105,12 +129,11 @@ class MegatronTrainer:
         self.optimizer.zero_grad()
         loss = loss_fn()
         loss.backward()
-        finalize_model_grads([self.ddp])
         if self.kind == "torch":  # the reduced grads live in megatron DDP's main_grad buffers
-            for p in self.params:
-                p.grad = p.main_grad.to(p.dtype)
+            finish_grads([self.ddp])
             self.optimizer.step()
             return loss.detach(), None
+        finalize_model_grads([self.ddp])
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError("megatron optimizer skipped the step (inf/nan gradients)")
@@ -119,8 +142,12 @@ class MegatronTrainer:
 
 class MegatronStrategy(DDPStrategy):
     """Lightning strategy for engine ``megatron``: DDP's process launch and environment, plus megatron-core's
-    model parallel state; the LightningModule is not wrapped in torch DDP (megatron-core's DDP wraps the backbone,
-    :class:`MegatronTrainer`)."""
+    model parallel state. The LightningModule is not wrapped in torch DDP: each megatron-core model inside it
+    (``lm.mcore`` of a ``MegatronCausalLM``) is wrapped in megatron's DDP, and after every backward
+    :func:`finish_grads` reduces its grads (and the other trainable parameters' over data parallel) for the
+    module's own torch optimizer. Gradient accumulation and Lightning's grad clipping (a local norm under TP) are
+    refused. Written against megatron-core 0.16.1 and Lightning 2.x; its grad path is the one
+    :class:`MegatronTrainer` runs in the CPU tests, the Lightning launch itself has not been run."""
 
     strategy_name = "audex_megatron"
 
@@ -128,14 +155,41 @@ class MegatronStrategy(DDPStrategy):
         super().__init__(**kwargs)
         self.parallelism = parallelism if isinstance(parallelism, ParallelismConfig) else \
             ParallelismConfig.from_dict(parallelism)
+        self._ddps, self._outside = [], []
 
     def setup_environment(self) -> None:
         super().setup_environment()
         init_model_parallel(self.parallelism)
 
     def configure_ddp(self) -> None:
-        """No torch DDP: megatron-core's DDP owns the backbone's grads."""
-        self.model = self.precision_plugin.convert_module(self.model)
+        """megatron's DDP around every megatron-core model; no torch DDP around the LightningModule."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        trainer = self.lightning_module.trainer
+        if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
+            raise ValueError("MegatronStrategy reduces grads after every backward and has no global-norm clipping "
+                             "for a torch optimizer: set accumulate_grad_batches=1 and gradient_clip_val=null")
+        owned = set()
+        for module in self.lightning_module.modules():
+            mcore = getattr(module, "mcore", None)
+            if mcore is not None and hasattr(module, "hf_state_dict"):
+                config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False,
+                                                       check_for_nan_in_grad=False, bucket_size=None)
+                self._ddps.append(DistributedDataParallel(config=mcore.config, ddp_config=config, module=mcore))
+                owned.update(id(p) for p in mcore.parameters())
+        if not self._ddps:
+            raise ValueError("MegatronStrategy found no megatron-core model: set model.backbone.engine=megatron")
+        self._outside = [p for p in self.lightning_module.parameters() if p.requires_grad and id(p) not in owned]
+
+    def post_backward(self, closure_loss):
+        finish_grads(self._ddps, self._outside)
+        return super().post_backward(closure_loss)
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        for ddp in self._ddps:
+            ddp.zero_grad_buffer()
+        return out
 
     def teardown(self) -> None:
         from megatron.core import parallel_state as ps

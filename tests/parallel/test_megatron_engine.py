@@ -31,7 +31,9 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from audex import config_path  # noqa: E402
 from audex.models.audex_model import AudexModel  # noqa: E402
 from audex.modules.megatron_backbone import MegatronCausalLM  # noqa: E402
+from audex.parallel.config import ParallelismConfig  # noqa: E402
 from audex.parallel.megatron_convert import hf_to_megatron, megatron_to_hf  # noqa: E402
+from audex.parallel.megatron_strategy import init_model_parallel  # noqa: E402
 
 KINDS = ("llama", "nemotron_h")
 
@@ -179,3 +181,11 @@ def test_audex_model_same_interface_on_both_engines(tmp_path):
     assert (got[0, :15] - want[0, :15]).abs().max().item() <= 1e-5
     ref = hf_model.state_dict()
     assert set(state) == set(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+def test_init_model_parallel_is_idempotent_and_checks_sizes(tmp_path):
+    with one_process(tmp_path) as ps:
+        init_model_parallel(ParallelismConfig())            # already initialised with these sizes: no-op
+        assert ps.get_tensor_model_parallel_world_size() == 1
+        with pytest.raises(ValueError, match=r"\(TP, CP, EP, PP\) = \(1, 1, 1, 1\)"):
+            init_model_parallel(ParallelismConfig(tensor=2))
