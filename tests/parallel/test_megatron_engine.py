@@ -32,7 +32,9 @@ from audex import config_path  # noqa: E402
 from audex.models.audex_model import AudexModel  # noqa: E402
 from audex.modules.megatron_backbone import MegatronCausalLM  # noqa: E402
 from audex.parallel.config import ParallelismConfig  # noqa: E402
-from audex.parallel.megatron_convert import hf_to_megatron, megatron_to_hf  # noqa: E402
+from audex.parallel.megatron_convert import from_te_names, hf_to_megatron, megatron_to_hf, to_te_names  # noqa: E402
+from audex.parallel.megatron_shard import _join, _split, tp_parts  # noqa: E402
+from audex.parallel.megatron_specs import shard_dims  # noqa: E402
 from audex.parallel.megatron_strategy import init_model_parallel  # noqa: E402
 
 KINDS = ("llama", "nemotron_h")
@@ -189,3 +191,32 @@ def test_init_model_parallel_is_idempotent_and_checks_sizes(tmp_path):
         assert ps.get_tensor_model_parallel_world_size() == 1
         with pytest.raises(ValueError, match=r"\(TP, CP, EP, PP\) = \(1, 1, 1, 1\)"):
             init_model_parallel(ParallelismConfig(tensor=2))
+
+
+def test_nemotron_h_mamba_and_mlp_layers_convert_both_ways_and_shard_per_part():
+    """The Mamba and dense-MLP layers' conversion on CPU (megatron-core's Mamba mixer itself needs CUDA): the
+    round trip is bit-exact, Transformer Engine names map both ways, and a TP shard of ``in_proj`` is
+    [z, x, B, C, dt] of that rank, each part split on its own."""
+    cfg = AutoConfig.for_model("nemotron_h", **{**CFGS["nemotron_h"], "hybrid_override_pattern": "ME*-",
+                                                 "intermediate_size": 48})
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).state_dict()
+    mc = hf_to_megatron(hf, cfg)
+    back = megatron_to_hf(mc, cfg)
+    assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
+    te = to_te_names(mc, fused_mlp_norm=True)
+    assert "decoder.layers.0.mixer.in_proj.layer_norm_weight" in te           # Mamba norm fused into in_proj
+    assert "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight" in te
+    assert "decoder.layers.3.mlp.linear_fc1.layer_norm_weight" in te           # dense MLP norm fused into fc1
+    assert "decoder.layers.1.pre_mlp_layernorm.weight" in te                   # MoE keeps its own norm
+    assert "decoder.layers.1.mlp.experts.linear_fc1.weight7" in te             # grouped experts
+    assert from_te_names(te).keys() == mc.keys()
+    dims = shard_dims(cfg)                     # d_inner 128, B/C 2 groups x 16, 4 heads: 128+128+32+32+4 = 324
+    name = "decoder.layers.0.mixer.in_proj.weight"
+    whole = mc[name]
+    shards = _split(whole, tp_parts(name, dims), 0, 2)
+    z, x, b, c, dt = torch.split(whole, [128, 128, 32, 32, 4])
+    assert torch.equal(shards[1], torch.cat([z[64:], x[64:], b[16:], c[16:], dt[2:]]))
+    assert torch.equal(_join(shards, tp_parts(name, dims), 0), whole)
+    conv = "decoder.layers.0.mixer.conv1d.weight"
+    assert torch.equal(_join(_split(mc[conv], tp_parts(conv, dims), 0, 2), tp_parts(conv, dims), 0), mc[conv])
