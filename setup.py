@@ -90,6 +90,9 @@ setup(
         # the TensorRT-LLM release the deployment code is written and checked against (audex/export/executor_blocks.py
         # TRTLLM_VERSION); CUDA hosts only, never installed by scripts/setup_env.sh
         "trtllm": ["tensorrt_llm==1.2.0rc2"],
+        # engine megatron (model.backbone.engine: megatron); written and tested against 0.16.1, the newest release
+        # for Python 3.11 (later ones need Python >= 3.12); audex/parallel/megatron_specs.py gates the version
+        "megatron": ["megatron-core>=0.16.1,<0.17"],
     },
     entry_points={
         "console_scripts": [

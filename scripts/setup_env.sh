@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything Audex needs on a fresh machine: a .venv with torch 2.13.0 (CPU wheel), NeMo, Lhotse,
-# transformers and Audex itself (editable), plus Debian's espeak-ng and sox for the demo and test audio.
+# transformers, megatron-core (engine megatron) and Audex itself (editable), plus Debian's espeak-ng and sox for the demo and test audio.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,9 +14,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
   pip install -q torch==2.13.0          # first: anything asking for a newer torch pulls a multi-GB CUDA build
 fi
-if ! python -c "import audex, nemo, lhotse, transformers, pytest, tritonclient, pytriton" 2>/dev/null \
+if ! python -c "import audex, nemo, lhotse, transformers, pytest, tritonclient, pytriton, megatron.core" 2>/dev/null \
    || [ setup.py -nt .venv/.audex-installed ]; then
-  pip install -q -e ".[dev,export]"
+  pip install -q -e ".[dev,export,megatron]"
   # the Triton server binary; --no-deps because its numpy<2 pin would downgrade the whole environment
   pip install -q --no-deps nvidia-pytriton==0.7.0
   touch .venv/.audex-installed

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from audex.modules.megatron_backbone import megatron_lm
 from audex.parallel.config import check_engine
 
 
@@ -87,8 +88,12 @@ class AudexBackbone(nn.Module):
         vocab_size: size of the extended vocabulary (set by :class:`AudexModel` from its vocabulary).
         text_vocab_size: the text rows, for a checkpoint that is already extended to ``vocab_size``.
         init_std / init_seed: initialisation of the new embedding rows.
-        engine: ``hf`` (transformers modules, torch-native parallelism); ``megatron`` is refused with a clear
-            error until the megatron-core backbone exists (:func:`audex.parallel.config.check_engine`).
+        engine: ``hf`` (transformers modules, torch-native parallelism) or ``megatron``: the same weights, loaded
+            and vocabulary-extended as for ``hf``, then converted into megatron-core's model
+            (:class:`audex.modules.megatron_backbone.MegatronCausalLM`, same interface as ``lm``).
+        parallelism: engine ``megatron``: the ``parallelism:`` sizes (a dict); None = read from megatron-core's
+            initialised parallel state (:func:`audex.parallel.megatron_strategy.init_model_parallel`).
+        megatron: engine ``megatron``: extra ``TransformerConfig`` fields (router bias update rate, recompute, ...).
 
     Example::
 
@@ -99,7 +104,8 @@ class AudexBackbone(nn.Module):
 
     def __init__(self, pretrained_path: str | None = None, model_type: str | None = None, config: dict | None = None,
                  vocab_size: int | None = None, init_std: float = 0.02, init_seed: int = 0, dtype: str | None = None,
-                 text_vocab_size: int | None = None, engine: str = "hf"):
+                 text_vocab_size: int | None = None, engine: str = "hf", parallelism: dict | None = None,
+                 megatron: dict | None = None):
         super().__init__()
         self.engine = check_engine(engine)
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else None
@@ -110,6 +116,8 @@ class AudexBackbone(nn.Module):
         self.text_vocab_size = int(text_vocab_size) if already_extended else rows
         if vocab_size is not None and not already_extended:
             extend_vocabulary(self.lm, int(vocab_size), init_std=init_std, seed=init_seed)
+        if self.engine == "megatron":
+            self.lm = megatron_lm(self.lm, parallelism, dtype=torch_dtype, overrides=megatron)
 
     @property
     def hidden_size(self) -> int:

@@ -31,13 +31,9 @@ class ParallelismError(ValueError):
 
 
 def check_engine(engine: str) -> str:
-    """Validate ``model.backbone.engine``. Only ``hf`` is built in this release."""
+    """Validate ``model.backbone.engine`` (``megatron`` needs ``pip install 'audex[megatron]'``)."""
     if engine not in ENGINES:
         raise ParallelismError(f"model.backbone.engine={engine!r} is not an engine; use one of {list(ENGINES)}")
-    if engine == "megatron":
-        raise NotImplementedError(
-            "model.backbone.engine=megatron is not built yet in this release of Audex (the megatron-core backbone, "
-            "its HF <-> Megatron conversion and strategy are planned in issue 11, point 4); use engine=hf")
     return engine
 
 

@@ -85,7 +85,8 @@ def test_context_parallelism_needs_packed_rows():
 
 def test_engine_switch():
     assert check_engine("hf") == "hf"
-    with pytest.raises(NotImplementedError, match="engine=megatron is not built yet"):
+    # engine megatron builds megatron-core's model only inside an initialised model parallel state
+    with pytest.raises((RuntimeError, ImportError), match="model parallel state|audex\\[megatron\\]"):
         AudexBackbone(model_type="llama", engine="megatron",
                       config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                   vocab_size=64))
