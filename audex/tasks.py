@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -46,6 +47,19 @@ def _tts(pipe, records, **sampling):
         out.update(zip(prompted, pipe.tts([records[i]["text"] for i in prompted],
                                           voice=[records[i]["voice"] for i in prompted],
                                           voice_text=[records[i].get("voice_text") for i in prompted], **sampling)))
+    return [out[i] for i in range(len(records))]
+
+
+def _chat(pipe, records, **sampling):
+    """Plain chats as one batch, and tool chats (``tools``: the record's tool definitions) one batch per tool list;
+    results in record order."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(json.dumps(r.get("tools"), sort_keys=True) if r.get("tools") else "", []).append(i)
+    out: dict[int, Any] = {}
+    for key, idx in groups.items():
+        tools = records[idx[0]]["tools"] if key else None
+        out.update(zip(idx, pipe.chat([records[i]["text"] for i in idx], tools=tools, **sampling)))
     return [out[i] for i in range(len(records))]
 
 
@@ -105,8 +119,7 @@ _REGISTRY: tuple[Task, ...] = (
          lambda p, rs, **s: p.hallucination(_field(rs, "audio"), _field(rs, "sound_event"), **s)),
     Task("s2s", True, None, "speech_turn", "s2s", False, None, False,
          lambda p, rs, **s: p.s2s(_field(rs, "audio"), **s)),
-    Task("chat", False, "text", "text", "chat", False, "text", True,
-         lambda p, rs, **s: p.chat(_field(rs, "text"), **s)),
+    Task("chat", False, "text", "text", "chat", False, "text", True, _chat),
     Task("tts", False, "text", "speech", "tts", True, "tts", True, _tts),
     Task("tta", False, "text", "audio", "tta", True, "tta", True,
          lambda p, rs, **s: p.tta(_field(rs, "text"), **s)),
@@ -132,9 +145,9 @@ def task(name: str) -> Task:
 
 def record_fields() -> tuple[str, ...]:
     """The record fields any task reads besides audio (for CLIs that take them as options); ``voice`` and
-    ``voice_text`` are the optional voice prompt of ``tts``."""
+    ``voice_text`` are the optional voice prompt of ``tts``, ``tools`` the tool definitions of a ``chat``."""
     names: list[str] = []
     for t in _REGISTRY:
         if t.field and t.field not in names and t.field != "text":
             names.append(t.field)
-    return ("language", *names, "choices", "voice", "voice_text")
+    return ("language", *names, "choices", "voice", "voice_text", "tools")

@@ -54,6 +54,7 @@ Example::
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from transformers.utils.chat_parsing import parse_response
@@ -135,6 +136,21 @@ def validate_tools(tools: Any, name: str = "tools") -> list[dict]:
             raise ValueError(f"{name}[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': "
                              f"...}}}}, got {tool!r:.120}")
     return [dict(t) for t in tools]
+
+
+def load_tools(tools: Any) -> list[dict]:
+    """Tool definitions given as a list, or as the path of a JSON file holding that list (the CLIs'
+    ``inputs.tools=tools.json``); checked with :func:`validate_tools`."""
+    if isinstance(tools, (str, Path)):
+        path = Path(tools)
+        if not path.is_file():
+            raise ValueError(f"tools file {str(path)!r} does not exist: give a JSON file with a list of tool definitions")
+        try:
+            tools = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tools file {str(path)!r} is not JSON ({e})") from None
+        return validate_tools(tools, f"the tools in {str(path)!r}")
+    return validate_tools(tools)
 
 
 def validate_tool_calls(calls: Any, where: str) -> list[dict]:

@@ -32,6 +32,7 @@ from audex.data.sequence import load_cut_audio
 from audex.inference.pipelines import AudexPipeline
 from audex.inference.waveform import write_wav
 from audex.tasks import task as task_spec
+from audex.tool_calls import load_tools
 
 logger = logging.getLogger("audex.inference")
 
@@ -69,6 +70,8 @@ def records_from_manifest(path: str | Path, task: str) -> list[dict]:
             rec["text"] = sup.text
         if task == "tts" and custom.get("voice_codes") is not None:  # a voice-prompted TTS cut
             rec["voice"], rec["voice_text"] = schema.get_voice_prompt(cut)
+        if task == "chat" and custom.get("tools"):  # a tool-calling chat: the definitions go in the system turn
+            rec["tools"] = schema.get_tools(cut)
         if task == "chat" and custom.get("messages"):  # the chat up to its last user turn is the prompt
             messages = list(custom["messages"])
             rec["text"] = messages[:-1] if messages[-1].get("role") == "assistant" else messages
@@ -95,6 +98,10 @@ def prepare(record: dict, task: str) -> dict:
                              "transcript)")
         if isinstance(rec["voice"], (str, Path)):
             rec["voice"] = load_audio(rec["voice"])
+    if rec.get("tools") is not None:
+        if task != "chat":
+            raise ValueError(f"tool definitions (inputs.tools) are for task 'chat', not {task!r}")
+        rec["tools"] = load_tools(rec["tools"])
     spec.check_record(rec)
     return rec
 
@@ -122,6 +129,10 @@ def _run_batch(pipe: AudexPipeline, task: str, recs: list[dict], sampling: dict,
                 row["thinking"] = res.thinking
             if res.fields is not None:
                 row["fields"] = res.fields
+            if res.tool_calls is not None:
+                row["tool_calls"] = res.tool_calls
+                if res.tool_call_error:
+                    row["tool_call_error"] = res.tool_call_error
             wav = None
         if wav is not None and wav_dir is not None:
             row["wav"] = str(write_wav(wav_dir / f"{rec['id']}.wav", wav))

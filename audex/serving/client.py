@@ -6,6 +6,8 @@ Example::
     >>> client.asr(load_audio("speech.wav")).text
     >>> wav = client.tts("Hello there.", seed=0).audio          # numpy float32, 16 kHz
     >>> client.chat("What is the capital of France?").text
+    >>> client.tts("Good evening.", voice=ref_wav, voice_text="He hoped there would be stew.")   # voice-prompted
+    >>> client.chat("Weather in Paris?", tools=[weather_tool]).tool_calls  # [{"type": "function", ...}]
 
 The same client talks to the GPU ensemble (``model_name="ensemble"``, outputs ``text_output`` / ``audio_output``)
 and streams from its decoupled twin over gRPC::
@@ -20,6 +22,7 @@ message, e.g. ``unknown task 'x'; this server runs [...]``.
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 from dataclasses import dataclass
@@ -33,6 +36,8 @@ class AudexReply:
     text: str
     audio: np.ndarray  # 16 kHz float32 waveform (empty for text tasks)
     finish_reason: str
+    tool_calls: list | None = None  # a tool chat's parsed calls (CPU ``audex`` model)
+    tool_call_error: str | None = None
 
 
 class AudexTritonClient:
@@ -65,13 +70,23 @@ class AudexTritonClient:
 
     def build_inputs(self, task: str, text: str | None = None, audio=None, sample_rate: int | None = None,
                      max_new_tokens: int | None = None, seed: int | None = None,
-                     guidance_scale: float | None = None) -> list:
-        inputs = [self._input("task", np.array([[task.encode("utf-8")]], dtype=np.object_), "BYTES")]
-        if text is not None:
-            inputs.append(self._input("text", np.array([[text.encode("utf-8")]], dtype=np.object_), "BYTES"))
-        if audio is not None:
-            inputs.append(self._input("audio", np.asarray(audio, dtype=np.float32).reshape(1, -1), "FP32"))
+                     guidance_scale: float | None = None, voice=None, voice_sample_rate: int | None = None,
+                     voice_text: str | None = None, tools: list | None = None) -> list:
+        """The request's tensors; ``voice`` + ``voice_text`` (TTS voice prompt) and ``tools`` (a chat's tool
+        definitions) are inputs of the CPU ``audex`` model."""
+        def text_input(name: str, value: str):
+            return self._input(name, np.array([[value.encode("utf-8")]], dtype=np.object_), "BYTES")
+
+        inputs = [text_input("task", task)]
+        for name, value in (("text", text), ("voice_text", voice_text),
+                            ("tools", None if tools is None else json.dumps(list(tools)))):
+            if value is not None:
+                inputs.append(text_input(name, value))
+        for name, wav in (("audio", audio), ("voice", voice)):
+            if wav is not None:
+                inputs.append(self._input(name, np.asarray(wav, dtype=np.float32).reshape(1, -1), "FP32"))
         for name, value, dtype, np_dtype in (("sample_rate", sample_rate, "INT32", np.int32),
+                                             ("voice_sample_rate", voice_sample_rate, "INT32", np.int32),
                                              ("max_new_tokens", max_new_tokens, "INT32", np.int32),
                                              ("seed", seed, *(("UINT64", np.uint64) if self.ensemble
                                                               else ("INT64", np.int64))),
@@ -84,9 +99,12 @@ class AudexTritonClient:
         if self.ensemble:
             return AudexReply(text=result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
                               audio=result.as_numpy("audio_output").reshape(-1), finish_reason="")
+        calls = result.as_numpy("tool_calls")
+        calls = json.loads(calls.reshape(-1)[0].decode("utf-8") or "{}") if calls is not None else {}
         return AudexReply(text=result.as_numpy("text").reshape(-1)[0].decode("utf-8"),
                           audio=result.as_numpy("audio").reshape(-1),
-                          finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"))
+                          finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"),
+                          tool_calls=calls.get("tool_calls"), tool_call_error=calls.get("tool_call_error"))
 
     def infer_inputs(self, inputs: list) -> AudexReply:
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}

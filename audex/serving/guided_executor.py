@@ -55,58 +55,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
 from audex.inference.constraints import CodecConstraint
 from audex.inference.sampling import SamplingParams
 from audex.serving.cfg_pairing import COND, UNCOND, CfgLogitsPostProcessor, CfgPairTracker, pair_client_id
-from audex.serving.engine_facts import EngineFacts, content_id, engine_facts
+from audex.serving.engine_facts import EngineFacts, engine_facts
+from audex.serving.guided_requests import executor_request
+from audex.serving.llm_job import FINISH_NAMES, OUTPUTS, JobEvent, LlmJob, finish_reason  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-
-OUTPUTS = ("text", "speech", "audio")
-FINISH_NAMES = {"END_ID": "stop", "STOP_WORDS": "stop", "LENGTH": "length", "TIMED_OUT": "timeout",
-                "CANCELLED": "cancelled", "NOT_FINISHED": ""}
-
-
-@dataclass
-class LlmJob:
-    """One request for the LLM step (see the module docstring)."""
-
-    input_ids: list[int]
-    max_new_tokens: int
-    end_id: int
-    pad_id: int
-    sampling: SamplingParams
-    uncond_input_ids: list[int] | None = None
-    output: str = "text"
-    prompt_table: torch.Tensor | None = None
-    streaming: bool = False
-
-    def __post_init__(self):
-        if self.output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
-        if not self.input_ids:
-            raise ValueError("input_ids is empty: the prompt needs at least one token")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.output == "text" and self.sampling.uses_cfg:
-            raise ValueError("classifier-free guidance is for speech/audio outputs (TTS, TTA), not text")
-
-    @property
-    def guided(self) -> bool:
-        return self.output != "text" and self.sampling.uses_cfg and bool(self.uncond_input_ids)
-
-
-@dataclass
-class JobEvent:
-    """Tokens for a job: new tokens when streaming, all of them in the final event otherwise."""
-
-    job_id: int
-    tokens: list[int]
-    final: bool
-    finish_reason: str = ""
-    error: str | None = None
 
 
 @dataclass
@@ -186,41 +142,6 @@ class GuidedExecutor:
             return dict(self.tracker.stats)
 
     # ---- submitting ---------------------------------------------------------------------------
-    def _prompt_tuning(self, ids, job: LlmJob, twin: int | None):
-        """The request's ``PromptTuningConfig``. Under block reuse the KV blocks are keyed by (id, extra id): a clip's
-        fake ids get its content hash (two clips never share blocks, text positions still do), and a CFG twin gets
-        ``twin`` on every position (its blocks are its own, so the scheduler never skips it for a block its partner is
-        filling, see :mod:`audex.serving.executor_blocks`), with a one-row table when it has none."""
-        t, table = self.trtllm, job.prompt_table
-        has_table = table is not None and table.numel() > 0
-        reuse = self.engine is not None and self.engine.block_reuse
-        if not reuse:
-            return t.PromptTuningConfig(table) if has_table else None
-        if twin is not None:
-            if not has_table:
-                table = torch.zeros(1, self.engine.hidden_size, dtype=self.engine.dtype)
-            return t.PromptTuningConfig(table, [twin] * len(ids))
-        if not has_table:
-            return None
-        clip = content_id(table)
-        return t.PromptTuningConfig(table, [clip if i >= self.engine.vocab_size else 0 for i in ids])
-
-    def _request(self, ids, job: LlmJob, *, client_id=None, forced: bool):
-        t = self.trtllm
-        s = job.sampling
-        if forced or not s.do_sample:
-            sampling = t.SamplingConfig(1, top_k=1)
-        else:
-            sampling = t.SamplingConfig(1, top_k=s.top_k or None, top_p=s.top_p, temperature=s.temperature, seed=s.seed)
-        twin = None if client_id is None else (1 << 60) + int(client_id)    # unique per pair and role
-        # every request goes through the batched post-processor: twins to be paired, the others so that the router
-        # sees when their context has run (the token budget of contexts still waiting, see _admit)
-        return t.Request(list(ids), int(job.max_new_tokens), streaming=job.streaming, sampling_config=sampling,
-                         output_config=t.OutputConfig(exclude_input_from_output=True), end_id=int(job.end_id),
-                         pad_id=int(job.pad_id), prompt_tuning_config=self._prompt_tuning(ids, job, twin),
-                         logits_post_processor_name=t.Request.BATCHED_POST_PROCESSOR_NAME,
-                         client_id=client_id if forced else None)
-
     def submit(self, job: LlmJob, on_event: Callable[[JobEvent], None]) -> int:
         """Queue ``job``; ``on_event`` gets its :class:`JobEvent` s from the executor's response thread.
 
@@ -284,7 +205,7 @@ class GuidedExecutor:
     def _enqueue(self, job_id: int, state: _Job) -> None:
         job = state.job
         if job.output == "text":
-            requests = [self._request(job.input_ids, job, forced=False)]
+            requests = [executor_request(self.trtllm, self.engine, job.input_ids, job, forced=False)]
             roles = [None]
         else:
             pair = next(self._pair_ids)
@@ -295,11 +216,12 @@ class GuidedExecutor:
                                       constraint=constraint)
                 if not job.guided:
                     self.tracker.cancel(pair, UNCOND)          # lambda = 1: the conditional row decides alone
-            requests = [self._request(job.input_ids, job, client_id=pair_client_id(pair, COND), forced=True)]
+            requests = [executor_request(self.trtllm, self.engine, job.input_ids, job, client_id=pair_client_id(pair, COND),
+                                         forced=True)]
             roles = [COND]
             if job.guided:
-                requests.append(self._request(job.uncond_input_ids, job, client_id=pair_client_id(pair, UNCOND),
-                                              forced=True))
+                requests.append(executor_request(self.trtllm, self.engine, job.uncond_input_ids, job,
+                                                 client_id=pair_client_id(pair, UNCOND), forced=True))
                 roles.append(UNCOND)
         req_ids = self.executor.enqueue_requests(requests)       # both twins in one call, conditional first
         for req_id, role, request in zip(req_ids, roles, requests):
@@ -330,14 +252,6 @@ class GuidedExecutor:
             state.on_event(JobEvent(job_id, [], True, "cancelled"))
 
     # ---- responses ----------------------------------------------------------------------------
-    @staticmethod
-    def _finish_reason(result) -> str:
-        reasons = getattr(result, "finish_reasons", None) or []
-        if not reasons:
-            return "stop"
-        name = getattr(reasons[0], "name", str(reasons[0])).split(".")[-1]
-        return FINISH_NAMES.get(name, name.lower())
-
     def _close_request(self, job_id: int, state: _Job, req_id: int) -> None:
         """One executor request ended; the job is forgotten once it has answered and all its requests ended."""
         state.open_reqs.discard(req_id)
@@ -373,7 +287,7 @@ class GuidedExecutor:
             tokens, reason = [], "error"
         else:
             tokens = [int(t) for t in response.result.output_token_ids[0]]
-            reason = self._finish_reason(response.result) if final else ""
+            reason = finish_reason(response.result) if final else ""
         if final:
             state.finished = True
             self._close_request(job_id, state, response.request_id)

@@ -4,7 +4,9 @@
 :class:`~audex.serving.requests.RequestValidator`, answers a bad one with an error that names the problem, and runs
 the good ones through :class:`~audex.inference.pipelines.AudexPipeline` (KV-cached decoding, the paper's presets, CFG
 pairs for TTS/TTA), dispatching through the task registry (:meth:`audex.tasks.Task.run`). Requests of one task with
-the same overrides decode as one batch, which is what Triton's dynamic batcher hands a model instance.
+the same overrides decode as one batch, which is what Triton's dynamic batcher hands a model instance. It serves
+voice-prompted TTS (``voice`` + ``voice_text``, encoded with the model's speech codec) and tool chats (``tools``;
+the result carries the parsed ``tool_calls``).
 
 The Triton CPU repository runs it behind the python model (:class:`~audex.serving.triton.handlers.LocalEngineHandler`);
 ``bench/serve.py`` calls the same :meth:`LocalEngine.run` in-process.
@@ -39,7 +41,8 @@ def _result(task: str, out) -> ServeResult:
     """A pipeline result as a :class:`ServeResult` (ASR answers with the parsed transcription, TTA with its caption)."""
     if TASKS[task].output == "text":
         text = ((out.fields or {}).get("transcription") or out.text) if task == "asr" else out.text
-        return ServeResult(text=text, finish_reason=out.finish_reason)
+        return ServeResult(text=text, finish_reason=out.finish_reason, tool_calls=getattr(out, "tool_calls", None),
+                           tool_call_error=getattr(out, "tool_call_error", None))
     text = out.caption if TASKS[task].output == "audio" else out.text
     return ServeResult(text=text, audio=out.waveform.float(), finish_reason=out.finish_reason)
 
@@ -54,16 +57,21 @@ class LocalEngine:
         self.tokenizer = model.tokenizer
         self.vocab = model.vocab
         self.context = int(self.limits.max_context_tokens or model.backbone.config.max_position_embeddings)
+        formatter = self.pipeline.formatter
         self.validator = RequestValidator(self.tokenizer, self.pipeline.prompt_ids, self.pipeline.presets, self.limits,
-                                          self.context, model.frames_for_samples, self.pipeline.formatter.audio_content)
+                                          self.context, model.frames_for_samples, formatter.audio_content,
+                                          tool_prompt_ids=lambda turns, thinking, tools: formatter.encode_dialog(
+                                              turns, thinking, tools)["input_ids"].tolist(),
+                                          voice_prompts=model.speech_codec is not None)
 
     def validate(self, req: ServeRequest) -> tuple[str | None, torch.Tensor | None, int]:
         """``(text, audio, max_new_tokens)`` of a valid request, else :class:`BadRequest`."""
         return self.validator.validate(req)
 
-    def _run_group(self, task: str, items: list[tuple[str | None, torch.Tensor | None]], overrides: dict) -> list[ServeResult]:
+    def _run_group(self, task: str, items: list[tuple[str | None, torch.Tensor | None, dict]], overrides: dict
+                   ) -> list[ServeResult]:
         t = TASKS[task]
-        records = [{"audio": wav, **({t.field: text} if t.field else {})} for text, wav in items]
+        records = [{"audio": wav, **({t.field: text} if t.field else {}), **extras} for text, wav, extras in items]
         return [_result(task, out) for out in t.run(self.pipeline, records, **overrides)]
 
     @torch.no_grad()
@@ -74,7 +82,7 @@ class LocalEngine:
         valid: dict[int, tuple] = {}
         for i, req in enumerate(requests):
             try:
-                text, wav, budget = self.validate(req)
+                text, wav, budget, extras = self.validator.validate_full(req)
             except BadRequest as e:
                 results[i] = ServeResult(error=str(e))
                 continue
@@ -85,7 +93,7 @@ class LocalEngine:
                 overrides["guidance_scale"] = float(req.guidance_scale)
             key = (req.task, tuple(sorted(overrides.items())))
             groups.setdefault(key, []).append(i)
-            valid[i] = (text, wav)
+            valid[i] = (text, wav, extras)
         for (task, overrides), idx in groups.items():
             try:
                 out = self._run_group(task, [valid[i] for i in idx], dict(overrides))

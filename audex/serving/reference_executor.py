@@ -11,9 +11,10 @@ that :mod:`audex.serving.guided_executor` uses (``Executor`` with ``enqueue_requ
 Each step follows the in-flight batcher with ``GUARANTEED_NO_EVICT`` and no chunked context
 (:mod:`audex.serving.executor_blocks`: batch slots, KV blocks reserved to completion, the ``max_num_tokens`` budget,
 KV block reuse keyed by ids and extra ids, the skip on a shared first block), with the sizes of a
-:class:`ReferenceEngine`. New requests are checked as ``LlmRequest::validate`` does; a prompt table when its context
-enters the step (``PromptTuningBuffers::validate``), and a failure there ends every request of the iteration, as the
-executor does. The step's last-position logits go to the batched logits post-processor in one call
+:class:`ReferenceEngine`. New requests are checked as ``LlmRequest::validate`` does
+(:mod:`audex.serving.reference_requests`); a prompt table when its context enters the step
+(``PromptTuningBuffers::validate``, :mod:`audex.serving.reference_model`), and a failure there ends every request of
+the iteration, as the executor does. The step's last-position logits go to the batched logits post-processor in one call
 (``(req_ids, logits, token_ids, stream_ptr, client_ids)``, each ``[1, beam=1, vocab]``, modified in place), then
 each request samples from its ``SamplingConfig``; it ends at ``end_id`` (not returned) or after ``max_tokens``
 (capped at ``max_seq_len``). Prompt ids from the vocabulary size on index ``PromptTuningConfig.embedding_table``
@@ -36,14 +37,8 @@ from __future__ import annotations
 import collections
 import datetime
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
-import torch
-from transformers import AutoModelForCausalLM, DynamicCache
-
-from audex.inference.sampling import SamplingParams, TokenSampler
 from audex.serving.executor_api import (  # noqa: F401 - the executor API this module stands in for
     BatchingType,
     CapacitySchedulerPolicy,
@@ -64,45 +59,12 @@ from audex.serving.executor_api import (  # noqa: F401 - the executor API this m
 from audex.serving.executor_blocks import (
     BlockStore,
     blocks_to_completion,
-    check_table,
     plain_layers,
     schedule_contexts,
     unique_tokens,
 )
-
-
-@dataclass
-class _Active:
-    req_id: int
-    request: Request
-    pending: list[int]
-    cache: object
-    generated: list[int] = field(default_factory=list)
-    streamed: int = 0
-    sampler: object = None
-    max_tokens: int = 0
-    tokens: list = field(default_factory=list)      # unique tokens of the prompt (block keys)
-    blocks: int = 0                                  # KV blocks reserved to completion
-
-
-@dataclass
-class _Waiting:
-    req_id: int
-    request: Request
-    prompt_len: int
-    tokens: list          # unique tokens (token, extra id), the block-reuse key material
-    blocks: int           # KV blocks reserved to completion (prompt + output)
-    checked: bool = False
-
-
-def _sampler(sc: SamplingConfig):
-    """The engine's draw for a ``SamplingConfig``, with Audex's seeded sampler (transformers' warpers): greedy when
-    ``top_k == 1`` or no sampling field is set, else temperature / top-k / top-p with ``seed``."""
-    sampling = (sc.top_k not in (None, 1)) or (sc.top_p not in (None, 0.0)) or (sc.temperature not in (None, 1.0))
-    if sc.top_k == 1 or not sampling:
-        return TokenSampler(SamplingParams(do_sample=False))
-    return TokenSampler(SamplingParams(do_sample=True, temperature=float(sc.temperature or 1.0), top_k=sc.top_k or None,
-                                       top_p=sc.top_p if sc.top_p not in (None, 0.0) else None, seed=sc.seed))
+from audex.serving.reference_model import ReferenceModel
+from audex.serving.reference_requests import ActiveRequest, RequestLimits, WaitingRequest, sampler_for
 
 
 class Executor:
@@ -124,30 +86,23 @@ class Executor:
         self.config = executor_config or ExecutorConfig()
         engine = model_path if isinstance(model_path, ReferenceEngine) else ReferenceEngine(model_path)
         self.engine = engine
-        if isinstance(engine.model, torch.nn.Module):
-            self.lm = engine.model
-        else:
-            if not (Path(engine.model) / "config.json").exists():
-                raise FileNotFoundError(f"{engine.model!r} is not a Hugging Face model folder (no config.json): give "
-                                        "the export's hf/ folder")
-            self.lm = AutoModelForCausalLM.from_pretrained(str(engine.model), dtype=torch.float32)
-        self.lm.eval()
-        self.vocab_size = int(self.lm.get_input_embeddings().weight.shape[0])
+        self.max_batch_size = int(self.config.max_batch_size or engine.max_batch_size)
+        self.max_num_tokens = int(self.config.max_num_tokens or engine.max_num_tokens)
+        self.model = ReferenceModel(engine, self.max_batch_size)
+        self.lm, self.vocab_size, self.max_seq_len = self.model.lm, self.model.vocab_size, self.model.max_seq_len
         lpp = self.config.logits_post_processor_config
         self.batched_processor = lpp.processor_batched if lpp is not None else None
         self.processor_map = dict(lpp.processor_map or {}) if lpp is not None else {}
-        self.max_batch_size = int(self.config.max_batch_size or engine.max_batch_size)
-        self.max_num_tokens = int(self.config.max_num_tokens or engine.max_num_tokens)
-        self.max_seq_len = int(engine.max_seq_len or self.lm.config.max_position_embeddings)
-        # PromptTuningBuffers: the table holds max_batch_size slices of this many rows, one per request
-        self.max_prompt_vocab_size = int(engine.max_prompt_embedding_table_size) // self.max_batch_size
         kv = self.config.kv_cache_config
         self.block_reuse = bool(kv.enable_block_reuse)
         self.kv_capacity_blocks = kv.max_tokens // engine.tokens_per_block if kv.max_tokens else None
         self.blocks = BlockStore(engine.tokens_per_block, self.kv_capacity_blocks or 4096)
+        self.limits = RequestLimits(engine.max_input_len, self.max_num_tokens, self.vocab_size, self.block_reuse,
+                                    self.kv_capacity_blocks, frozenset(self.processor_map),
+                                    self.batched_processor is not None)
         self._lock = threading.Condition()
-        self._waiting: list[_Waiting] = []
-        self._active: dict[int, _Active] = {}
+        self._waiting: list[WaitingRequest] = []
+        self._active: dict[int, ActiveRequest] = {}
         self._cancelled: set[int] = set()
         self._responses: collections.deque = collections.deque()
         self._next_id = 1
@@ -177,7 +132,7 @@ class Executor:
                 ids_ = request.input_token_ids
                 blocks = blocks_to_completion(len(ids_), max(0, min(request.max_tokens, self.max_seq_len - len(ids_))),
                                               self.blocks.tokens_per_block)
-                self._waiting.append(_Waiting(req_id, request, len(ids_), unique_tokens(
+                self._waiting.append(WaitingRequest(req_id, request, len(ids_), unique_tokens(
                     ids_, ptc.input_token_extra_ids if ptc is not None else None), blocks))
                 ids.append(req_id)
             self._lock.notify_all()
@@ -232,52 +187,17 @@ class Executor:
             self._lock.notify_all()
         self._thread.join(timeout=30)
 
-    # ---- validation (LlmRequest::validate and the executor's own checks); the iteration loop ----
-    def _check(self, w: _Waiting) -> str | None:
-        request, ids = w.request, w.request.input_token_ids
-        if not ids:
-            return "input_token_ids is empty"
-        if len(ids) > self.engine.max_input_len:
-            return f"Prompt length ({len(ids)}) exceeds maximum input length ({self.engine.max_input_len})."
-        if len(ids) > self.max_num_tokens:
-            return (f"Prompt length ({len(ids)}) exceeds max_num_tokens ({self.max_num_tokens}) and chunked context "
-                    "is off: the request can never be scheduled")
-        if request.max_tokens < 1:
-            return f"max_tokens must be >= 1, got {request.max_tokens}"
-        if self.kv_capacity_blocks is not None and w.blocks > self.kv_capacity_blocks:
-            return (f"the request needs {w.blocks} KV blocks to completion but the cache holds "
-                    f"{self.kv_capacity_blocks} (KvCacheConfig.max_tokens): it can never be scheduled")
-        if request.end_id is not None and not -1 <= request.end_id < self.vocab_size:
-            return f"EndId ({request.end_id}) is not within acceptable range [-1, {self.vocab_size})."
-        ptc = request.prompt_tuning_config
-        rows = 0 if ptc is None else int(ptc.embedding_table.shape[0])
-        bad = [t for t in ids if t < 0 or t >= self.vocab_size + rows]
-        if bad:
-            return (f"input token id {bad[0]} is outside the vocabulary ({self.vocab_size}) and the prompt table "
-                    f"({rows} rows)")
-        if self.block_reuse and ptc is not None:
-            if not ptc.input_token_extra_ids:
-                return "Input token extra ids must be provided when enabling kv cache reuse with prompt table"
-            if len(ptc.input_token_extra_ids) != len(ids):
-                return (f"inputTokenExtraIds vector size ({len(ptc.input_token_extra_ids)}) must be the same as "
-                        f"input token vector size ({len(ids)}).")
-        name = request.logits_post_processor_name
-        if name is not None and name != Request.BATCHED_POST_PROCESSOR_NAME and name not in self.processor_map:
-            return f"logits post-processor {name!r} is not configured"
-        if name == Request.BATCHED_POST_PROCESSOR_NAME and self.batched_processor is None:
-            return "the request asks for the batched logits post-processor but none is configured"
-        return None
-
+    # ---- the iteration loop -------------------------------------------------------------------
     def _emit(self, response: Response) -> None:
         self._responses.append(response)
 
     def _error(self, req_id: int, request: Request, message: str) -> None:
         self._emit(Response(req_id, None, message, request.client_id))
 
-    def _first_new_block(self, w: _Waiting):
+    def _first_new_block(self, w: WaitingRequest):
         return self.blocks.first_new_block(w.tokens) if self.block_reuse else None
 
-    def _schedule(self) -> list[_Active]:
+    def _schedule(self) -> list[ActiveRequest]:
         """Validate new requests, then pick this step's contexts (see :mod:`audex.serving.executor_blocks`)."""
         keep = []
         for w in self._waiting:
@@ -287,7 +207,7 @@ class Executor:
                                     client_id=w.request.client_id))
                 continue
             if not w.checked:
-                problem = self._check(w)
+                problem = self.limits.problem(w)
                 if problem:
                     self._error(w.req_id, w.request, problem)
                     continue
@@ -302,7 +222,7 @@ class Executor:
         started = []
         for w in scheduled:
             self._waiting.remove(w)
-            cache, pending = DynamicCache(config=self.lm.config), w.request.input_token_ids
+            cache, pending = self.model.new_cache(), w.request.input_token_ids
             hits = self.blocks.reusable(w.tokens) if self.block_reuse else []
             if hits:
                 for i, (k, v) in enumerate(self.blocks.load(hits)):
@@ -310,41 +230,27 @@ class Executor:
                 pending = pending[len(hits) * self.blocks.tokens_per_block:]
             # LlmRequest::validate: prompt + output are capped at max_seq_len (a warning, not an error)
             budget = min(w.request.max_tokens, self.max_seq_len - w.prompt_len)
-            state = _Active(w.req_id, w.request, pending, cache, sampler=_sampler(w.request.sampling_config),
+            state = ActiveRequest(w.req_id, w.request, pending, cache, sampler=sampler_for(w.request.sampling_config),
                             max_tokens=budget, tokens=w.tokens, blocks=w.blocks)
             self._active[w.req_id] = state
             started.append(state)
         return started
 
-    def _embed(self, state: _Active) -> dict:
-        ids = torch.tensor([state.pending])
-        if state.request.prompt_tuning_config is None or int(ids.max()) < self.vocab_size:
-            return {"input_ids": ids}
-        table = state.request.prompt_tuning_config.embedding_table
-        emb = self.lm.get_input_embeddings()
-        fake = ids >= self.vocab_size
-        embeds = emb(torch.where(fake, torch.zeros_like(ids), ids))
-        embeds[fake] = table.to(embeds.dtype)[ids[fake] - self.vocab_size]
-        return {"inputs_embeds": embeds}
-
-    @torch.no_grad()
-    def _forward(self, state: _Active, context: bool) -> torch.Tensor:
-        if context and state.request.prompt_tuning_config is not None:
-            check_table(state.request.prompt_tuning_config.embedding_table, self.max_prompt_vocab_size,
-                        self.engine.dtype)
-        out = self.lm(**self._embed(state), past_key_values=state.cache, use_cache=True)
+    def _forward(self, state: ActiveRequest, context: bool):
+        ptc = state.request.prompt_tuning_config
+        logits = self.model.forward(state.pending, None if ptc is None else ptc.embedding_table, state.cache, context)
         state.pending = []
         if context and self.block_reuse:
             layers = plain_layers(state.cache)
             if layers is not None:
                 self.blocks.store(state.tokens, layers)
-        return out.logits[:, -1:, :].float()                     # [1, beam=1, vocab]
+        return logits
 
-    def _retire(self, state: _Active, reason: FinishReason) -> None:
+    def _retire(self, state: ActiveRequest, reason: FinishReason) -> None:
         self._active.pop(state.req_id, None)
         self._respond(state, final=True, reason=reason)
 
-    def _respond(self, state: _Active, final: bool, reason: FinishReason = FinishReason.NOT_FINISHED) -> None:
+    def _respond(self, state: ActiveRequest, final: bool, reason: FinishReason = FinishReason.NOT_FINISHED) -> None:
         request = state.request
         if request.streaming:
             tokens = state.generated[state.streamed:]

@@ -23,7 +23,7 @@ MALFORMED = [
     ("empty_audio", "empty"),
     ("nan_audio", "NaN"),
     ("long_audio", "over the server's limit of 12 s"),
-    ("over_context", "over the model's context of 400 tokens"),
+    ("over_context", "over the model's context of {context} tokens"),
     ("missing_text", "needs a non-empty 'text'"),
     ("wrong_dtype", "data-type is 'INT32', but model '{model}' expects 'FP32'"),
     ("wrong_shape", "shape"),
@@ -44,11 +44,11 @@ def offline(cache_dir):
         yield
 
 
-def served_limits(max_speech_seconds: float):
-    """The limits the live tests serve with: 12 s of audio, a 400-token context (the over-context case of
+def served_limits(max_speech_seconds: float, max_context_tokens: int = 400):
+    """The limits the live tests serve with: 12 s of audio, a short context (400 tokens; the over-context case of
     :data:`MALFORMED`), 12 new text tokens, 0.2 s of TTA audio (10 frames x 4 codes), and the given TTS cap."""
     return ServeLimits(max_audio_seconds=12.0, max_new_tokens=12, max_speech_seconds=max_speech_seconds,
-                       max_context_tokens=400, tta_seconds=0.2)
+                       max_context_tokens=max_context_tokens, tta_seconds=0.2)
 
 
 def start_server(repo, workdir):

@@ -113,7 +113,7 @@ def test_tts_streams_from_the_decoupled_ensemble(served):
 def test_malformed_requests_get_a_named_error_and_the_server_keeps_serving(served, client, case, expected):
     with pytest.raises(InferenceServerException) as err:
         client.infer_inputs(malformed_inputs(client, case))
-    assert expected.format(model="ensemble").lower() in str(err.value).lower()
+    assert expected.format(model="ensemble", context=LIMITS.max_context_tokens).lower() in str(err.value).lower()
     assert client.chat("Still there?", max_new_tokens=2).text is not None
 
 

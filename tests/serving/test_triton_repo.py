@@ -30,7 +30,8 @@ def test_cpu_repository_config(tiny_model, tmp_path):
     cfg = read_config(repo / "audex" / "config.pbtxt")
     assert cfg.backend == "python" and cfg.max_batch_size == 8 and cfg.dynamic_batching.max_queue_delay_microseconds > 0
     assert {i.name for i in cfg.input} == {"task", "text", "audio", "sample_rate", "max_new_tokens", "seed",
-                                           "guidance_scale"}
+                                           "guidance_scale", "voice", "voice_sample_rate", "voice_text", "tools"}
+    assert {o.name for o in cfg.output} == {"text", "audio", "finish_reason", "tool_calls"}
     assert cfg.parameters["max_audio_seconds"].string_value == "30.0"
     assert cfg.parameters["model_path"].string_value == str(nemo.resolve())
     # one python-model stack: the CPU model is the ensemble steps' python model with the local engine as handler

@@ -20,7 +20,7 @@ from audex.serving.triton.launcher import STUB_NUMPY, stub_environment, stub_num
 from audex.serving.triton.repository import write_cpu_repository
 from audex.serving.triton.repository_check import validate_repository
 
-LIMITS = served_limits(max_speech_seconds=0.5)
+LIMITS = served_limits(max_speech_seconds=0.5, max_context_tokens=640)  # room for a tool chat's system turn
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +98,29 @@ def test_chat_returns_the_engine_text(served, client):
     assert reply.text == direct.text and reply.audio.size == 0
 
 
+def test_voice_prompted_tts_and_tool_chat_equal_the_engine(served, client):
+    _, engine = served
+    voice, weather = tone(0.4), {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    reply = client.tts("Good evening.", voice=voice, voice_text="He hoped there would be stew.", seed=5)
+    [direct] = engine.run([ServeRequest(task="tts", text="Good evening.", voice=torch.from_numpy(voice),
+                                        voice_text="He hoped there would be stew.", seed=5)])
+    assert direct.error is None and reply.audio.size > 0
+    np.testing.assert_allclose(reply.audio, direct.audio.numpy(), atol=1e-5)
+    reply = client.chat("Weather in Paris?", tools=[weather], seed=1, max_new_tokens=8)
+    [direct] = engine.run([ServeRequest(task="chat", text="Weather in Paris?", tools=[weather], seed=1,
+                                        max_new_tokens=8)])
+    assert reply.text == direct.text and reply.tool_calls == direct.tool_calls is not None
+    assert client.chat("hi", max_new_tokens=2).tool_calls is None          # a plain chat has no tool calls
+    with pytest.raises(InferenceServerException, match="'tools' is an input of task 'chat' only"):
+        client.tts("Good evening.", tools=[weather])
+
+
 @pytest.mark.parametrize("case, expected", MALFORMED)
 def test_malformed_requests_get_a_named_error_and_the_server_keeps_serving(served, client, case, expected):
     with pytest.raises(InferenceServerException) as err:
         client.infer_inputs(malformed_inputs(client, case))
-    assert expected.format(model="audex").lower() in str(err.value).lower()
+    assert expected.format(model="audex", context=LIMITS.max_context_tokens).lower() in str(err.value).lower()
     assert client.chat("Still there?", max_new_tokens=2).text is not None
 
 

@@ -5,8 +5,10 @@ Each is run by :class:`~audex.serving.triton.python_model.AudexPythonModel` (``s
 :mod:`audex.serving.triton.repository` fills from the model:
 
 * :class:`LocalEngineHandler` (the CPU repository's ``audex`` model): ``task``, ``text``, ``audio``, ``sample_rate``,
-  ``max_new_tokens``, ``seed``, ``guidance_scale`` -> ``text``, ``audio`` (16 kHz), ``finish_reason``, through the
-  :class:`~audex.serving.local_engine.LocalEngine` (one Triton batch decodes together);
+  ``max_new_tokens``, ``seed``, ``guidance_scale``, and the voice prompt of TTS (``voice``, ``voice_sample_rate``,
+  ``voice_text``) or the ``tools`` of a chat (a JSON list) -> ``text``, ``audio`` (16 kHz), ``finish_reason``,
+  ``tool_calls`` (JSON), through the :class:`~audex.serving.local_engine.LocalEngine` (one Triton batch decodes
+  together);
 * :class:`PreprocessingHandler`: the same request inputs -> the LLM inputs of
   :meth:`~audex.serving.triton.llm_io.LlmInputBuilder.build`;
 * :class:`LlmHandler`: those inputs -> ``output_ids [1, 1, L]`` and ``sequence_length [1, 1]`` (the layout of
@@ -25,6 +27,7 @@ Each is run by :class:`~audex.serving.triton.python_model.AudexPythonModel` (``s
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import threading
 from pathlib import Path
@@ -74,18 +77,34 @@ def one_value(inputs: dict, name: str, cast, default=None):
     return cast(value)
 
 
+def _waveform(inputs: dict, name: str) -> torch.Tensor | None:
+    audio = inputs.get(name)
+    if audio is None:
+        return None
+    if audio.dtype != np.float32:
+        raise ValueError(f"input {name!r} must be FP32, got {audio.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(audio.reshape(-1)))
+
+
+def _tools(text: str | None) -> list | None:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"input 'tools' must be a JSON list of tool definitions ({e})") from None
+
+
 def serve_request(inputs: dict) -> ServeRequest:
     """The request inputs of the ``audex`` model and of ``preprocessing`` as a :class:`ServeRequest`."""
     one_request(inputs, "task")
-    audio = inputs.get("audio")
-    if audio is not None:
-        if audio.dtype != np.float32:
-            raise ValueError(f"input 'audio' must be FP32, got {audio.dtype}")
-        audio = torch.from_numpy(np.ascontiguousarray(audio.reshape(-1)))
-    return ServeRequest(task=one_value(inputs, "task", str), text=one_value(inputs, "text", str), audio=audio,
-                        sample_rate=one_value(inputs, "sample_rate", int, 16000),
+    return ServeRequest(task=one_value(inputs, "task", str), text=one_value(inputs, "text", str),
+                        audio=_waveform(inputs, "audio"), sample_rate=one_value(inputs, "sample_rate", int, 16000),
                         max_new_tokens=one_value(inputs, "max_new_tokens", int), seed=one_value(inputs, "seed", int),
-                        guidance_scale=one_value(inputs, "guidance_scale", float))
+                        guidance_scale=one_value(inputs, "guidance_scale", float),
+                        voice=_waveform(inputs, "voice"),
+                        voice_sample_rate=one_value(inputs, "voice_sample_rate", int, 16000),
+                        voice_text=one_value(inputs, "voice_text", str), tools=_tools(one_value(inputs, "tools", str)))
 
 
 def model_file(params: dict, key: str) -> str | None:
@@ -130,8 +149,10 @@ class LocalEngineHandler:
                 emit(rid, None, result.error, True, True)
                 continue
             audio = result.audio.detach().float().cpu().numpy().reshape(1, -1)
+            calls = {"tool_calls": result.tool_calls, "tool_call_error": result.tool_call_error}
             emit(rid, {"text": _text_tensor(result.text), "audio": audio,
-                       "finish_reason": _text_tensor(result.finish_reason)})
+                       "finish_reason": _text_tensor(result.finish_reason),
+                       "tool_calls": _text_tensor(json.dumps(calls) if result.tool_calls is not None else "")})
 
 
 # ---- the GPU ensemble ------------------------------------------------------------------------------
