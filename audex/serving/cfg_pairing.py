@@ -156,21 +156,28 @@ class CfgPairTracker:
     def decided_tokens(self, pair_id: int) -> list[int]:
         return list(self.pairs[pair_id].decided)
 
-    def _decide(self, pair: _Pair, logits: torch.Tensor) -> int:
+    @staticmethod
+    def _draw(pair: _Pair, logits: torch.Tensor) -> torch.Tensor:
+        """The pair's token for this step, still on the logits' device (``[1]``): grammar, then the seeded draw."""
         logits = logits.float().reshape(1, -1)
         if pair.constraint is not None:
             logits = pair.constraint.apply(logits)
-        token = int(pair.sampler(logits)[0])
+        return pair.sampler(logits).reshape(1)
+
+    def _commit(self, pair: _Pair, token: int) -> None:
         if pair.constraint is not None:
             pair.constraint.advance(torch.tensor([token]))
         pair.decided.append(token)
         if token in self.end_token_ids:
             pair.done = True
-        return token
 
     def step(self, rows: Sequence[PairRow]) -> list[PairAction]:
-        """Actions for the rows of one engine step, in the order given (any order, any subset of the pairs)."""
+        """Actions for the rows of one engine step, in the order given (any order, any subset of the pairs).
+
+        Every pair's token is drawn on the logits' device first, and all of them reach the host in one transfer
+        (:func:`to_host`): one GPU sync per engine step, whatever the number of pairs."""
         actions: list[PairAction | None] = [None] * len(rows)
+        draws: list[tuple[_Pair, torch.Tensor, str, list[int]]] = []     # (pair, token on device, kind, rows)
         by_pair: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             by_pair.setdefault(row.pair_id, []).append(i)
@@ -198,8 +205,9 @@ class CfgPairTracker:
                 self.stats["split"] += 1
             if COND in at_front and UNCOND in at_front:
                 cond, uncond = rows[at_front[COND]].logits, rows[at_front[UNCOND]].logits
-                token = self._decide(pair, cfg_mix(cond.reshape(1, -1), uncond.reshape(1, -1), pair.guidance_scale))
-                actions[at_front[COND]] = actions[at_front[UNCOND]] = PairAction("guided", token)
+                draws.append((pair, self._draw(pair, cfg_mix(cond.reshape(1, -1), uncond.reshape(1, -1),
+                                                             pair.guidance_scale)),
+                              "guided", [at_front[COND], at_front[UNCOND]]))
             elif COND in at_front:
                 i = at_front[COND]
                 twin_gone = UNCOND in pair.gone
@@ -207,11 +215,11 @@ class CfgPairTracker:
                     pair.gone.add(UNCOND)       # a twin that stays behind can never catch up: stop waiting for it
                     twin_gone = True
                 if twin_gone:
-                    actions[i] = PairAction("solo", self._decide(pair, rows[i].logits))
+                    draws.append((pair, self._draw(pair, rows[i].logits), "solo", [i]))
                 elif self.can_hold:
                     actions[i] = PairAction("hold")
                 else:
-                    actions[i] = PairAction("solo", self._decide(pair, rows[i].logits))
+                    draws.append((pair, self._draw(pair, rows[i].logits), "solo", [i]))
                     self.stats["unguided"] += 1
             elif UNCOND in at_front:
                 i = at_front[UNCOND]
@@ -220,6 +228,11 @@ class CfgPairTracker:
                     actions[i] = PairAction("retire", self.end_token_ids[0])
                 else:
                     actions[i] = PairAction("hold")
+        if draws:
+            for (pair, _, kind, idx), token in zip(draws, to_host([d[1] for d in draws])):
+                self._commit(pair, token)
+                for i in idx:
+                    actions[i] = PairAction(kind, token)
         for a in actions:
             self.stats[a.kind] += 1
         return actions  # type: ignore[return-value]
@@ -280,6 +293,11 @@ class CfgLogitsPostProcessor:
 
     def release(self, req_id: int) -> None:
         self.prompt_lengths.pop(req_id, None)
+
+
+def to_host(tokens: Sequence[torch.Tensor]) -> list[int]:
+    """The step's drawn tokens (``[1]`` tensors, on any device) as ints: one device-to-host copy for all of them."""
+    return [int(t) for t in torch.cat([t.reshape(1) for t in tokens]).tolist()]
 
 
 def force_token(logits: torch.Tensor, token: int | None) -> None:

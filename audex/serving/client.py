@@ -71,13 +71,16 @@ class AudexTritonClient:
     def build_inputs(self, task: str, text: str | None = None, audio=None, sample_rate: int | None = None,
                      max_new_tokens: int | None = None, seed: int | None = None,
                      guidance_scale: float | None = None, voice=None, voice_sample_rate: int | None = None,
-                     voice_text: str | None = None, tools: list | None = None) -> list:
+                     voice_text: str | None = None, tools: list | None = None, stream: bool | None = None) -> list:
         """The request's tensors; ``voice`` + ``voice_text`` (TTS voice prompt) and ``tools`` (a chat's tool
-        definitions) are inputs of the CPU ``audex`` model."""
+        definitions) are inputs of the CPU ``audex`` model; ``stream`` (TensorRT-LLM's name) one of the decoupled
+        ensemble."""
         def text_input(name: str, value: str):
             return self._input(name, np.array([[value.encode("utf-8")]], dtype=np.object_), "BYTES")
 
         inputs = [text_input("task", task)]
+        if stream is not None:
+            inputs.append(self._input("stream", np.array([[bool(stream)]], dtype=np.bool_), "BOOL"))
         for name, value in (("text", text), ("voice_text", voice_text),
                             ("tools", None if tools is None else json.dumps(list(tools)))):
             if value is not None:
@@ -111,12 +114,15 @@ class AudexTritonClient:
         return self._reply(self.client.infer(self.model_name, inputs, **kwargs))
 
     def stream(self, task: str, model_name: str = "ensemble_stream", **kwargs) -> Iterator[AudexReply]:
-        """The chunks of a decoupled (streaming) model over gRPC, in order, until its final response."""
+        """The chunks of a decoupled (streaming) model over gRPC, in order, until its final response (an ensemble
+        gets ``stream=true``, TensorRT-LLM's input that turns streaming on)."""
         if self.protocol != "grpc":
             raise ValueError("streaming needs protocol='grpc' (Triton's HTTP endpoint answers once per request)")
         replies: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: replies.put((result, error)))
         try:
+            if model_name.startswith("ensemble"):
+                kwargs.setdefault("stream", True)
             self.client.async_stream_infer(model_name, self.build_inputs(task, **kwargs),
                                            enable_empty_final_response=True)
             while True:

@@ -59,19 +59,16 @@ def engine_facts(executor, model_path, config, vocab_size: int) -> EngineFacts:
                        max_tokens // per_block if max_tokens else None, per_block)
 
 
-def check_single_rank(engine_dir) -> None:
-    """Refuse an engine built for several ranks: Audex's Triton LLM model runs the executor in one process (leader
-    mode, no MPI launch, no orchestrator), which serves ``tp_size * pp_size == 1`` engines only."""
+def engine_dtype(engine_dir) -> str | None:
+    """The weights' dtype of a TensorRT-LLM engine folder (``pretrained_config.dtype`` of its ``config.json``), or
+    None when there is no engine there yet: the dtype its executor requires of a prompt table."""
     path = Path(str(engine_dir)) / "config.json"
     if not path.exists():
-        return
-    mapping = json.loads(path.read_text()).get("pretrained_config", {}).get("mapping", {})
-    world = int(mapping.get("world_size", 1))
-    if world > 1:
-        raise RuntimeError(f"{engine_dir} is a TensorRT-LLM engine for {world} ranks (tp_size={mapping.get('tp_size')}, "
-                           f"pp_size={mapping.get('pp_size')}); Audex's LLM model runs the executor in one process and "
-                           "has no orchestrator mode yet: build the engine with trtllm.tp_size=1 trtllm.pp_size=1, or "
-                           "serve it with TensorRT-LLM's own Triton model (llm_backend=tensorrtllm, no CFG)")
+        return None
+    engine = json.loads(path.read_text())
+    pretrained = engine.get("pretrained_config", engine)
+    dtype = pretrained.get("dtype") or pretrained.get("torch_dtype")
+    return str(dtype) if dtype else None
 
 
 def content_id(table: torch.Tensor) -> int:

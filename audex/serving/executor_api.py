@@ -10,6 +10,7 @@ fixes in an engine (its sizes and weight dtype).
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -40,6 +41,15 @@ class FinishReason(enum.Enum):
     LENGTH = 3
     TIMED_OUT = 4
     CANCELLED = 5
+
+
+class CommunicationType(enum.Enum):
+    MPI = 0
+
+
+class CommunicationMode(enum.Enum):
+    LEADER = 0
+    ORCHESTRATOR = 1
 
 
 _ROOT = "tensorrt_llm.bindings.executor"
@@ -98,8 +108,64 @@ class LogitsPostProcessorConfig:
         self.processor_map, self.processor_batched, self.replicate = processor_map, processor_batched, replicate
 
 
+class OrchestratorConfig:
+    """``OrchestratorConfig(is_orchestrator=True, worker_executable_path="", orch_leader_comm=None,
+    spawn_processes=True)``."""
+
+    def __init__(self, is_orchestrator: bool = True, worker_executable_path: str = "", orch_leader_comm=None,
+                 spawn_processes: bool = True):
+        _refuse_unknown("OrchestratorConfig", {"orch_leader_comm": orch_leader_comm}, ("orch_leader_comm",))
+        self.is_orchestrator, self.worker_executable_path = bool(is_orchestrator), str(worker_executable_path)
+        self.spawn_processes = bool(spawn_processes)
+
+
+class ParallelConfig:
+    """``ParallelConfig(communication_type=MPI, communication_mode=LEADER, device_ids=None, participant_ids=None,
+    orchestrator_config=None, num_nodes=None)``."""
+
+    def __init__(self, communication_type: CommunicationType = CommunicationType.MPI,
+                 communication_mode: CommunicationMode = CommunicationMode.LEADER, device_ids=None,
+                 participant_ids=None, orchestrator_config: OrchestratorConfig | None = None, num_nodes=None):
+        _refuse_unknown("ParallelConfig", {"participant_ids": participant_ids, "num_nodes": num_nodes},
+                        ("participant_ids", "num_nodes"))
+        self.communication_type, self.communication_mode = communication_type, communication_mode
+        self.device_ids = None if device_ids is None else [int(d) for d in device_ids]
+        self.orchestrator_config = orchestrator_config
+
+
+def mpi_world() -> tuple[int, int]:
+    """``(rank, size)`` of this process in the MPI job that started it (``mpirun`` / Slurm set these), ``(0, 1)``
+    outside one; what ``mpi4py``'s ``COMM_WORLD`` reports, read without MPI."""
+    for rank, size in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
+                       ("SLURM_PROCID", "SLURM_NTASKS")):
+        if os.environ.get(rank) is not None:
+            return int(os.environ[rank]), int(os.environ.get(size, "1"))
+    return 0, 1
+
+
+def serves_requests(parallel: ParallelConfig | None, world_size: int) -> bool:
+    """Whether this process's executor takes requests (``canEnqueueRequests``): in ``LEADER`` mode every rank of an
+    MPI job of the engine's ``world_size`` runs an executor and only rank 0 (the leader) takes requests, the others
+    are participants; in ``ORCHESTRATOR`` mode the one process with ``is_orchestrator`` takes them and spawns the
+    engine's ranks as workers (``spawn_processes``)."""
+    parallel = parallel or ParallelConfig()
+    rank, size = mpi_world()
+    if parallel.communication_mode is CommunicationMode.ORCHESTRATOR:
+        orch = parallel.orchestrator_config
+        if orch is None:
+            raise ValueError("ParallelConfig(communication_mode=ORCHESTRATOR) needs an orchestrator_config")
+        if not orch.spawn_processes:
+            raise ValueError("OrchestratorConfig(spawn_processes=False) is not modelled by the reference executor")
+        return orch.is_orchestrator
+    if size != world_size:
+        raise RuntimeError(f"the engine runs on {world_size} ranks (tp_size * pp_size) and LEADER mode needs one MPI "
+                           f"process per rank, but this job has {size}: launch the server under mpirun -n "
+                           f"{world_size}, or use ORCHESTRATOR mode")
+    return rank == 0
+
+
 _EXECUTOR_UNMODELLED = ("normalize_log_probs", "iter_stats_max_iterations", "request_stats_max_iterations",
-                        "parallel_config", "peft_cache_config", "decoding_config", "use_gpu_direct_storage",
+                        "peft_cache_config", "decoding_config", "use_gpu_direct_storage",
                         "gpu_weights_percent", "max_queue_size", "extended_runtime_perf_knob_config", "debug_config",
                         "recv_poll_period_ms", "max_seq_idle_microseconds", "spec_dec_config",
                         "guided_decoding_config", "additional_model_outputs", "cache_transceiver_config",
@@ -109,13 +175,14 @@ _EXECUTOR_UNMODELLED = ("normalize_log_probs", "iter_stats_max_iterations", "req
 class ExecutorConfig:
     """``ExecutorConfig(max_beam_width=1, scheduler_config=SchedulerConfig(), kv_cache_config=KvCacheConfig(),
     enable_chunked_context=False, ..., batching_type=INFLIGHT, max_batch_size=None, max_num_tokens=None, ...,
-    logits_post_processor_config=None, ...)``. There is no ``max_input_len``: that is the engine's
+    parallel_config=None, ..., logits_post_processor_config=None, ...)``. There is no ``max_input_len``: that is the engine's
     (:class:`ReferenceEngine`); ``max_batch_size`` / ``max_num_tokens`` override the engine's at run time."""
 
     def __init__(self, max_beam_width: int = 1, scheduler_config: SchedulerConfig | None = None,
                  kv_cache_config: KvCacheConfig | None = None, enable_chunked_context: bool = False, *args,
                  batching_type: BatchingType = BatchingType.INFLIGHT, max_batch_size: int | None = None,
-                 max_num_tokens: int | None = None, logits_post_processor_config=None, **unmodelled):
+                 max_num_tokens: int | None = None, parallel_config: ParallelConfig | None = None,
+                 logits_post_processor_config=None, **unmodelled):
         if args:
             raise TypeError("ExecutorConfig: give the arguments after enable_chunked_context by keyword")
         _refuse_unknown("ExecutorConfig", unmodelled, _EXECUTOR_UNMODELLED)
@@ -131,6 +198,7 @@ class ExecutorConfig:
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
         self.logits_post_processor_config = logits_post_processor_config
+        self.parallel_config = parallel_config
 
 
 _SAMPLING_UNMODELLED = ("top_p_min", "top_p_reset_ids", "top_p_decay", "min_tokens", "beam_search_diversity_rate",
@@ -219,7 +287,8 @@ class ReferenceEngine:
     """What ``trtllm-build`` fixes in an engine, for the reference executor: pass it as ``Executor``'s
     ``model_path``. ``model``: an HF folder (the export's ``hf/``) or a ``torch.nn.Module``; the sizes are the
     ``trtllm-build`` flags of the same names (``tokens_per_block``: ``plugin_config``); ``dtype`` is the weights'
-    dtype, which a request's prompt table must match. An engine built without ``max_prompt_embedding_table_size``
+    dtype, which a request's prompt table must match; ``world_size`` the ranks of its mapping. An engine built
+    without ``max_prompt_embedding_table_size``
     takes no prompt table at all."""
 
     model: object
@@ -230,12 +299,13 @@ class ReferenceEngine:
     max_prompt_embedding_table_size: int = 0
     tokens_per_block: int = DEFAULT_TOKENS_PER_BLOCK
     dtype: torch.dtype = torch.float32
+    world_size: int = 1                   # tp_size * pp_size of the engine's mapping: the ranks that run it
 
     @classmethod
     def from_build(cls, model, build: dict, dtype: torch.dtype = torch.float32) -> "ReferenceEngine":
         """From the ``trtllm.build`` flags of ``conf/export.yaml`` (keys it does not model are left out)."""
         names = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_prompt_embedding_table_size",
-                 "tokens_per_block")
+                 "tokens_per_block", "world_size")
         return cls(model, dtype=dtype, **{k: int(build[k]) for k in names if build.get(k) is not None})
 
 

@@ -115,7 +115,8 @@ class GuidedExecutor:
         self._inflight = 0                                          # executor requests handed over and not ended
         self._running = True
         self._thread = threading.Thread(target=self._await_loop, name="audex-guided-executor", daemon=True)
-        self._thread.start()
+        if executor.can_enqueue_requests():        # a participant rank (tensor parallelism) gets no responses
+            self._thread.start()
 
     @classmethod
     def create(cls, executor_module, model_path, tokenizer, executor_config=None, *, audio_seconds: float = 10.0,
@@ -330,5 +331,6 @@ class GuidedExecutor:
 
     def shutdown(self) -> None:
         self._running = False
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
         self.executor.shutdown()

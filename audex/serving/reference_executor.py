@@ -42,12 +42,16 @@ from typing import Sequence
 from audex.serving.executor_api import (  # noqa: F401 - the executor API this module stands in for
     BatchingType,
     CapacitySchedulerPolicy,
+    CommunicationMode,
+    CommunicationType,
     ExecutorConfig,
     FinishReason,
     KvCacheConfig,
     LogitsPostProcessorConfig,
     ModelType,
+    OrchestratorConfig,
     OutputConfig,
+    ParallelConfig,
     PromptTuningConfig,
     ReferenceEngine,
     Request,
@@ -55,6 +59,7 @@ from audex.serving.executor_api import (  # noqa: F401 - the executor API this m
     Result,
     SamplingConfig,
     SchedulerConfig,
+    serves_requests,
 )
 from audex.serving.executor_blocks import (
     BlockStore,
@@ -110,18 +115,33 @@ class Executor:
         self.iterations = 0
         self.batch_sizes: list[int] = []          # requests per iteration (what the scheduler ran)
         self.skipped_for_shared_block = 0         # context steps deferred by the shared-first-block rule
+        # tensor/pipeline parallelism: on a participant rank (LEADER mode, rank > 0) or a non-orchestrator the real
+        # executor runs its share of the engine for the leader; the reference runs the whole model on the rank that
+        # takes requests, and a participant only refuses the client API
+        self.serves = serves_requests(self.config.parallel_config, engine.world_size)
         self._thread = threading.Thread(target=self._loop, name="torch-executor", daemon=True)
-        self._thread.start()
+        if self.serves:
+            self._thread.start()
 
     # ---- client API ---------------------------------------------------------------------------
     def can_enqueue_requests(self) -> bool:
-        return self._running
+        return self._running and self.serves
+
+    def is_participant(self) -> bool:
+        return True
+
+    def _leader_only(self, method: str) -> None:
+        """``checkParallelApiUsage``: only the leader (or the orchestrator) may use the client API."""
+        if not self.serves:
+            raise RuntimeError(f"{method}: with tensor/pipeline parallelism only the leader rank (LEADER mode) or the "
+                               "orchestrator (ORCHESTRATOR mode) may call it; this rank is a participant")
 
     def enqueue_request(self, request: Request) -> int:
         return self.enqueue_requests([request])[0]
 
     def enqueue_requests(self, requests: Sequence[Request]) -> list[int]:
         """Queue requests in order (their contexts are scheduled in this order when the step has room)."""
+        self._leader_only("enqueue_requests")
         with self._lock:
             if not self._running:
                 raise RuntimeError("the executor was shut down")
@@ -139,6 +159,7 @@ class Executor:
             return ids
 
     def cancel_request(self, req_id: int) -> None:
+        self._leader_only("cancel_request")
         with self._lock:
             self._cancelled.add(int(req_id))
             self._lock.notify_all()
@@ -150,6 +171,7 @@ class Executor:
     def await_responses(self, id_or_timeout=None, timeout: datetime.timedelta | None = None) -> list[Response]:
         """``await_responses(timeout=...)`` for any request, ``await_responses(req_id[, timeout])`` for one (until
         its final response when no timeout is given)."""
+        self._leader_only("await_responses")
         req_id = None
         if isinstance(id_or_timeout, datetime.timedelta):
             timeout = id_or_timeout
@@ -182,10 +204,13 @@ class Executor:
         return out
 
     def shutdown(self) -> None:
+        """Stop the executor (on a participant rank the real one returns when the leader shuts down; the reference
+        has no leader to wait for)."""
         with self._lock:
             self._running = False
             self._lock.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     # ---- the iteration loop -------------------------------------------------------------------
     def _emit(self, response: Response) -> None:

@@ -208,3 +208,39 @@ def test_trtllm_postprocessor_forces_one_token_per_pair_and_never_holds():
     assert split_client_id(pair_client_id(5, UNCOND)) == (5, UNCOND)
     with pytest.raises(ValueError, match="can_hold=False"):
         CfgLogitsPostProcessor(CfgPairTracker(SamplingParams(), 2.0, [end], can_hold=True))
+
+
+def test_one_step_of_many_pairs_syncs_once_and_equals_each_pair_alone(setup, monkeypatch):
+    """The host-side post-processor draws every pair's token on the device and copies them to the host together: one
+    transfer per engine step (not one per pair), with the tokens each pair gets when it is decided on its own."""
+    import audex.serving.cfg_pairing as cfg_pairing
+
+    model, cond, uncond = setup
+    sampling = SamplingParams(do_sample=True, temperature=0.9, top_k=40, seed=5)
+    vocab = model.vocab.size
+
+    def tracker():
+        return CfgPairTracker(sampling, LAMBDA, [model.tokenizer.im_end], can_hold=False,
+                              constraint_factory=constraint_for(model, cond))
+
+    gen = torch.Generator().manual_seed(0)
+    steps = [[torch.randn(vocab, generator=gen) for _ in range(2 * len(cond))] for _ in range(4)]
+    transfers = []
+    real = cfg_pairing.to_host
+    monkeypatch.setattr(cfg_pairing, "to_host", lambda tokens: transfers.append(len(tokens)) or real(tokens))
+    batched = tracker()
+    together = []
+    for step, logits in enumerate(steps):
+        # pairs 0 and 1 guided, pair 2's conditional row alone (its twin is late): three decisions, one transfer
+        rows = [PairRow((p, r), p, r, step, logits[2 * p + r]) for p in range(len(cond)) for r in (COND, UNCOND)
+                if not (p == 2 and r == UNCOND)]
+        together.append([(a.kind, a.token) for a in batched.step(rows)])
+    assert transfers == [len(cond)] * len(steps)
+    for p in range(len(cond)):
+        alone = tracker()
+        for step, logits in enumerate(steps):
+            rows = [PairRow((p, r), p, r, step, logits[2 * p + r]) for r in ((COND, UNCOND) if p < 2 else (COND,))]
+            got = [(a.kind, a.token) for a in alone.step(rows)]
+            assert got == [t for t, row in zip(together[step], [(q, r) for q in range(len(cond)) for r in (COND, UNCOND)
+                                                                 if not (q == 2 and r == UNCOND)]) if row[0] == p]
+    assert batched.stats["unguided"] == len(steps) and batched.stats["guided"] == 2 * 2 * len(steps)

@@ -5,7 +5,10 @@ Checks: the four tasks over HTTP and gRPC against the in-process generation engi
 lambda from the preset or the request), TTS streamed from the decoupled ensemble, every malformed-request class
 refused by name while the server keeps serving, a bounded mixed load with nothing failed or lost, clean shutdown."""
 
+import json
+import re
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -58,10 +61,8 @@ def direct(engine, **kw):
 
 
 def test_health_and_readiness_of_every_model(served):
-    import urllib.request
-
     server, _ = served
-    models = ["ensemble", "ensemble_stream", "preprocessing", "tensorrt_llm", "tensorrt_llm_stream", "postprocessing",
+    models = ["ensemble", "ensemble_stream", "preprocessing", "tensorrt_llm", "tensorrt_llm_once", "postprocessing",
               "postprocessing_stream"]
     for path in ["/v2/health/live", "/v2/health/ready"] + [f"/v2/models/{m}/ready" for m in models]:
         with urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=5) as resp:
@@ -96,15 +97,34 @@ def test_asr_and_chat_equal_the_engine(served, client):
     assert first.audio.size == 0 and first.text == again.text
 
 
+def llm_successes(server) -> dict:
+    """Requests each LLM-side model has run to the end (Triton's statistics extension)."""
+    out = {}
+    for model in ("tensorrt_llm", "tensorrt_llm_once"):
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats", timeout=5) as resp:
+            stats = json.loads(resp.read())["model_stats"]
+        out[model] = sum(int(s["inference_stats"]["success"]["count"]) for s in stats)
+    return out
+
+
 def test_tts_streams_from_the_decoupled_ensemble(served):
     server, engine = served
+    text = "A longer sentence, streamed one second at a time."
+    before = llm_successes(server)
     with AudexTritonClient(server.grpc_url, protocol="grpc", model_name="ensemble") as grpc:
-        chunks = list(grpc.stream("tts", text="A longer sentence, streamed one second at a time.", seed=5))
-        whole = grpc.tts("A longer sentence, streamed one second at a time.", seed=5)
+        chunks = list(grpc.stream("tts", text=text, seed=5))                          # stream=true
+        whole = grpc.tts(text, seed=5)                                                # ensemble: one answer
+        once = list(grpc.stream("tts", model_name="ensemble_stream", text=text, seed=5, stream=False))
     audio = [c.audio for c in chunks if c.audio.size]
     assert len(audio) >= 2                                         # 1.2 s cap, 1 s chunks: two pieces
     assert audio[0].size == 50 * 320                               # the first chunk is one second (50 codes)
     assert sum(a.size for a in audio) == whole.audio.size          # chunked decoding, same number of frames
+    assert [c.audio.size for c in once if c.audio.size] == [whole.audio.size]   # stream=false: one response
+    # the one LLM model (one engine) served all three: the two streams directly, the plain request through the BLS
+    # front (which counts as one more request on tensorrt_llm)
+    after = llm_successes(server)
+    assert after["tensorrt_llm"] - before["tensorrt_llm"] == 3
+    assert after["tensorrt_llm_once"] - before["tensorrt_llm_once"] == 1
     with AudexTritonClient(server.http_url, model_name="ensemble") as http, pytest.raises(ValueError, match="grpc"):
         next(http.stream("tts", text="x"))
 
@@ -150,7 +170,9 @@ def test_a_client_cancelling_a_stream_cancels_both_twins(served):
             inputs.append(tensor)
         chunks: queue.Queue = queue.Queue()
         c.start_stream(callback=lambda result, error: chunks.put((result, error)))
-        c.async_stream_infer("tensorrt_llm_stream", inputs)
+        streaming = grpcclient.InferInput("streaming", [1, 1], "BOOL")
+        streaming.set_data_from_numpy(np.array([[True]]))
+        c.async_stream_infer("tensorrt_llm", inputs + [streaming])
         result, error = chunks.get(timeout=60)
         assert error is None and result.as_numpy("output_ids").shape[-1] == 50    # the first second of speech
         c.stop_stream(cancel_requests=True)
@@ -162,14 +184,40 @@ def test_a_client_cancelling_a_stream_cancels_both_twins(served):
     c.close()
 
 
+def metric_values(server, name: str) -> dict:
+    """``{labels: value}`` of one metric family from the server's Prometheus endpoint."""
+    with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M)}
+
+
+def test_pairing_counts_are_triton_metrics_from_the_worker(served):
+    """The LLM handler runs in a worker process here (the stub has NumPy 1.x); its pairing counts still reach Triton's
+    /metrics, exported by the stub from the worker's stats messages."""
+    server, _ = served
+    assert "[audex worker" in server.log_tail(400000)             # the handlers run in worker processes
+    before = metric_values(server, "audex_cfg_tokens_total")
+    guided_key = 'action="guided",model="tensorrt_llm"'
+    with AudexTritonClient(server.http_url, model_name="ensemble") as http:
+        tts = http.tts("Counted pairs.", seed=2)
+    deadline = time.monotonic() + 10
+    while metric_values(server, "audex_cfg_tokens_total").get(guided_key, 0.0) <= before.get(guided_key, 0.0):
+        assert time.monotonic() < deadline, metric_values(server, "audex_cfg_tokens_total")
+        time.sleep(0.2)
+    after = metric_values(server, "audex_cfg_tokens_total")
+    # every code token of the answer (50 Hz, 320 samples each) plus its end tokens was decided by a guided pair
+    assert after[guided_key] - before.get(guided_key, 0.0) >= tts.audio.size // 320
+    assert after['action="unguided",model="tensorrt_llm"'] == 0.0
+    assert metric_values(server, "audex_cfg_split_pairs_total") == {'model="tensorrt_llm"': 0.0}
+    assert not any("tensorrt_llm_once" in labels for labels in after)      # the BLS front exports nothing
+
+
 def test_sigterm_shuts_the_ensemble_down_cleanly(served):
     server, _ = served
     code = server.stop()
     log = server.log_tail(40000)
     assert code == 0, log[-3000:]
-    for model in ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble"):
+    for model in ("preprocessing", "tensorrt_llm", "tensorrt_llm_once", "postprocessing", "ensemble"):
         assert f"successfully unloaded '{model}'" in log
-    import re
-
     unguided = re.findall(r"CFG pairing over this instance's life: \d+ guided, (\d+) unguided", log)
-    assert len(unguided) == 2 and set(unguided) == {"0"}      # both LLM instances: pair-aware admission, no split pair
+    assert unguided == ["0"]                  # one LLM instance (one engine): pair-aware admission, no split pair

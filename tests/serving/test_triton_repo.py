@@ -1,7 +1,6 @@
 """Triton repositories: generated config.pbtxt files parse back into tritonclient's ModelConfig, the GPU ensemble is
 wired consistently, and the python steps around the TensorRT-LLM engine write the same prompts as the pipelines."""
 
-import json
 
 import numpy as np
 import pytest
@@ -47,12 +46,16 @@ def test_cpu_repository_config(tiny_model, tmp_path):
 def test_gpu_ensemble_is_filled_from_the_model_and_wired(tiny_model, tmp_path):
     summary = ModelSummary.of(tiny_model)
     assert (summary.hidden_size, summary.vocab_size, summary.frames_per_window) == (128, 1536, 250)
-    repo = write_gpu_repository(tmp_path / "repo", tmp_path / "export", summary, max_batch_size=64)
+    repo = write_gpu_repository(tmp_path / "repo", tmp_path / "export", summary, max_batch_size=64,
+                                handler_process="worker")
+    # one LLM model (one engine): no tensorrt_llm_stream; tensorrt_llm_once only forwards to it
     assert validate_repository(repo) == ["ensemble", "ensemble_stream", "postprocessing", "postprocessing_stream",
-                                         "preprocessing", "tensorrt_llm", "tensorrt_llm_stream"]
+                                         "preprocessing", "tensorrt_llm", "tensorrt_llm_once"]
     llm = read_config(repo / "tensorrt_llm" / "config.pbtxt")
-    # Audex's python LLM model: TensorRT-LLM's executor with the CFG pairing post-processor
-    assert llm.backend == "python" and not llm.model_transaction_policy.decoupled
+    # Audex's python LLM model: TensorRT-LLM's executor with the CFG pairing post-processor, decoupled with
+    # TensorRT-LLM's `streaming` input, as TensorRT-LLM's own model serves both kinds of request
+    assert llm.backend == "python" and llm.model_transaction_policy.decoupled
+    assert "streaming" in {i.name for i in llm.input} and llm.parameters["handler_process"].string_value == "worker"
     assert llm.parameters["executor"].string_value == "tensorrt_llm"
     assert llm.parameters["batch_scheduler_policy"].string_value == "guaranteed_no_evict"
     assert llm.parameters["enable_chunked_context"].string_value == "false"
@@ -65,11 +68,23 @@ def test_gpu_ensemble_is_filled_from_the_model_and_wired(tiny_model, tmp_path):
     assert (repo / "preprocessing" / "1" / "presets.yaml").exists()
     stream = read_config(repo / "ensemble_stream" / "config.pbtxt")
     assert stream.model_transaction_policy.decoupled            # TTS streaming
-    assert read_config(repo / "tensorrt_llm_stream" / "config.pbtxt").model_transaction_policy.decoupled
+    assert [step.model_name for step in stream.ensemble_scheduling.step] == ["preprocessing", "tensorrt_llm",
+                                                                             "postprocessing_stream"]
+    assert stream.ensemble_scheduling.step[1].input_map["streaming"] == "stream"     # TensorRT-LLM's ensemble input
+    assert "stream" not in stream.ensemble_scheduling.step[0].input_map
     assert read_config(repo / "postprocessing_stream" / "config.pbtxt").parameters["partial"].string_value == "true"
+    once = read_config(repo / "tensorrt_llm_once" / "config.pbtxt")
+    assert not once.model_transaction_policy.decoupled and "streaming" not in {i.name for i in once.input}
+    assert {i.name for i in once.input} == {i.name for i in llm.input} - {"streaming"}
+    assert [o.name for o in once.output] == [o.name for o in llm.output]
+    assert once.parameters["llm_model"].string_value == "tensorrt_llm"
+    assert once.parameters["handler_process"].string_value == "stub"        # BLS calls: never in a worker
+    assert "llm_once:LlmOnceHandler" in (repo / "tensorrt_llm_once" / "1" / "model.py").read_text()
     ens = read_config(repo / "ensemble" / "config.pbtxt")
+    assert not ens.model_transaction_policy.decoupled and "stream" not in {i.name for i in ens.input}
     assert [o.name for o in ens.output] == ["text_output", "audio_output"]
-    ens.ensemble_scheduling.step[1].model_name = "tensorrt_llm_stream"
+    assert ens.ensemble_scheduling.step[1].model_name == "tensorrt_llm_once"
+    ens.ensemble_scheduling.step[1].model_name = "tensorrt_llm"     # the decoupled model straight in `ensemble`
     (repo / "ensemble" / "config.pbtxt").write_text(str(ens))
     with pytest.raises(RepositoryError, match="not decoupled"):
         validate_repository(repo)
@@ -101,10 +116,23 @@ def test_gpu_ensemble_rules_triton_enforces_at_load_time(tiny_model, tmp_path):
     validate_repository(cpp)
     llm = read_config(cpp / "tensorrt_llm" / "config.pbtxt")
     assert llm.backend == "tensorrtllm" and "uncond_input_ids" not in {i.name for i in llm.input}
+    assert llm.model_transaction_policy.decoupled and "streaming" in {i.name for i in llm.input}
+    cpp_once = read_config(cpp / "tensorrt_llm_once" / "config.pbtxt")    # the same BLS front, without output_kind
+    assert cpp_once.parameters["llm_outputs"].string_value == "output_ids,sequence_length"
     table_type = {i.name: i.data_type for i in llm.input}["prompt_embedding_table"]
     assert table_type == mc.DataType.Value("TYPE_FP16")
     with pytest.raises(ValueError, match="cannot write bfloat16"):
         write_gpu_repository(tmp_path / "cpp16", tmp_path / "export", summary, llm_backend="tensorrtllm")
+    # a built engine decides: its config.json says float16, so the table is float16 whatever the config asked for
+    engine = tmp_path / "engine_fp16"
+    engine.mkdir()
+    (engine / "config.json").write_text('{"pretrained_config": {"dtype": "float16"}}')
+    cpp = write_gpu_repository(tmp_path / "cpp_built", tmp_path / "export", summary, llm_backend="tensorrtllm",
+                               engine_dir=engine, prompt_table_dtype="bfloat16")
+    pre = read_config(cpp / "preprocessing" / "config.pbtxt")
+    assert pre.parameters["prompt_table_dtype"].string_value == "float16"
+    assert {i.name: i.data_type for i in read_config(cpp / "tensorrt_llm" / "config.pbtxt").input}[
+        "prompt_embedding_table"] == mc.DataType.Value("TYPE_FP16")
     python_llm = read_config(repo / "tensorrt_llm" / "config.pbtxt")
     assert {i.name: i.data_type for i in python_llm.input}["prompt_embedding_table"] == mc.DataType.Value("TYPE_FP32")
     with pytest.raises(ValueError, match="executor must be one of"):
@@ -174,19 +202,43 @@ def test_make_triton_repo_cli_writes_both_layouts(tiny_model, tmp_path, capsys):
     table, batch = int(p["max_prompt_embedding_table_size"].string_value), int(p["max_batch_size"].string_value)
     assert batch == 64 and table // batch >= 750 and p["enable_kv_cache_reuse"].string_value == "false"
     assert p["kv_cache_max_tokens"].string_value == "65536"
+    # the one LLM model streams only when it is decoupled (TensorRT-LLM's own model refuses the same)
+    params = {k: v.string_value for k, v in llm.parameters.items()} | {"model_dir": str(tmp_path / "gpu" / "tensorrt_llm" / "1")}
+    for decoupled in ("false", "true"):
+        handler = LlmHandler(params | {"decoupled": decoupled})
+        inputs = {"input_ids": np.array([[5, 6, 7]], np.int32), "input_lengths": np.array([[3]], np.int32),
+                  "request_output_len": np.array([[2]], np.int32), "end_id": np.array([[1]], np.int32),
+                  "pad_id": np.array([[0]], np.int32), "streaming": np.array([[True]])}
+        try:
+            if decoupled == "false":
+                with pytest.raises(ValueError, match="streaming is only supported in decoupled mode"):
+                    handler.job(inputs)
+            else:
+                assert handler.job(inputs).streaming and not handler.job(inputs | {"streaming": np.array([[False]])}).streaming
+                assert not handler.job({k: v for k, v in inputs.items() if k != "streaming"}).streaming
+        finally:
+            handler.close()
     # the LLM model checks the same at start-up (an engine built with other sizes than the repository was written for)
     params = {k: v.string_value for k, v in p.items()}
     params.update(executor="torch", max_prompt_embedding_table_size="24000")
     with pytest.raises(ValueError, match="375 rows, but one clip of serve.max_audio_seconds=30 takes 750 rows"):
         LlmHandler(params)
-    # an engine for two ranks: the LLM model runs one process (no orchestrator mode), so it says so
-    engine = tmp_path / "engine_tp2"
-    engine.mkdir()
-    (engine / "config.json").write_text(json.dumps({"pretrained_config": {"mapping": {"world_size": 2, "tp_size": 2,
-                                                                                      "pp_size": 1}}}))
-    params.update(executor="tensorrt_llm", gpt_model_path=str(engine), max_prompt_embedding_table_size="48000")
-    with pytest.raises(RuntimeError, match="engine for 2 ranks .* no orchestrator mode"):
-        LlmHandler(params)
+    # an engine for two ranks in TensorRT-LLM's leader mode: rank 1's server loads the LLM model as a participant
+    # (it takes no requests, as TensorRT-LLM's own model on a non-leader rank)
+    params.update(max_prompt_embedding_table_size="48000", world_size="2",
+                  model_dir=str(tmp_path / "gpu64" / "tensorrt_llm" / "1"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMPI_COMM_WORLD_RANK", "1")
+        mp.setenv("OMPI_COMM_WORLD_SIZE", "2")
+        participant = LlmHandler(params | {"decoupled": "true"})
+        assert participant.participant
+        with pytest.raises(RuntimeError, match="participant rank .* send requests to the leader"):
+            participant.submit(1, {}, None)
+        participant.close()
+        mp.setenv("OMPI_COMM_WORLD_RANK", "0")
+        leader = LlmHandler(params | {"decoupled": "true"})
+        assert not leader.participant
+        leader.close()
     with pytest.raises(ValueError, match="max_prompt_embedding_table_size=24000 gives each of max_batch_size=64 "
                                          "requests 375 rows"):
         cli_main(["layout=gpu", f"export_dir={tmp_path / 'export'}", f"repo={tmp_path / 'gpu375'}",

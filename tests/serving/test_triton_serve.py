@@ -4,6 +4,7 @@ the same engine; every class of malformed request refused with a message while t
 mixed load test; clean SIGTERM shutdown."""
 
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +13,12 @@ import torch
 from serving_checks import MALFORMED, malformed_inputs, open_client, run_mixed_load, served_limits, start_server, tone
 from tritonclient.utils import InferenceServerException
 
+import audex
 from audex.models.checkpoint import load_model
 from audex.serving.client import AudexTritonClient
 from audex.serving.local_engine import LocalEngine
 from audex.serving.requests import ServeRequest
-from audex.serving.triton.launcher import STUB_NUMPY, stub_environment, stub_numpy_dir
+from audex.serving.triton.launcher import STUB_NUMPY, checkout_root, stub_environment, stub_numpy_dir
 from audex.serving.triton.repository import write_cpu_repository
 from audex.serving.triton.repository_check import validate_repository
 
@@ -41,7 +43,10 @@ def test_the_server_started_offline_from_what_setup_installed(served, tmp_path, 
     # started by start_server under serving_checks.offline: a fresh cache, pip unable to reach any index
     overlay = next((server.workdir / "cache").glob("triton-stub-env-py*/lib/python*/site-packages"))
     assert not (overlay / "numpy").exists()                               # nothing was installed at start
-    assert (overlay / "aa_audex_stub_numpy.pth").read_text().strip() == str(stub_numpy_dir().resolve())
+    # NumPy 1.26 first, then this checkout: the stubs import the audex under test, not the editable install's
+    assert (overlay / "aa_audex_stub_numpy.pth").read_text().split() == [str(stub_numpy_dir().resolve()),
+                                                                         str(checkout_root())]
+    assert checkout_root() == Path(audex.__file__).resolve().parents[1]
     version = (stub_numpy_dir() / "numpy" / "version.py").read_text()
     assert f'version = "{STUB_NUMPY.split("==")[1]}"' in version         # NumPy 1.26 from scripts/setup_env.sh
     assert AudexTritonClient(server.http_url).chat("hi", max_new_tokens=2).finish_reason   # and it answers

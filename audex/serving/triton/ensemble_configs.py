@@ -58,6 +58,29 @@ def table_dtype_for(llm_backend: str, prompt_table_dtype: str) -> str:
     return prompt_table_dtype
 
 
+def _llm_tensors(c: mc.ModelConfig, summary: ModelSummary, backend: str, prompt_table_dtype: str,
+                 streaming: bool) -> None:
+    """The LLM step's inputs and outputs (TensorRT-LLM's names; ``streaming`` only on the model that can stream)."""
+    inputs = []
+    _add(inputs, mc.ModelInput, _LLM_INPUTS)
+    inputs.append(tensor(mc.ModelInput, "prompt_embedding_table",
+                         TABLE_TYPES[table_dtype_for(backend, prompt_table_dtype)], [-1, summary.hidden_size],
+                         optional=True))
+    if streaming:
+        inputs.append(tensor(mc.ModelInput, "streaming", "TYPE_BOOL", [1], optional=True))
+    if backend == "python":
+        _add(inputs, mc.ModelInput, _CFG_INPUTS)
+    c.input.extend(inputs)
+    c.output.extend([
+        tensor(mc.ModelOutput, "output_ids", "TYPE_INT32", [-1, -1]),
+        tensor(mc.ModelOutput, "sequence_length", "TYPE_INT32", [-1]),
+    ])
+    if backend == "python":
+        # echoed so that postprocessing takes all its inputs from this step: Triton refuses a step whose inputs come
+        # from different decoupled sources (the ensemble's own inputs and a decoupled LLM)
+        c.output.append(tensor(mc.ModelOutput, "output_kind", "TYPE_STRING", [1]))
+
+
 def preprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size: int,
                          limits: ServeLimits | None = None, max_queue_delay_us: int = 1000,
                          table_dtype: str = "float32") -> mc.ModelConfig:
@@ -91,6 +114,10 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
     :mod:`audex.serving.cfg_pairing`). ``executor="torch"`` runs the same model on the reference executor
     (CPU machines). ``backend="tensorrtllm"``: TensorRT-LLM's own C++ backend, which cannot take a Python logits
     post-processor -- TTS/TTA then decode *without* CFG; only for deployments that do not need it.
+
+    One model serves both ensembles, so the engine loads once: it is written ``decoupled`` and takes TensorRT-LLM's
+    ``streaming`` input (a request with it true gets one response per chunk, any other one response);
+    :func:`llm_once_config` puts it behind the non-streaming ensemble.
     """
     if backend not in LLM_BACKENDS:
         raise ValueError(f"backend must be one of {LLM_BACKENDS}, got {backend!r}")
@@ -98,22 +125,7 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     c = mc.ModelConfig(name=name, backend=backend, max_batch_size=max_batch_size)
     c.model_transaction_policy.decoupled = decoupled
-    inputs = []
-    _add(inputs, mc.ModelInput, _LLM_INPUTS)
-    inputs.append(tensor(mc.ModelInput, "prompt_embedding_table", TABLE_TYPES[table_dtype_for(backend, prompt_table_dtype)],
-                          [-1, summary.hidden_size], optional=True))
-    inputs.append(tensor(mc.ModelInput, "streaming", "TYPE_BOOL", [1], optional=True))
-    if backend == "python":
-        _add(inputs, mc.ModelInput, _CFG_INPUTS)
-    c.input.extend(inputs)
-    c.output.extend([
-        tensor(mc.ModelOutput, "output_ids", "TYPE_INT32", [-1, -1]),
-        tensor(mc.ModelOutput, "sequence_length", "TYPE_INT32", [-1]),
-    ])
-    if backend == "python":
-        # echoed so that postprocessing takes all its inputs from this step: Triton refuses a step whose inputs come
-        # from different decoupled sources (the ensemble's own inputs and a decoupled LLM)
-        c.output.append(tensor(mc.ModelOutput, "output_kind", "TYPE_STRING", [1]))
+    _llm_tensors(c, summary, backend, prompt_table_dtype, streaming=True)
     c.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     c.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
     params = {
@@ -144,6 +156,24 @@ def tensorrt_llm_config(summary: ModelSummary, engine_dir: str, max_batch_size: 
     return c
 
 
+def llm_once_config(summary: ModelSummary, max_batch_size: int, *, backend: str = "python",
+                    prompt_table_dtype: str = "bfloat16", llm: str = "tensorrt_llm",
+                    max_queue_delay_us: int = 1000) -> mc.ModelConfig:
+    """``tensorrt_llm_once``: the LLM step for the non-streaming ensemble, a BLS front of the decoupled LLM model
+    (:class:`~audex.serving.triton.llm_once.LlmOnceHandler`). Triton makes an ensemble decoupled as soon as one step
+    is, and a decoupled model answers neither HTTP ``infer`` nor gRPC ``ModelInfer``; this model is not decoupled, and
+    forwards each request to ``llm`` with ``streaming=false``: one engine serves both ensembles."""
+    c = mc.ModelConfig(name="tensorrt_llm_once", backend="python", max_batch_size=max_batch_size)
+    _llm_tensors(c, summary, backend, prompt_table_dtype, streaming=False)
+    c.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    c.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
+    # only moves tensors (standard library + NumPy) and needs the stub's BLS API: never in a worker process
+    outputs = [t.name for t in c.output]
+    set_params(c, {"llm_model": llm, "llm_outputs": ",".join(outputs), "handler_process": "stub",
+                   "python": sys.executable})
+    return c
+
+
 def postprocessing_config(summary: ModelSummary, export_dir: str, max_batch_size: int,
                           name: str = "postprocessing", partial: bool = False,
                           max_queue_delay_us: int = 1000) -> mc.ModelConfig:
@@ -170,23 +200,31 @@ _PRE_TO_LLM_CFG = _PRE_TO_LLM + tuple(spec[0] for spec in _CFG_INPUTS)
 
 def ensemble_config(name: str, max_batch_size: int, llm: str, decoupled: bool, *, cfg: bool = True,
                     postprocessing: str = "postprocessing") -> mc.ModelConfig:
+    """preprocessing -> ``llm`` -> ``postprocessing``. The decoupled ensemble also takes TensorRT-LLM's ``stream``
+    input (BOOL, optional), which it hands to the LLM model's ``streaming``: true streams, absent or false answers
+    once."""
     c = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
     if decoupled:
         c.model_transaction_policy.decoupled = True
     c.input.extend(request_inputs("TYPE_UINT64", ragged_audio=False))
+    request_names = [t.name for t in c.input]
+    if decoupled:
+        c.input.append(tensor(mc.ModelInput, "stream", "TYPE_BOOL", [1], optional=True))
     # ensemble inputs and outputs share one tensor namespace: an output named like an input ("text") would be
     # answered twice (the input at once, the step's output later), hence TensorRT-LLM's "*_output" names
     c.output.extend([tensor(mc.ModelOutput, "text_output", "TYPE_STRING", [1]),
                      tensor(mc.ModelOutput, "audio_output", "TYPE_FP32", [-1])])
     to_llm = _PRE_TO_LLM_CFG if cfg else _PRE_TO_LLM
     pre = c.ensemble_scheduling.step.add(model_name="preprocessing", model_version=-1)
-    for key in (t.name for t in c.input):
+    for key in request_names:
         pre.input_map[key] = key
     for key in _PRE_TO_LLM_CFG:
         pre.output_map[key] = f"_{key}"
     gen = c.ensemble_scheduling.step.add(model_name=llm, model_version=-1)
     for key in to_llm:
         gen.input_map[key] = f"_{key}"
+    if decoupled:
+        gen.input_map["streaming"] = "stream"
     gen.output_map["output_ids"] = "_output_ids"
     gen.output_map["sequence_length"] = "_sequence_length"
     post = c.ensemble_scheduling.step.add(model_name=postprocessing, model_version=-1)

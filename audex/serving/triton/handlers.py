@@ -15,8 +15,9 @@ Each is run by :class:`~audex.serving.triton.python_model.AudexPythonModel` (``s
   TensorRT-LLM's own Triton model), through :class:`~audex.serving.guided_executor.GuidedExecutor` on
   TensorRT-LLM's executor (``parameters.executor: tensorrt_llm``, the TensorRT-LLM engine in ``gpt_model_path``) or on
   the reference executor (``executor: torch``, the export's ``hf/``; what runs on CPU machines). TTS/TTA requests with
-  lambda != 1 decode as a token-synchronised CFG pair. A decoupled (streaming) instance sends one response per
-  ``stream_chunk_seconds`` of audio (16 tokens of text) and the final flag with the last; ``output_kind`` is echoed;
+  lambda != 1 decode as a token-synchronised CFG pair. The model is decoupled and serves both ensembles: a request
+  with ``streaming`` true (TensorRT-LLM's input) gets one response per ``stream_chunk_seconds`` of audio (16 tokens
+  of text) and the final flag with the last, any other request one response; ``output_kind`` is echoed;
 * :class:`PostprocessingHandler`: ``output_ids``, ``sequence_length``, ``output_kind`` (text / speech / audio, echoed
   by the LLM step; read off the ids when absent) -> ``text`` and ``audio`` (16 kHz); with ``partial: true`` (the
   streaming ensemble) each chunk is decoded on its own.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -38,12 +40,11 @@ import torch
 from audex.export.trtllm_checkpoint import BUILD_KEYS, check_prompt_table
 from audex.inference.sampling import SamplingParams
 from audex.models.checkpoint import load_model
-from audex.serving.engine_facts import check_single_rank
+from audex.serving.executor_api import mpi_world
 from audex.serving.guided_executor import GuidedExecutor, LlmJob
 from audex.serving.local_engine import LocalEngine
 from audex.serving.requests import ServeLimits, ServeRequest, serving_presets
 from audex.serving.triton.llm_io import LlmInputBuilder, LlmOutputDecoder
-from audex.serving.triton.pairing_metrics import PairingMetrics
 from audex.tokenizer import AudexTokenizer
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,27 @@ def executor_module(kind: str):
     raise ValueError(f"parameters.executor must be 'tensorrt_llm' or 'torch', got {kind!r}")
 
 
+def parallel_config(trtllm, params: dict):
+    """The executor's ``ParallelConfig``, as TensorRT-LLM's own Triton model builds it (``get_parallel_config`` of
+    ``triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/1/model.py``): ``gpu_device_ids`` (comma-separated)
+    and, with ``TRTLLM_ORCHESTRATOR=1``, ORCHESTRATOR mode with this process as orchestrator when it is MPI rank 0 and
+    ``executor_worker_path`` as the worker; None (LEADER mode over the MPI job, the default) otherwise."""
+    kwargs = {}
+    if params.get("gpu_device_ids"):
+        kwargs["device_ids"] = [int(x) for x in params["gpu_device_ids"].split(",")]
+    if os.environ.get("TRTLLM_ORCHESTRATOR", "0") == "1":
+        if os.environ.get("TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES", "1") != "1":
+            raise ValueError("orchestrator mode with --disable-spawn-processes is not supported in the Python "
+                             "backend (TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES=0)")
+        if params.get("worker_path"):
+            raise ValueError("parameters.worker_path is no longer supported: name the trtllmExecutorWorker "
+                             "executable in parameters.executor_worker_path")
+        kwargs["communication_mode"] = trtllm.CommunicationMode.ORCHESTRATOR
+        kwargs["orchestrator_config"] = trtllm.OrchestratorConfig(mpi_world()[0] == 0,
+                                                                  params.get("executor_worker_path") or "")
+    return trtllm.ParallelConfig(**kwargs) if kwargs else None
+
+
 class LlmHandler:
     """LLM inputs -> generated ids, CFG pairs included (see the module docstring)."""
 
@@ -197,8 +219,6 @@ class LlmHandler:
     def __init__(self, params: dict):
         export_dir = Path(params["export_dir"])
         kind = params.get("executor", "tensorrt_llm")
-        if kind == "tensorrt_llm":
-            check_single_rank(params.get("gpt_model_path"))
         trtllm = executor_module(kind)
         self.tokenizer = AudexTokenizer.load(export_dir / "hf")
         self.vocab = self.tokenizer.vocab
@@ -215,10 +235,11 @@ class LlmHandler:
                 # bounded: the router then also counts KV blocks for CFG pairs (see GuidedExecutor._admit)
                 int(params["kv_cache_max_tokens"]) if params.get("kv_cache_max_tokens") else None,
                 free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_mem_fraction", "0.85"))),
-            enable_chunked_context=False)
+            enable_chunked_context=False, parallel_config=parallel_config(trtllm, params))
         if kind == "torch":
-            # the reference executor gets the sizes trtllm-build would have fixed in the engine
-            model_path = trtllm.ReferenceEngine.from_build(str(export_dir / "hf"), build)
+            # the reference executor gets the sizes trtllm-build would have fixed in the engine, and its ranks
+            model_path = trtllm.ReferenceEngine.from_build(str(export_dir / "hf"),
+                                                           build | {"world_size": params.get("world_size", 1)})
         else:
             model_path = params.get("gpt_model_path")
         # the grammar of the presets, as the local engine applies it (the limits cap the token budget per request)
@@ -232,8 +253,15 @@ class LlmHandler:
         # the executor refuses a prompt table whose dtype is not the weights' (PromptTuningBuffers::validate): take
         # it from the engine (its config.json; float32 for the reference executor)
         self.table_dtype = self.guided.engine.dtype
-        self.metrics = None
-        self.streaming = params.get("decoupled") == "true"
+        # LEADER mode with tensor/pipeline parallelism: every rank's server loads this model and its executor, only
+        # the leader's takes requests; as TensorRT-LLM's own model does, a participant waits here for the leader
+        self.participant = not self.guided.executor.can_enqueue_requests()
+        if self.participant:
+            log.info("this rank is a participant of the LLM's executor (TensorRT-LLM leader mode): it runs its share "
+                     "of the engine for the leader and takes no requests")
+            self.guided.shutdown()
+        self.report = None
+        self.decoupled = params.get("decoupled") == "true"
         self.chunk_seconds = float(params.get("stream_chunk_seconds", "1.0"))
         self._jobs: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -269,22 +297,29 @@ class LlmHandler:
         uncond = None
         if "uncond_input_ids" in inputs and one_value(inputs, "uncond_input_lengths", int, 0) > 0:
             uncond = inputs["uncond_input_ids"].reshape(-1)[: one_value(inputs, "uncond_input_lengths", int)].tolist()
+        streaming = bool(one_value(inputs, "streaming", bool, False))
+        if streaming and not self.decoupled:      # as TensorRT-LLM's own model answers
+            raise ValueError("input 'streaming' is true but this LLM model is not decoupled: streaming is only "
+                             "supported in decoupled mode")
         table = inputs.get("prompt_embedding_table")
         prompt_table = None
         if table is not None and max(ids) >= self.vocab.size:
             prompt_table = torch.from_numpy(np.ascontiguousarray(table.reshape(-1, table.shape[-1]))).to(self.table_dtype)
         return LlmJob(ids, sampling.max_new_tokens, one_value(inputs, "end_id", int), one_value(inputs, "pad_id", int), sampling,
                       uncond_input_ids=uncond if sampling.uses_cfg else None, output=output, prompt_table=prompt_table,
-                      streaming=self.streaming)
+                      streaming=streaming)
 
     def submit(self, rid, inputs, emit) -> None:
+        if self.participant:
+            raise RuntimeError("this LLM model runs on a participant rank (TensorRT-LLM leader mode): send requests "
+                               "to the leader's server (rank 0)")
         job = self.job(inputs)
         chunk, buffer = self._chunk_tokens(job.output), []
 
         def on_event(event):
             if event.error is not None:
                 emit(rid, None, f"generation failed: {event.error}", True, False)
-            elif not self.streaming:
+            elif not job.streaming:
                 emit(rid, self._outputs(event.tokens, job.output), final=True)
             else:
                 buffer.extend(event.tokens)
@@ -294,8 +329,8 @@ class LlmHandler:
             if event.final:
                 with self._lock:
                     self._jobs.pop(rid, None)
-                if self.metrics is not None:
-                    self.metrics.update(self.guided.stats)
+                if self.report is not None:
+                    self.report(self.guided.stats)
 
         job_id = self.guided.submit(job, on_event)
         with self._lock:
@@ -308,11 +343,14 @@ class LlmHandler:
             log.info("request %d was cancelled by its client: cancelling job %d (both CFG twins)", rid, job_id)
             self.guided.cancel(job_id)
 
-    def attach_metrics(self, pb_utils, model_name: str) -> None:
-        """Export the pairing counts as Triton metrics (see :mod:`~audex.serving.triton.pairing_metrics`)."""
-        self.metrics = PairingMetrics(pb_utils, model_name)
+    def report_stats(self, report) -> None:
+        """``report(stats)`` gets the pairing counts after each job; the python model exports them as Triton metrics
+        (:mod:`~audex.serving.triton.pairing_metrics`), in the stub or from a worker process."""
+        self.report = report
 
     def close(self) -> None:
+        if self.participant:
+            return
         stats = self.guided.stats
         log.info("CFG pairing over this instance's life: %d guided, %d unguided, %d replayed, %d solo, %d retired "
                  "tokens, %d split pairs", stats["guided"], stats["unguided"], stats["replay"], stats["solo"],

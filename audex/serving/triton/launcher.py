@@ -47,6 +47,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import audex
+
 STUB_NUMPY = "numpy==1.26.4"  # the last NumPy with the 1.x ABI the wheel's python-backend stub was built against
 STUB_NUMPY_DIR = "triton-numpy1"  # under the environment's prefix (.venv/triton-numpy1), filled at setup time
 
@@ -117,7 +119,7 @@ def stub_environment(cache_dir: str | os.PathLike | None = None) -> Path | None:
     """The ``bin`` folder to put first on the stub's ``PATH``, or None when the project's NumPy is already 1.x.
 
     Makes ``<cache>/triton-stub-env-py3.11`` once: ``python -m venv --without-pip`` and two ``.pth`` files in its
-    ``site-packages``: the first puts :func:`stub_numpy_dir` on the path, the second adds this interpreter's
+    ``site-packages``: the first puts :func:`stub_numpy_dir` (and :func:`checkout_root`) on the path, the second adds this interpreter's
     ``site-packages`` after it (``site.addsitedir``, so the project's own ``.pth`` hooks run too). Runs no pip: a
     missing NumPy 1.26 is an error that names the setup command.
     """
@@ -133,7 +135,11 @@ def stub_environment(cache_dir: str | os.PathLike | None = None) -> Path | None:
     env = Path(cache_dir or default_cache_dir()) / f"triton-stub-env-py{version}"
     site_packages = env / "lib" / f"python{version}" / "site-packages"
     first, last = site_packages / "aa_audex_stub_numpy.pth", site_packages / "zz_audex_project_env.pth"
-    lines = (f"{numpy1.resolve()}\n", f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    # NumPy 1.26 first, then the checkout this audex runs from (the embedded stub ignores PYTHONPATH, and the editable
+    # install would otherwise give it the installed checkout's audex), then the project's site-packages
+    root = checkout_root()
+    lines = (f"{numpy1.resolve()}\n" + (f"{root}\n" if root is not None else ""),
+             f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
     if first.exists() and last.exists() and (first.read_text(), last.read_text()) == lines:
         return env / "bin"
     if env.exists():
@@ -163,8 +169,23 @@ def server_environment(stub_bin: Path | None = None) -> dict[str, str]:
         env["AUDEX_TRITON_HANDLER_WORKER"] = "1"
     env["AUDEX_PROJECT_PYTHON"] = sys.executable
     env["PATH"] = os.pathsep.join(path + [env.get("PATH", "")])
-    env.pop("PYTHONPATH", None)  # the stub's interpreter takes its paths from the venv on PATH
+    # the stub's interpreter takes its paths from the venv on PATH, plus the checkout this audex runs from (when it is
+    # not an installed copy): the stubs and workers import the same audex as the process that starts the server
+    root = checkout_root()
+    if root is None:
+        env.pop("PYTHONPATH", None)
+    else:
+        env["PYTHONPATH"] = str(root)
     return env
+
+
+def checkout_root() -> Path | None:
+    """The folder holding the running ``audex`` package when that is a checkout (editable install, worktree or
+    ``PYTHONPATH``), None when it is an installed copy in ``site-packages`` (which must not go before the stub's
+    NumPy 1.x)."""
+    root = Path(audex.__file__).resolve().parents[1]
+    installed = {Path(p).resolve() for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])}
+    return None if root in installed or root.name in ("site-packages", "dist-packages") else root
 
 
 class TritonServer:

@@ -28,6 +28,8 @@ class PairingMetrics:
                                                    "without the unconditional twin)")
         pairs = pb_utils.MetricFamily(name="audex_cfg_split_pairs_total", kind=counter,
                                       description="CFG pairs whose twins were ever not in the same step")
+        # the families must outlive their metrics: Triton refuses to update a metric whose family was collected
+        self.families = (tokens, pairs)
         self.metrics = {a: tokens.Metric(labels={"model": model_name, "action": a}) for a in TOKEN_ACTIONS}
         self.metrics["split"] = pairs.Metric(labels={"model": model_name})
         self.exported = dict.fromkeys(self.metrics, 0)

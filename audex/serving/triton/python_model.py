@@ -7,7 +7,12 @@ the CPU repository's ``audex`` model (the local engine, all tasks) and the GPU e
 * **in process** (the default; TensorRT-LLM's Triton containers): the handler lives in the stub itself;
 * **in a worker** (``parameters.handler_process: "worker"``, or ``AUDEX_TRITON_HANDLER_WORKER=1``, which
   :class:`~audex.serving.triton.launcher.TritonServer` sets when it gives the stub a NumPy 1.x overlay): the handler
-  runs in :mod:`audex.serving.triton.worker` with the project's interpreter, and this model only moves tensors.
+  runs in :mod:`audex.serving.triton.worker` with the project's interpreter, and this model only moves tensors;
+* **always in the stub** (``handler_process: "stub"``): a handler that makes BLS calls (``attach_triton``).
+
+A handler with ``report_stats(report)`` gets a callable for its running totals, which this model exports as Triton
+metrics (:mod:`audex.serving.triton.pairing_metrics`), from the stub or from the worker's ``{"stats": ...}``
+messages alike.
 
 Each batch Triton hands ``execute`` goes to the handler as one batch (the local engine decodes requests of one task
 together). Requests are answered through their response senders (``execute`` returns None), so a handler may answer
@@ -36,6 +41,7 @@ from audex.serving.triton.link import (
     project_python,
     to_wire,
 )
+from audex.serving.triton.pairing_metrics import PairingMetrics
 from audex.serving.triton.worker import load_handler, submit_batch
 
 
@@ -60,6 +66,7 @@ class AudexPythonModel:
         self._running = True
         mode = params.get("handler_process", "auto")
         self.worker = None
+        self.stats_metrics = None
         if mode == "worker" or (mode == "auto" and os.environ.get("AUDEX_TRITON_HANDLER_WORKER") == "1"):
             self.worker = WorkerProcess("audex.serving.triton.worker", ["--handler", self.handler, "--params",
                                                                      json.dumps(params)],
@@ -69,13 +76,17 @@ class AudexPythonModel:
                 self.worker.stop()
                 raise RuntimeError(f"{params['model_name']}: the handler {self.handler} could not start: "
                                    f"{hello.get('error')}")
+            if hello.get("reports_stats"):                  # the worker sends {"stats": ...}: exported from here
+                self.stats_metrics = PairingMetrics(pb_utils, params["model_name"])
             self._send_lock = threading.Lock()
             self._reader = threading.Thread(target=self._read_worker, daemon=True)
             self._reader.start()
         else:
             self.step = load_handler(self.handler)(params)
-            if hasattr(self.step, "attach_metrics"):          # custom metrics need the stub's pb_utils
-                self.step.attach_metrics(pb_utils, params["model_name"])
+            if hasattr(self.step, "attach_triton"):           # a handler that makes BLS calls
+                self.step.attach_triton(pb_utils, params["model_name"])
+            if hasattr(self.step, "report_stats"):            # custom metrics need the stub's pb_utils
+                self.step.report_stats(PairingMetrics(pb_utils, params["model_name"]).update)
         self._period = float(params.get("cancellation_check_ms", "100")) / 1000.0
         self._canceller = threading.Thread(target=self._check_cancelled, daemon=True)
         self._canceller.start()
@@ -119,6 +130,13 @@ class AudexPythonModel:
                 message = self.worker.conn.recv()
             except (EOFError, OSError):
                 break
+            if "stats" in message:
+                try:
+                    if self.stats_metrics is not None:
+                        self.stats_metrics.update(message["stats"])
+                except Exception as e:  # noqa: BLE001 - metrics must never stop the responses
+                    self.pb.Logger.log_warn(f"could not export the handler's stats as metrics: {e}")
+                continue
             outputs = message.get("outputs")
             self._deliver(message["rid"], None if outputs is None else {k: from_wire(v) for k, v in outputs.items()},
                           message.get("error"), message.get("final", True), message.get("invalid", False))

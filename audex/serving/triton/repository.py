@@ -17,10 +17,13 @@ batching::
     tensorrt_llm     (python)  TensorRT-LLM's executor (the engine from trtllm-build, in-flight batching) with the
                                CFG pairing logits post-processor: TTS/TTA decode as token-synchronised CFG pairs
                                (:mod:`audex.serving.guided_executor`); ``executor: torch`` runs the same model on the
-                               reference executor, which is how the whole ensemble is served on a CPU here
+                               reference executor, which is how the whole ensemble is served on a CPU here. Decoupled,
+                               with TensorRT-LLM's ``streaming`` input: the one model (and engine) of both ensembles
+    tensorrt_llm_once (python) a BLS front of ``tensorrt_llm`` that is not decoupled (``streaming=false``, one answer)
     postprocessing   (python)  output_ids -> text, or codec codes -> 16 kHz waveform (codec decoders)
-    ensemble         (ensemble) wires the three; ``ensemble_stream`` (+ ``tensorrt_llm_stream``,
-                               ``postprocessing_stream``) is the decoupled twin that streams TTS one second at a time
+    ensemble         (ensemble) preprocessing -> tensorrt_llm_once -> postprocessing (HTTP / gRPC ``infer``);
+                               ``ensemble_stream`` (preprocessing -> tensorrt_llm -> ``postprocessing_stream``) is the
+                               decoupled one: with ``stream=true`` it streams TTS one second at a time
 
 ``llm_backend="tensorrtllm"`` writes TensorRT-LLM's C++ backend instead of the python LLM model: it cannot run a
 Python logits post-processor, so TTS/TTA then decode without CFG. Every python model of both layouts is the one
@@ -41,6 +44,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -49,6 +53,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from audex import config_path
 from audex.export.trtllm_checkpoint import check_prompt_table
+from audex.serving.engine_facts import engine_dtype
 from audex.serving.requests import ServeLimits
 from audex.serving.triton.config_protos import (  # noqa: F401 - ModelSummary is part of this module's API
     ModelSummary,
@@ -60,11 +65,14 @@ from audex.serving.triton.config_protos import (  # noqa: F401 - ModelSummary is
 )
 from audex.serving.triton.ensemble_configs import (
     ensemble_config,
+    llm_once_config,
     postprocessing_config,
     preprocessing_config,
     table_dtype_for,
     tensorrt_llm_config,
 )
+
+log = logging.getLogger(__name__)
 
 
 # ---- CPU repository ----------------------------------------------------------------------------
@@ -110,7 +118,7 @@ HANDLERS = {  # model name -> the handler its python model runs
     "audex": "audex.serving.triton.handlers:LocalEngineHandler",
     "preprocessing": "audex.serving.triton.handlers:PreprocessingHandler",
     "tensorrt_llm": "audex.serving.triton.handlers:LlmHandler",
-    "tensorrt_llm_stream": "audex.serving.triton.handlers:LlmHandler",
+    "tensorrt_llm_once": "audex.serving.triton.llm_once:LlmOnceHandler",
     "postprocessing": "audex.serving.triton.handlers:PostprocessingHandler",
     "postprocessing_stream": "audex.serving.triton.handlers:PostprocessingHandler",
 }
@@ -132,6 +140,12 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
     out = Path(out_dir)
     export_dir = str(Path(export_dir).resolve())
     engine_dir = str(engine_dir or Path(export_dir) / "engine")
+    built = engine_dtype(engine_dir)
+    if built is not None and built != prompt_table_dtype:
+        # the executor refuses a prompt table whose dtype is not the weights': the built engine decides
+        log.warning("the engine in %s holds %s weights, not %s: the prompt table follows the engine", engine_dir,
+                    built, prompt_table_dtype)
+        prompt_table_dtype = built
     limits = limits or ServeLimits()
     cfg = llm_backend == "python"
     build = dict(build or {})
@@ -144,19 +158,20 @@ def write_gpu_repository(out_dir: str | Path, export_dir: str | Path, summary: M
     configs = [
         preprocessing_config(summary, export_dir, max_batch_size, limits,
                              table_dtype=table_dtype_for(llm_backend, prompt_table_dtype)),
-        tensorrt_llm_config(summary, engine_dir, max_batch_size, decoupled=False, **llm),
-        tensorrt_llm_config(summary, engine_dir, max_batch_size, decoupled=True, name="tensorrt_llm_stream", **llm),
+        tensorrt_llm_config(summary, engine_dir, max_batch_size, decoupled=True, **llm),
+        llm_once_config(summary, max_batch_size, backend=llm_backend, prompt_table_dtype=prompt_table_dtype),
         postprocessing_config(summary, export_dir, max_batch_size),
         postprocessing_config(summary, export_dir, max_batch_size, name="postprocessing_stream", partial=True),
-        ensemble_config("ensemble", max_batch_size, "tensorrt_llm", decoupled=False, cfg=cfg),
-        ensemble_config("ensemble_stream", max_batch_size, "tensorrt_llm_stream", decoupled=True, cfg=cfg,
+        ensemble_config("ensemble", max_batch_size, "tensorrt_llm_once", decoupled=False, cfg=cfg),
+        ensemble_config("ensemble_stream", max_batch_size, "tensorrt_llm", decoupled=True, cfg=cfg,
                         postprocessing="postprocessing_stream"),
     ]
     for config in configs:
         if config.backend == "python":
             # torch threads of a step run in a worker process (on this kind of stub): one each, several run at once
             config.parameters["num_threads"].string_value = str(num_threads)
-            if handler_process:
+            in_stub = "handler_process" in config.parameters and config.parameters["handler_process"].string_value == "stub"
+            if handler_process and not in_stub:
                 config.parameters["handler_process"].string_value = handler_process
         write_config(config, out / config.name)
         version = out / config.name / "1"

@@ -101,5 +101,7 @@ def validate_repository(repo: str | Path) -> list[str]:
                                       f"{sorted(required - set(step.input_map))} are not mapped")
             if target.model_transaction_policy.decoupled and not config.model_transaction_policy.decoupled:
                 raise RepositoryError(f"ensemble {config.name!r} runs the decoupled model {step.model_name!r} "
-                                      "but is not decoupled itself")
+                                      "but is not decoupled itself: Triton makes it decoupled (ValidateEnsembleConfig), "
+                                      "and then it answers no HTTP/gRPC infer call; declare it decoupled, or reach the "
+                                      "model through a BLS step that is not (tensorrt_llm_once)")
     return sorted(configs)

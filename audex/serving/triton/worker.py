@@ -4,11 +4,12 @@
 stack (see :mod:`audex.serving.triton.link`) as ``python -m audex.serving.triton.worker --handler MODULE:CLASS
 --params JSON --address SOCKET`` (auth key on stdin). The one wire protocol, all plain Python values:
 
-* worker -> model at start: ``{"ready": True}`` or ``{"ready": False, "error": "..."}``;
+* worker -> model at start: ``{"ready": True, "reports_stats": bool}`` or ``{"ready": False, "error": "..."}``;
 * model -> worker: ``{"op": "submit", "batch": [{"rid": N, "inputs": {name: wire}}, ...]}`` (one Triton batch),
   ``{"op": "cancel", "rid": N}``, ``{"op": "stop"}`` (or the connection closing);
 * worker -> model: ``{"rid": N, "outputs": {name: wire} | None, "error": str | None, "final": bool,
-  "invalid": bool}``, one or more per request (several for a streaming model), the last with ``final``.
+  "invalid": bool}``, one or more per request (several for a streaming model), the last with ``final``; and
+  ``{"stats": {name: total}}`` from a handler with ``report_stats`` (exported by the model as Triton metrics).
 
 A handler is a class ``Handler(params: dict[str, str])`` with ``submit(rid, inputs, emit)`` or
 ``submit_batch([(rid, inputs), ...], emit)``, optional ``cancel(rid)`` and ``close()``; ``emit(rid, outputs,
@@ -81,7 +82,10 @@ def serve(address: str, authkey: bytes, handler_path: str, params: dict) -> None
         send({"ready": False, "error": f"{type(e).__name__}: {e}"})
         conn.close()
         return
-    send({"ready": True})
+    reports = hasattr(handler, "report_stats")
+    if reports:                                       # metrics live in the stub: running totals go there
+        handler.report_stats(lambda stats: send({"stats": dict(stats)}))
+    send({"ready": True, "reports_stats": reports})
 
     def emit(rid, outputs, error=None, final=True, invalid=False) -> None:
         wire = None if outputs is None else {k: to_wire(v) for k, v in outputs.items()}
