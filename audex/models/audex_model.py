@@ -56,6 +56,14 @@ from audex.modules.packed import (
     packed_segments,
     uses_varlen_attention,
 )
+from audex.parallel.sharding import (
+    attach_row_masks,
+    average_replicated_gradients,
+    clip_grad_norm_global,
+    cp_loss,
+    mask_row_gradients,
+    parallelize_model,
+)
 from audex.parts.losses import language_model_loss
 from audex.parts.moe import MoeBalancer
 from audex.parts.optim import build_optimizer_and_scheduler
@@ -111,6 +119,8 @@ class AudexModel(ModelPT):
         register_codec_config_artifacts(self, cfg)
         self.mamba_reset = MambaSpanReset(self.backbone) if self.has_recurrent_layers else None
         self.moe_balancer: MoeBalancer | None = None  # set by enable_moe_balancing (stages that train the LLM)
+        self.audex_parallelism = None  # a ParallelismConfig, set by AudexParallelStrategy with the device mesh
+        self._audex_sharded = False
         if self.audio_encoder is not None:
             self.audio_encoder.requires_grad_(False)  # frozen in every stage (Table 3)
         for codec in (self.speech_codec, self.audio_codec):
@@ -290,12 +300,20 @@ class AudexModel(ModelPT):
         (coefficient 1e-6)."""
         sample_ids, input_ids = batch_field(batch, "sample_ids"), batch_field(batch, "input_ids")
         balancer = self.moe_balancer if with_moe else None
+        if self._audex_sharded and self.audex_parallelism.context > 1:   # rows split over CP ranks
+            with balancer.recording(None) if balancer is not None else nullcontext():
+                loss, stats = cp_loss(self, batch, self.device_mesh, self.audex_parallelism)
+            return self._with_moe_loss(loss, stats, balancer)
         valid = sample_ids >= 0 if sample_ids is not None else torch.ones_like(input_ids, dtype=torch.bool)
         with balancer.recording(valid) if balancer is not None else nullcontext():
             out = self.forward_batch(batch)
         loss, stats = language_model_loss(out.logits, batch_field(batch, "labels"), sample_ids,
                                           reduction=reduction or self.loss_reduction, unit=self.loss_unit)
         stats["real_tokens"] = valid.sum()
+        return self._with_moe_loss(loss, stats, balancer)
+
+    @staticmethod
+    def _with_moe_loss(loss, stats, balancer):
         if balancer is not None:
             aux = balancer.load_balancing_loss()
             if aux is not None:
@@ -306,7 +324,8 @@ class AudexModel(ModelPT):
     def training_step(self, batch, batch_idx):
         loss, stats = self.compute_loss(batch)
         batch_size = int(batch_field(batch, "input_ids").shape[0])
-        self.log("train_loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        # under CP, ``loss`` is this rank's share of the row; stats["loss"] the whole row's eq. (2) value
+        self.log("train_loss", stats.get("loss", loss).detach(), prog_bar=True, batch_size=batch_size)
         self.log("train_token_accuracy", stats["token_accuracy"], batch_size=batch_size)
         self.log("train_real_tokens", stats["real_tokens"].float(), batch_size=batch_size, reduce_fx="sum")
         if "moe_aux_loss" in stats:
@@ -326,6 +345,27 @@ class AudexModel(ModelPT):
         self.log("val_token_accuracy", stats["token_accuracy"], batch_size=n, add_dataloader_idx=False)
         return stats["token_mean_loss"]
 
+    # ---- scale-out (engine hf, AudexParallelStrategy: audex.parallel.sharding) ------------------------------
+    def configure_model(self) -> None:
+        """Shard the model on the strategy's device mesh (a no-op without AudexParallelStrategy)."""
+        if self.audex_parallelism is None or self._audex_sharded:
+            return
+        parallelize_model(self, self.device_mesh, self.audex_parallelism)
+        self._audex_sharded = True
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._audex_sharded:   # stage-1 text rows: each rank masks its own rows (hooks do it in one process)
+            average_replicated_gradients(self, self.device_mesh)
+            mask_row_gradients(self)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if not self._audex_sharded or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: sharded training clips "
+                             "by the global norm only; set it to norm")
+        clip_grad_norm_global(self.parameters(), float(gradient_clip_val))
+
     def configure_optimizers(self):
         """AdamW + cosine schedule of ``model.optim`` (:mod:`audex.parts.optim`), with row-masked weight decay and
         the MoE bias update."""
@@ -334,6 +374,8 @@ class AudexModel(ModelPT):
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
         if (max_steps is None or max_steps < 0) and self.cfg.optim.get("sched") is not None:
             max_steps = self.cfg.optim.sched.get("max_steps", -1)
+        if self._audex_sharded:
+            attach_row_masks(self)       # the optimizer groups row-masked tables by their masks
         optimizer, scheduler = build_optimizer_and_scheduler(self, self.cfg.optim, max_steps, self.moe_balancer)
         return optimizer if scheduler is None else ([optimizer], [scheduler])
 

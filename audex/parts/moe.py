@@ -13,6 +13,7 @@ bias that Nemotron-H's sigmoid router carries.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -50,6 +51,7 @@ class MoeBalancer:
         self._valid: torch.Tensor | None = None
         self._recording = False
         self._loads: dict[str, torch.Tensor] = {}
+        self.group = None   # data x context-parallel process group: loads are summed over it before the bias moves
         self._handles = [m.register_forward_hook(self._make_hook(name)) for name, m in self.routers]
 
     @property
@@ -136,6 +138,10 @@ class MoeBalancer:
         imbalance = []
         for name, router in self.routers:
             load = self._loads.get(name)
+            if self.group is not None:    # every rank moves the bias by the same, global load (DP x CP)
+                n_experts = router.e_score_correction_bias.numel()
+                load = torch.zeros(n_experts, dtype=torch.float32) if load is None else load.clone()
+                dist.all_reduce(load, group=self.group)
             if load is None or float(load.sum()) == 0:
                 continue
             bias = router.e_score_correction_bias

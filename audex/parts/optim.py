@@ -36,6 +36,7 @@ import torch
 from nemo.core.optim import get_optimizer
 from nemo.core.optim.lr_scheduler import prepare_lr_scheduler
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,13 @@ def _masked_weight_decay(optimizer, args, kwargs) -> None:
         for p in group["params"]:
             if p.grad is None:
                 continue
-            mask = p.audex_row_mask.to(p.device).unsqueeze(1)
-            factor = torch.where(mask, torch.tensor(1.0 - group["lr"] * wd, dtype=p.dtype, device=p.device),
-                                 torch.tensor(1.0, dtype=p.dtype, device=p.device))
-            p.mul_(factor)
+            # sharded tables (DTensor): the mask is laid out like the parameter, each rank scales its own rows
+            local = p.to_local() if isinstance(p, DTensor) else p
+            mask = p.audex_row_mask
+            mask = (mask.to_local() if isinstance(mask, DTensor) else mask).to(local.device).unsqueeze(1)
+            factor = torch.where(mask, torch.tensor(1.0 - group["lr"] * wd, dtype=local.dtype, device=local.device),
+                                 torch.tensor(1.0, dtype=local.dtype, device=local.device))
+            local.mul_(factor)
 
 
 def build_optimizer_and_scheduler(model, optim_cfg: DictConfig | dict, max_steps: int, moe_balancer=None):

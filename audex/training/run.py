@@ -31,6 +31,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from audex.data.loader import build_dataloader, plan_blend
 from audex.models.audex_model import AudexModel
+from audex.parallel.config import ParallelismConfig, ParallelismError
+from audex.parallel.planner import model_dims
+from audex.parallel.sharding import gather_full_state
+from audex.parallel.strategy import AudexParallelStrategy, data_parallel_rank, needs_model_parallel
 from audex.training.progress import StageProgressBar
 from audex.training.resumable import ExactResume, ResumableLoader
 from audex.training.stages import apply_stage, load_init_weights
@@ -51,12 +55,15 @@ def rows_per_micro_batch(data_cfg: DictConfig) -> int:
     return int(train.batch_size)
 
 
-def gradient_accumulation(global_batch_size: int, micro_rows: int, devices: int, nodes: int) -> int:
-    """Micro-batches per optimizer step; the global batch must be a whole multiple of one micro-step."""
-    per_step = micro_rows * devices * nodes
+def gradient_accumulation(global_batch_size: int, micro_rows: int, devices: int, nodes: int,
+                          model_parallel: int = 1) -> int:
+    """Micro-batches per optimizer step; the global batch must be a whole multiple of one micro-step. Only
+    data-parallel ranks add rows: ``model_parallel`` (tensor x context ranks) see the same rows."""
+    per_step = micro_rows * devices * nodes // model_parallel
     if global_batch_size % per_step:
+        mp = f" / (tensor x context = {model_parallel})" if model_parallel > 1 else ""
         raise ValueError(f"data.global_batch_size={global_batch_size} is not a multiple of rows per micro-batch "
-                         f"({micro_rows}) x devices ({devices}) x nodes ({nodes}) = {per_step}")
+                         f"({micro_rows}) x devices ({devices}) x nodes ({nodes}){mp} = {per_step}")
     return global_batch_size // per_step
 
 
@@ -100,9 +107,33 @@ def build_model(cfg: DictConfig, trainer=None):
     return model, report
 
 
-def attach_data(model, cfg: DictConfig, trainer) -> None:
-    """Resumable training loader and the validation loader of ``cfg.data``, attached to the model."""
+def run_parallelism(cfg: DictConfig, model) -> ParallelismConfig:
+    """``cfg.parallelism`` checked against the launch (devices x nodes), the model and the data; clear errors."""
+    node = cfg.get("parallelism")
+    given = ParallelismConfig.from_dict(OmegaConf.to_container(node, resolve=True) if node is not None else {})
+    world = _num_devices(cfg.trainer) * int(cfg.trainer.get("num_nodes", 1))
+    if given.world_size is not None and given.world_size != world:
+        raise ParallelismError(f"parallelism.world_size={given.world_size} but trainer.devices x trainer.num_nodes = "
+                               f"{world}: set parallelism.world_size=null (or launch {given.world_size} processes)")
+    try:
+        p = ParallelismConfig(**{**given.to_dict(), "world_size": world})
+    except ParallelismError as err:
+        raise ParallelismError(f"{err} (trainer.devices x trainer.num_nodes = {world} processes)") from None
+    if p.pipeline > 1:
+        raise ParallelismError("parallelism.pipeline > 1: engine hf has no pipeline parallelism; set pipeline=1")
+    p.check_model(model_dims(model.llm))
+    packing = cfg.data.get("packing") or {}
+    p.check_data(bool(packing.get("enabled", True)), int(cfg.data.max_length) if cfg.data.get("max_length") else None)
+    return p
+
+
+def attach_data(model, cfg: DictConfig, trainer, parallelism: ParallelismConfig | None = None) -> None:
+    """Resumable training loader and the validation loader of ``cfg.data``, attached to the model. Samplers key
+    on the data-parallel rank and size: tensor and context peers read the same rows, data-parallel ranks
+    disjoint ones."""
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    if parallelism is not None and parallelism.data is not None:
+        rank, world = data_parallel_rank(rank, parallelism), parallelism.data
     data_cfg, tokenizer, frames = cfg.data, model.tokenizer, model.frames_for_samples
     train = ResumableLoader(lambda epoch: build_dataloader(data_cfg, tokenizer, frames, "train", epoch, rank, world))
     validation = None
@@ -132,12 +163,17 @@ def gate_loaders(model, data_cfg: DictConfig) -> dict:
     return loaders
 
 
-def build_trainer(cfg: DictConfig, max_steps: int):
+def build_trainer(cfg: DictConfig, max_steps: int, parallelism: ParallelismConfig | None = None):
+    """The stage's Trainer; with a split model (``parallelism`` TP/CP/EP/FSDP) on :class:`AudexParallelStrategy`."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["max_steps"] = int(max_steps)
     devices = _num_devices(cfg.trainer)
+    model_parallel = parallelism.tensor * parallelism.context if parallelism is not None else 1
     trainer_cfg["accumulate_grad_batches"] = gradient_accumulation(
-        int(cfg.data.global_batch_size), rows_per_micro_batch(cfg.data), devices, int(cfg.trainer.get("num_nodes", 1)))
+        int(cfg.data.global_batch_size), rows_per_micro_batch(cfg.data), devices, int(cfg.trainer.get("num_nodes", 1)),
+        model_parallel)
+    if parallelism is not None and needs_model_parallel(parallelism):
+        trainer_cfg["strategy"] = AudexParallelStrategy(parallelism)
     if trainer_cfg.get("enable_progress_bar", True):  # the stage's step count as the bar's total, not "?"
         trainer_cfg["callbacks"] = [*trainer_cfg.get("callbacks", []), StageProgressBar()]
     if trainer_cfg.get("precision") in ("bf16", "bf16-mixed") and trainer_cfg.get("accelerator") in ("gpu", "cuda") \
@@ -154,14 +190,15 @@ def train_stage(cfg: DictConfig, callbacks: list | None = None) -> Path:
         torch.set_num_threads(int(cfg.num_threads))
     seed_everything(int(cfg.seed), workers=True)
     model, report = build_model(cfg)
+    parallelism = run_parallelism(cfg, model)
     max_steps = stage_max_steps(cfg, model)
     if model._cfg.optim.get("sched") is not None:
         with open_dict(model._cfg):
             model._cfg.optim.sched.max_steps = max_steps
-    trainer = build_trainer(cfg, max_steps)
+    trainer = build_trainer(cfg, max_steps, parallelism)
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
     model.set_trainer(trainer)
-    attach_data(model, cfg, trainer)
+    attach_data(model, cfg, trainer, parallelism)
     gate_cfg = cfg.model.get("text_gate")
     if gate_cfg is not None and gate_cfg.get("enabled", True):
         gate = TextRegressionGate(lambda: gate_loaders(model, cfg.data), stage=str(cfg.name),
@@ -175,6 +212,11 @@ def train_stage(cfg: DictConfig, callbacks: list | None = None) -> Path:
     log.info("%s; %d optimizer steps x %d micro-batches", report, max_steps, trainer.accumulate_grad_batches)
     trainer.fit(model)
     out = Path(cfg.output_nemo)
+    if model._audex_sharded:     # the shards gathered (every rank takes part), one whole model written by rank 0
+        state = gather_full_state(model)
+        if trainer.is_global_zero:
+            model = AudexModel(model.cfg)
+            model.load_state_dict(state)
     if trainer.is_global_zero:
         out.parent.mkdir(parents=True, exist_ok=True)
         model.save_to(str(out))

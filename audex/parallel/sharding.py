@@ -1,0 +1,191 @@
+"""What ``AudexModel`` does on the mesh of :class:`~audex.parallel.strategy.AudexParallelStrategy` (engine ``hf``).
+
+* :func:`parallelize_model` (``configure_model``): the backbone gets transformers' own TP plan (or the written
+  Llama SP plan, or the Nemotron-H EP plan: :func:`audex.parallel.hf_engine.distributed_config`) applied to
+  the weights every rank built or loaded identically, then FSDP2 over the ``fsdp`` group (data x context
+  ranks; HSDP when ``parallelism.fsdp`` < data): each decoder layer, the embedding + head, the backbone root.
+  The adapter is replicated (:func:`average_replicated_gradients`), the frozen audio encoder and codecs too.
+* stage-1 text-row gradient masks move from tensor hooks (which FSDP2's sharded parameters never run) to
+  :func:`mask_row_gradients`, run before clipping and the optimizer step, each rank masking its own rows of
+  the vocabulary (a TP vocab shard, an FSDP row shard, or all of them);
+* :func:`clip_grad_norm_global`: one norm over every shard of every gradient, as one process computes it;
+* :func:`cp_loss`: eq. (2) over the context-parallel split of the packed rows
+  (:mod:`audex.parallel.context_parallel`); since the ``fsdp`` group averages gradients over data x context
+  ranks, each rank's share is scaled by CP, which makes the average the CP **sum** within a row;
+* :func:`gather_full_state`: the whole model's state on rank 0 (for the ``.nemo`` of a stage's end).
+
+Example (what the Lightning hooks call)::
+
+    parallelize_model(model, mesh, parallelism)           # configure_model
+    mask_row_gradients(model); clip_grad_norm_global(model.parameters(), 1.0)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from transformers.distributed.expert_parallel import apply_expert_parallelism
+from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+from audex.data.collate import batch_field
+from audex.parallel.config import ParallelismConfig
+from audex.parallel.context_parallel import (
+    context_parallel,
+    cp_inputs_embeds,
+    cp_square_averaged_loss,
+    shard_packed_batch,
+)
+from audex.parallel.hf_engine import decoder_layers, distributed_config
+from audex.parts.losses import IGNORE_INDEX
+
+HOOKS_ATTR = "_audex_grad_mask_handles"   # where audex.training.stages keeps the row-mask hooks
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _take_row_masks(model) -> dict[str, torch.Tensor]:
+    """Remove the stage's row-mask hooks; return ``{parameter name: bool [rows]}``."""
+    for handle in getattr(model, HOOKS_ATTR, []):
+        handle.remove()
+    setattr(model, HOOKS_ATTR, [])
+    masks = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if getattr(p, "audex_row_mask", None) is not None:
+            masks[name] = p.audex_row_mask
+            del p.audex_row_mask
+    return masks
+
+
+def attach_row_masks(model) -> None:
+    """Each (sharded) row-masked parameter gets its rows of the mask as ``audex_row_mask``, laid out like the
+    parameter. Called again before the optimizer is built and before each step: moving a module (Lightning's
+    ``model.to(device)``) swaps DTensor parameters in place and drops their Python attributes."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, mask in getattr(model, "_audex_row_masks", {}).items():
+        p = params[name]
+        if isinstance(p, DTensor):
+            if any(not (isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0)) for pl in p.placements):
+                raise NotImplementedError(f"{name} is sharded as {p.placements}: a row mask needs rows kept whole "
+                                          "(Shard(0) or Replicate)")
+            mask = distribute_tensor(mask.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        p.audex_row_mask = mask
+
+
+def parallelize_model(model, mesh, p: ParallelismConfig) -> None:
+    """Shard ``model`` (an AudexModel whose weights are equal on every rank) on ``mesh`` per ``p``."""
+    lm = model.backbone
+    masks = _take_row_masks(model)
+    if p.tensor > 1:
+        config = distributed_config(p, lm.config.model_type)
+        tp_plan, ep_plan, _ = lm._resolve_parallel_plans(config)
+        tp_mesh = mesh["tensor_parallel"]
+        apply_tensor_parallelism(lm, tp_mesh, tp_plan)
+        if ep_plan:     # experts split inside the TP group (hf_engine: expert == tensor)
+            apply_expert_parallelism(lm, tp_mesh, tp_mesh, ep_plan, ep_implementation=config.ep_implementation)
+    replicas, shards = mesh["dp_replicate"].size(), mesh["fsdp"].size()
+    if replicas * shards > 1:
+        dp_mesh = mesh["fsdp"] if replicas == 1 else mesh["dp_replicate", "fsdp"]
+        for layer in decoder_layers(lm):
+            fully_shard(layer, mesh=dp_mesh)
+        # one unit for the embeddings and the head (one tensor when tied): AudexModel.embed_inputs calls the
+        # embedding outside the backbone's forward, so the root unit would not gather it
+        tables = [m for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None]
+        fully_shard(tables, mesh=dp_mesh)
+        fully_shard(lm, mesh=dp_mesh)
+        # FSDP2 takes the first unit to run forward as the root; the embedding unit runs before the backbone,
+        # so the backbone is made the root of its units now (torch's own lazy init, called early)
+        lm._get_fsdp_state()._lazy_init()
+    model._audex_row_masks = masks
+    attach_row_masks(model)
+    if getattr(model, "moe_balancer", None) is not None:
+        model.moe_balancer.group = mesh["data_context"].get_group()
+
+
+@torch.no_grad()
+def average_replicated_gradients(model, mesh) -> None:
+    """The adapter stays replicated (a few million weights): its gradients are averaged over the data x context
+    ranks here, as FSDP2 averages the backbone's. Not FSDP2, because a rank whose micro-batch has no audio
+    does not run the adapter, and FSDP2's gathers must run on every rank; this all-reduce always runs."""
+    group = mesh["data_context"]
+    if group.size() == 1 or model.adapter is None:
+        return
+    for p in model.adapter.parameters():
+        if p.requires_grad:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad, group=group.get_group())
+            p.grad = grad.div_(group.size())
+
+
+@torch.no_grad()
+def mask_row_gradients(model) -> None:
+    """Zero the gradients of the frozen (text) rows of row-masked tables, on whatever shard each rank holds."""
+    attach_row_masks(model)
+    for p in model.parameters():
+        mask = getattr(p, "audex_row_mask", None)
+        if mask is not None and p.grad is not None:
+            local = _local(mask)
+            _local(p.grad).mul_(local.to(p.grad.dtype).unsqueeze(1))
+
+
+@torch.no_grad()
+def clip_grad_norm_global(parameters, max_norm: float) -> torch.Tensor:
+    """Scale the gradients so that their global L2 norm is at most ``max_norm``; returns the norm before.
+    Hand-written because ``torch.nn.utils.clip_grad_norm_`` stacks per-tensor norms, which fails for a mix of
+    DTensors on different meshes and plain tensors (TP backbone beside a replicated encoder)."""
+    grads, seen = [], set()
+    for p in parameters:
+        if p.grad is not None and id(p) not in seen:
+            seen.add(id(p))
+            grads.append(p.grad)
+    squares = torch.zeros((), dtype=torch.float64)
+    for g in grads:          # same order on every rank: the collectives of full_tensor() pair up
+        n = torch.linalg.vector_norm(g, dtype=torch.float32)
+        n = n.full_tensor() if isinstance(n, DTensor) else n
+        squares += n.double().cpu() ** 2
+    total = squares.sqrt()
+    coef = min(float(max_norm) / (float(total) + 1e-6), 1.0)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
+def gather_full_state(model) -> dict[str, torch.Tensor]:
+    """The model's whole state dict (DTensor shards gathered) on rank 0, ``{}`` on the others. Collective."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def cp_loss(model, batch: dict, mesh, p: ParallelismConfig) -> tuple[torch.Tensor, dict]:
+    """Eq. (2) of a packed micro-batch split over the context-parallel ranks. Returns ``(share x CP, stats)``:
+    backpropagate the first; ``stats['loss']`` is the whole micro-batch's eq. (2) value (equal on every rank)."""
+    if model.loss_reduction != "square_averaged" or model.loss_unit != "sample":
+        raise ValueError("parallelism.context > 1 computes eq. (2) per sample: set model.loss.reduction="
+                         "square_averaged and model.loss.square_average_unit=sample (or parallelism.context=1)")
+    cp_mesh = mesh["context_parallel"]
+    shard = shard_packed_batch(*(batch_field(batch, k) for k in ("input_ids", "labels", "position_ids", "sample_ids")),
+                               cp_size=p.context, cp_rank=cp_mesh.get_local_rank(), pad_id=model.tokenizer.pad_id,
+                               group=cp_mesh.get_group(), pad_multiple=p.sample_pad_multiple)
+    audios = batch_field(batch, "audios")
+    audio_embeds = model.encode_audio(audios) if audios else None
+    with context_parallel(model.backbone):
+        embeds = cp_inputs_embeds(model.embed_inputs, shard, audio_embeds)
+        logits = model.backbone(inputs_embeds=embeds, position_ids=shard.position_ids, use_cache=False,
+                                audex_cp=shard).logits
+    share, loss = cp_square_averaged_loss(logits, shard)
+    trainable = shard.targets != IGNORE_INDEX
+    correct = (logits.detach().argmax(-1) == shard.targets) & trainable
+    safe = torch.where(trainable, shard.targets, torch.zeros_like(shard.targets))
+    token_sum = (F.cross_entropy(logits.detach().float().flatten(0, 1), safe.flatten(), reduction="none")
+                 * trainable.flatten()).sum()
+    sums = torch.stack([trainable.sum(), correct.sum(), (shard.sample_ids >= 0).sum(), token_sum]).float()
+    dist.all_reduce(sums, group=cp_mesh.get_group())
+    n = sums[0].clamp(min=1)
+    stats = {"loss": loss, "trainable_tokens": sums[0], "token_accuracy": sums[1] / n, "real_tokens": sums[2],
+             "token_mean_loss": sums[3] / n}
+    return share * p.context, stats

@@ -1,0 +1,58 @@
+"""``audex-train``'s checks of the ``parallelism:`` block against the launch, the model and the data, and the
+arithmetic that follows from it (data-parallel rank, gradient accumulation) -- no processes started."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from audex.parallel.config import ParallelismConfig, ParallelismError
+from audex.parallel.strategy import data_parallel_rank, needs_model_parallel
+from audex.training.run import gradient_accumulation, run_parallelism
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def stage_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name="stage2", overrides=["model=tiny", "data=demo", "trainer=cpu", *overrides])
+
+
+def test_stage_configs_carry_the_parallelism_group():
+    cfg = stage_cfg()
+    assert ParallelismConfig.from_dict(cfg.parallelism).is_trivial
+
+
+def test_layout_follows_the_launch(tiny_model):
+    p = run_parallelism(stage_cfg("trainer.devices=2", "parallelism.tensor=2"), tiny_model)
+    assert (p.world_size, p.tensor, p.data) == (2, 2, 1) and needs_model_parallel(p)
+    p = run_parallelism(stage_cfg("trainer.devices=4", "trainer.num_nodes=2", "parallelism.context=2",
+                                  "parallelism.fsdp=4"), tiny_model)
+    assert (p.world_size, p.data, p.fsdp) == (8, 4, 4)
+    assert not needs_model_parallel(run_parallelism(stage_cfg("trainer.devices=2"), tiny_model))   # plain DDP
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("trainer.devices=2", "parallelism.world_size=4"), "parallelism.world_size=4 but trainer.devices x trainer.num_nodes = 2"),
+    (("trainer.devices=2", "parallelism.tensor=4"), r"world_size 2 is not divisible by tensor x context x pipeline"),
+    (("trainer.devices=3", "parallelism.tensor=3"), "parallelism.tensor=3 must divide the 4 attention heads"),
+    (("trainer.devices=2", "parallelism.expert=2"), "no routed experts"),
+    (("trainer.devices=2", "parallelism.pipeline=2"), "engine hf has no pipeline parallelism"),
+    (("trainer.devices=2", "parallelism.context=2", "data.packing.enabled=false"), "data.packing.enabled is false"),
+    (("trainer.devices=2", "parallelism.context=2", "data.max_length=4098"), "data.max_length=4098 must be a multiple of 4"),
+    (("trainer.devices=2", "parallelism.tp=2"), r"unknown parallelism keys \['tp'\]"),
+])
+def test_impossible_layouts_stop_with_the_key_named(tiny_model, overrides, message):
+    overrides = [o if not o.startswith("parallelism.tp") else "+" + o for o in overrides]
+    with pytest.raises(ParallelismError, match=message):
+        run_parallelism(stage_cfg(*overrides), tiny_model)
+
+
+def test_data_parallel_rank_and_accumulation_count_data_ranks_only():
+    p = ParallelismConfig(world_size=16, tensor=2, context=2)                 # DP 4; ranks 0-3 are one DP rank
+    assert [data_parallel_rank(r, p) for r in range(16)] == [r // 4 for r in range(16)]
+    # Table 3's global batch of 16 rows, one row per micro-batch: 4 data-parallel ranks -> 4 micro-batches
+    assert gradient_accumulation(16, micro_rows=1, devices=8, nodes=2, model_parallel=4) == 4
+    assert gradient_accumulation(16, micro_rows=1, devices=2, nodes=1, model_parallel=2) == 16   # TP 2: one DP rank
+    with pytest.raises(ValueError, match=r"/ \(tensor x context = 4\)"):
+        gradient_accumulation(6, micro_rows=1, devices=16, nodes=1, model_parallel=4)
