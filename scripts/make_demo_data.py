@@ -196,6 +196,45 @@ def text_chats(rng: random.Random) -> dict[str, list[tuple[list[dict], bool]]]:
         split = "train" if i % 6 else "test"
         add(split, f"Repeat the word {word} twice.", f"{word} {word}")
         add("train" if i % 5 else "val", f"Say the word {word} three times.", f"{word} {word} {word}")
+    # More families with held-out items, so that Table 3's text share (59-75 % of a stage's samples) repeats each
+    # chat ~10 times instead of ~35: with a few hundred chats the held-out text loss measured memorisation.
+    def held(items, k):
+        items = list(items)
+        rng.shuffle(items)
+        return {x: ("val" if i % 2 else "test") for i, x in enumerate(items[:k])}
+
+    minus = [(a, b) for a in range(1, 13) for b in range(a + 1)]
+    out = held(minus, 14)
+    for a, b in minus:
+        split = out.get((a, b), "train")
+        for form in range(2 if split == "train" else 1):
+            user = f"What is {NUM_WORDS[a]} minus {NUM_WORDS[b]}?" if form == 0 else f"Take {NUM_WORDS[b]} from {NUM_WORDS[a]}."
+            reasoning = f"{a} - {b} = {a - b}." if rng.random() < 0.3 else None
+            add(split, user, f"{NUM_WORDS[a].capitalize()} minus {NUM_WORDS[b]} is {NUM_WORDS[a - b]}.", reasoning)
+    out = held(range(17), 4)
+    for n in range(17):
+        split = out.get(n, "train")
+        add(split, f"What number comes after {NUM_WORDS[n]}?", f"{NUM_WORDS[n + 1].capitalize()} comes after {NUM_WORDS[n]}.")
+        add(split, f"What number comes before {NUM_WORDS[n + 1]}?", f"{NUM_WORDS[n].capitalize()} comes before {NUM_WORDS[n + 1]}.")
+    larger = [(a, b) for a in range(13) for b in range(13) if a != b]
+    out = held(larger, 16)
+    for a, b in larger:
+        add(out.get((a, b), "train"), f"Which is larger, {NUM_WORDS[a]} or {NUM_WORDS[b]}?",
+            f"{NUM_WORDS[max(a, b)].capitalize()} is larger.")
+    for i, day in enumerate(DAYS):
+        prev = DAYS[(i - 1) % 7]
+        add("train" if i % 3 else "val", f"What day comes before {day}?", f"{prev} comes before {day}.")
+    counts = [(a, b, obj) for a in range(1, 10) for b in range(1, 10) for obj in OBJECTS if a + b <= 18]
+    rng.shuffle(counts)
+    for i, (a, b, obj) in enumerate(counts[:160]):
+        split = ("val" if i % 2 else "test") if i < 12 else "train"
+        reasoning = f"{a} + {b} = {a + b}." if rng.random() < 0.3 else None
+        add(split, f"I have {NUM_WORDS[a]} {obj} and get {NUM_WORDS[b]} more. How many {obj} do I have?",
+            f"You have {NUM_WORDS[a + b]} {obj}.", reasoning)
+    pets = [(c, a) for c in COLORS for a in ANIMALS]
+    out = held(pets, 6)
+    for c, a in pets:
+        add(out.get((c, a), "train"), f"I see a {c} {a}. What color is the {a}?", f"The {a} is {c}.")
     for split in chats:
         rng.shuffle(chats[split])
     return chats
