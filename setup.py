@@ -83,7 +83,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis", "ruff", "onnx", "onnxruntime"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "onnx", "onnxruntime"],
         # nvidia-pytriton (the Triton server binary) is installed with --no-deps by scripts/setup_env.sh: its
         # numpy<2 pin would downgrade the whole environment
         "export": ["onnx", "onnxruntime", "tritonclient[all]"],

@@ -15,8 +15,9 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2
   pip install -q torch==2.13.0          # first: anything asking for a newer torch pulls a multi-GB CUDA build
 fi
 if ! python -c "import audex, nemo, lhotse, transformers, pytest, tritonclient, pytriton, megatron.core" 2>/dev/null \
-   || [ setup.py -nt .venv/.audex-installed ]; then
-  pip install -q -e ".[dev,export,megatron]"
+   || [ setup.py -nt .venv/.audex-installed ] || [ scripts/constraints.txt -nt .venv/.audex-installed ]; then
+  # the tested versions (scripts/constraints.txt), so that a release made since cannot change what CI runs
+  pip install -q -e ".[dev,export,megatron]" -c scripts/constraints.txt
   # the Triton server binary; --no-deps because its numpy<2 pin would downgrade the whole environment
   pip install -q --no-deps nvidia-pytriton==0.7.0
   touch .venv/.audex-installed

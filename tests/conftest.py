@@ -14,7 +14,21 @@ TINY_YAML = ROOT / "conf" / "model" / "tiny.yaml"
 torch.set_num_threads(1)
 
 
+#: the longest test modules (minutes each on 2 cores), run first: with ``-n 2 --dist loadfile`` (the README's test
+#: command) each worker takes whole modules in collection order, so starting the long ones first lets the short
+#: ones fill in around them and both workers finish together (longest-processing-time-first scheduling)
+LONGEST_FIRST = ("tests/test_readme.py", "tests/parallel/test_lightning_parallel.py", "tests/test_install.py",
+                 "tests/serving/test_serving_cli.py", "tests/serving/test_triton_ensemble.py",
+                 "tests/parallel/test_megatron_engine.py", "tests/parallel/test_context_parallel.py")
+
+
+def _module_rank(item) -> int:
+    path = item.nodeid.split("::")[0]
+    return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_module_rank)                    # stable: the order inside a module and among the rest stays
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run through the device tool / a GPU agent)")

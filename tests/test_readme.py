@@ -39,7 +39,7 @@ PREFIXES = ("python examples/", "python scripts/", "audex-", "bash scripts/", "t
 #: commands the test does not run, with the reason
 NOT_RUN = {
     "bash scripts/run_demo.sh": "the ~10-minute CPU demo; the README's demo figures are what it printed",
-    "bash scripts/setup_env.sh && .venv/bin/python -m pytest -q": "the test command itself, which runs this test",
+    "bash scripts/setup_env.sh && .venv/bin/python -m pytest -q -n 2": "the test command itself, which runs this test",
     "python examples/audex_train_chain.py --config-name=demo_chain": "the demo's ~8-minute training chain, which "
     "bash scripts/run_demo.sh runs (the chain runner itself is tested in tests/training)",
 }
@@ -149,7 +149,7 @@ def test_readme_lists_its_commands_in_blocks():
     text = README.read_text()
     commands = readme_commands(text)
     assert len(commands) >= 8, commands
-    assert commands[:2] == ["bash scripts/run_demo.sh", "bash scripts/setup_env.sh && .venv/bin/python -m pytest -q"]
+    assert commands[:2] == ["bash scripts/run_demo.sh", "bash scripts/setup_env.sh && .venv/bin/python -m pytest -q -n 2"]
     missing = [c for c in inline_commands(text) if c not in commands]
     assert not missing, f"commands quoted in the prose but not in a ```bash block (so not tested): {missing}"
 

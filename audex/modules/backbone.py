@@ -23,14 +23,17 @@ from audex.parallel.config import check_engine
 
 
 def build_causal_lm(pretrained_path: str | None, config: dict | None, model_type: str | None, dtype=None):
-    """A transformers causal LM from a local folder or an inline config (random init)."""
+    """A transformers causal LM from a local folder or an inline config (random init). Hub kernels stay off
+    (transformers >= 5.25 turns them on by default): loading is offline and the forwards are the torch ones the
+    parallel plans and the export were checked against."""
     if pretrained_path:
         if not Path(pretrained_path).exists():
             raise FileNotFoundError(
                 f"backbone folder {pretrained_path!r} does not exist: set model.backbone.pretrained_path to a local "
                 "Hugging Face folder (no downloads at run time)"
             )
-        return AutoModelForCausalLM.from_pretrained(pretrained_path, local_files_only=True, dtype=dtype or "auto")
+        return AutoModelForCausalLM.from_pretrained(pretrained_path, local_files_only=True, dtype=dtype or "auto",
+                                                    use_kernels=False)
     if not model_type:
         raise ValueError("model.backbone needs either pretrained_path or model_type + config")
     hf_cfg = AutoConfig.for_model(model_type, **dict(config or {}))

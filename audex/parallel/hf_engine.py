@@ -136,9 +136,14 @@ def distributed_config(p: ParallelismConfig, model_type: str = "llama") -> Distr
 
 def load_tensor_parallel(folder: str, p: ParallelismConfig, dtype=None):
     """A causal LM from a local Hugging Face folder, its weights loaded as this rank's TP shards (DTensors).
-    With sequence parallelism, call it with the row's ``position_ids`` and keyword arguments."""
+    With sequence parallelism, call it with the row's ``position_ids`` and keyword arguments.
+
+    ``use_kernels=False``: from transformers 5.25 on, ``from_pretrained`` "kernelizes" by default, which swaps the
+    forward of every ``RMSNorm`` for a Hub-kernel dispatcher and so drops the ``sequence_parallel`` style's input
+    hook (the norm then multiplies a DTensor weight by a local tensor). Audex loads offline and keeps the torch
+    forwards the plans were written against."""
     model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
-    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
+    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, use_kernels=False,
                                                 distributed_config=distributed_config(p, model_type))
 
 

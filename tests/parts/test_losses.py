@@ -242,7 +242,7 @@ def test_moe_balancing_terms_present_finite_and_bias_moves_toward_balance():
     valid = torch.ones(2, 24, dtype=torch.bool)
     valid[1, 20:] = False  # padding is not counted
     with balancer.recording(valid):
-        out = lm(input_ids=ids)
+        out = lm(input_ids=ids, use_cache=False)  # a training forward, as AudexModel calls it
     aux = balancer.load_balancing_loss()
     assert aux is not None and torch.isfinite(aux)
     # E * sum f_i P_i >= 1 with equality only for perfect balance; times the 1e-6 coefficient
