@@ -45,6 +45,7 @@ from audex.serving.triton.handlers import LlmHandler, PostprocessingHandler, Pre
 from audex.serving.triton.launcher import TritonServer
 from audex.serving.triton.repository import ModelSummary, write_cpu_repository, write_gpu_repository
 from audex.serving.triton.repository_check import read_config
+from audex.serving.triton.worker import run_one
 
 LIMITS = ServeLimits(max_audio_seconds=30.0, max_new_tokens=16, max_speech_seconds=0.5, tta_seconds=0.2)
 
@@ -109,19 +110,6 @@ def gpu_ensemble(model, work: Path, executor: str = "torch", runtime: str = "eng
     pre, llm, post = (PreprocessingHandler(params("preprocessing")), LlmHandler(params("tensorrt_llm")),
                       PostprocessingHandler(params("postprocessing")))
 
-    def run(handler, inputs):
-        done, box = threading.Event(), {}
-
-        def emit(rid, outputs, error=None, final=True, invalid=False):
-            box.update(outputs=outputs, error=error)
-            if final:
-                done.set()
-        handler.submit(0, inputs, emit)
-        done.wait()
-        if box["error"]:
-            raise RuntimeError(box["error"])
-        return box["outputs"]
-
     def direct(req):
         inputs = {"task": np.array([[req.task.encode()]], dtype=np.object_)}
         if req.text is not None:
@@ -131,8 +119,8 @@ def gpu_ensemble(model, work: Path, executor: str = "torch", runtime: str = "eng
         for name, value, dtype in (("max_new_tokens", req.max_new_tokens, np.int32), ("seed", req.seed, np.uint64)):
             if value is not None:
                 inputs[name] = np.array([[value]], dtype)
-        generated = run(llm, run(pre, inputs))
-        run(post, {k: generated[k] for k in ("output_ids", "sequence_length", "output_kind")})
+        generated = run_one(llm, run_one(pre, inputs))
+        run_one(post, {k: generated[k] for k in ("output_ids", "sequence_length", "output_kind")})
 
     return repo, direct, llm.close
 

@@ -60,7 +60,14 @@ from audex.inference.sampling import SamplingParams
 from audex.serving.cfg_pairing import COND, UNCOND, CfgLogitsPostProcessor, CfgPairTracker, pair_client_id
 from audex.serving.engine_facts import EngineFacts, engine_facts
 from audex.serving.guided_requests import executor_request
-from audex.serving.llm_job import FINISH_NAMES, OUTPUTS, JobEvent, LlmJob, finish_reason  # noqa: F401 - re-exported
+from audex.serving.llm_job import (  # noqa: F401 - re-exported
+    FINISH_NAMES,
+    OUTPUTS,
+    JobEvent,
+    LlmJob,
+    finish_reason,
+    fits_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +197,10 @@ class GuidedExecutor:
         while self._waiting:
             state = self._jobs[self._waiting[0]]
             job, need = state.job, self._slots(state.job)
-            if self.max_inflight is not None and self._inflight and self._inflight + need > self.max_inflight:
-                return
             budget = self.engine.max_num_tokens if self.engine is not None else None
-            if job.guided and budget is not None and self._inflight:
-                tokens = len(job.input_ids) + len(job.uncond_input_ids)
-                if self._waiting_context_tokens() + tokens + self._inflight > budget:
-                    return
+            if not fits_step(job, inflight=self._inflight, max_inflight=self.max_inflight, max_num_tokens=budget,
+                             waiting_context_tokens=self._waiting_context_tokens):
+                return
             kv_blocks = self.engine.kv_blocks if self.engine is not None else None
             if job.guided and kv_blocks is not None and sum(self._req_blocks.values()) + self._pair_blocks(job) > kv_blocks:
                 return                                             # both twins' blocks to completion must be free

@@ -61,7 +61,7 @@ from audex.serving.llm_api_model import (
     register_trtllm_models,
 )
 from audex.serving.llm_api_pairing import ContextProbe, StepPairing, TwinLogitsProcessor
-from audex.serving.llm_job import JobEvent, LlmJob
+from audex.serving.llm_job import JobEvent, LlmJob, fits_step
 from audex.serving.requests import ServeLimits
 
 log = logging.getLogger(__name__)
@@ -247,15 +247,15 @@ class LlmApiBackend:
         while self._waiting:
             job_id = self._waiting[0]
             job = self._jobs[job_id].job
-            need = 2 if job.guided else 1
-            if self._inflight and self._inflight + need > self.max_inflight:
+            if not fits_step(job, inflight=self._inflight, max_inflight=self.max_inflight,
+                             max_num_tokens=self.max_num_tokens, waiting_context_tokens=self._waiting_context_tokens):
                 return
-            if job.guided and self._inflight:
-                waiting = sum(n for key, n in self._prompt_len.items() if key not in self.pairing.started)
-                if waiting + len(job.input_ids) + len(job.uncond_input_ids) + self._inflight > self.max_num_tokens:
-                    return
             self._waiting.popleft()
             self._start(job_id, self._jobs[job_id])
+
+    def _waiting_context_tokens(self) -> int:
+        """Prompt tokens of requests handed over whose context has not run yet (caller holds the lock)."""
+        return sum(n for key, n in self._prompt_len.items() if key not in self.pairing.started)
 
     def _params(self, job: LlmJob, processor, forced: bool):
         s = job.sampling

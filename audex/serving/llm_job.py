@@ -4,6 +4,7 @@ CFG twin's prompt) and its :class:`JobEvent` s, whichever executor runs it (:mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,3 +63,20 @@ def finish_reason(result) -> str:
         return "stop"
     name = getattr(reasons[0], "name", str(reasons[0])).split(".")[-1]
     return FINISH_NAMES.get(name, name.lower())
+
+
+def fits_step(job: LlmJob, *, inflight: int, max_inflight: int | None, max_num_tokens: int | None,
+              waiting_context_tokens: Callable[[], int]) -> bool:
+    """The admission rule of both LLM backends (the executor's and the LLM API's): the job's requests (2 for a CFG
+    pair) fit the batch slots, and a pair also fits one step's token budget: every context not yet run
+    (``waiting_context_tokens()``), both twin prompts and one token per request in flight within
+    ``max_num_tokens``, so that TensorRT-LLM's scheduler starts both twins in the same step. An idle engine takes
+    any job (a lone pair that is too long fails on the engine's own checks, with its message)."""
+    if not inflight:
+        return True
+    if max_inflight is not None and inflight + (2 if job.guided else 1) > max_inflight:
+        return False
+    if job.guided and max_num_tokens is not None:
+        tokens = len(job.input_ids) + len(job.uncond_input_ids)
+        return waiting_context_tokens() + tokens + inflight <= max_num_tokens
+    return True

@@ -24,16 +24,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from hydra import compose, initialize_config_dir
-from lhotse import CutSet, Recording
 from lightning_run import Recorder
+from small_manifests import write_small_manifests
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from audex.data import schema
 from audex.models.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,28 +42,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory):
-    return make_manifests(tmp_path_factory.mktemp("lp_data"))
-
-
-def make_manifests(root: Path) -> Path:
-    """40 text chats, 6 ASR clips (0.6-0.85 s tones), 10 TTS targets: a few packed rows of 512 tokens."""
-    rng = np.random.default_rng(0)
-    words = ["red", "blue", "cat", "dog", "two", "three", "boxes", "keys"]
-    text = [schema.make_text_cut(f"t{i}", [{"role": "user", "content": f"Say {words[i % 8]} and {words[(i * 3) % 8]}."},
-                                           {"role": "assistant", "content": f"{words[i % 8]} {words[(i * 3) % 8]} " * (1 + i % 4)}])
-            for i in range(40)]
-    asr = []
-    for i in range(6):
-        path = root / f"a{i}.wav"
-        t = np.arange(int(16000 * (0.6 + 0.05 * i))) / 16000
-        sf.write(path, 0.3 * np.sin(2 * np.pi * (300.0 + 40 * i) * t), 16000)
-        asr.append(schema.make_asr_cut(Recording.from_file(path), f"{words[i % 8]} {words[(i + 1) % 8]}", "en",
-                                       cut_id=f"a{i}"))
-    tts = [schema.make_tts_cut(f"{words[i % 8]} {words[(i + 5) % 8]}", speech_codes=rng.integers(0, 256, 30 + 3 * i),
-                               cut_id=f"s{i}") for i in range(10)]
-    for name, cuts in (("text_train", text), ("asr_train", asr), ("tts_train", tts)):
-        CutSet.from_cuts(cuts).to_file(root / f"{name}.jsonl.gz")
-    return root
+    # 40 text chats, 6 ASR clips (0.6-0.85 s tones), 10 TTS targets: a few packed rows of 512 tokens
+    return write_small_manifests(tmp_path_factory.mktemp("lp_data"), n_asr=6, varied_answers=True)
 
 
 def overrides(manifests, exp_dir, *extra, trainable="[adapter,llm]"):

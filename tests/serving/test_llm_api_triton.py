@@ -2,7 +2,6 @@
 and the LLM model built from the written ``config.pbtxt`` answers ASR (audio through the ONNX front end) and a seeded
 CFG TTS request exactly as the executor path does (both on their CPU references)."""
 
-import threading
 
 import numpy as np
 import pytest
@@ -14,20 +13,13 @@ from audex.serving.requests import ServeLimits
 from audex.serving.triton.handlers import LlmHandler, PreprocessingHandler
 from audex.serving.triton.repository import ModelSummary, write_gpu_repository
 from audex.serving.triton.repository_check import read_config
+from audex.serving.triton.worker import run_one
 
 LIMITS = ServeLimits(max_audio_seconds=10.0, max_new_tokens=12, max_speech_seconds=0.3, tta_seconds=0.2)
 
 
 def call(handler, inputs):
-    done, box = threading.Event(), {}
-
-    def emit(rid, outputs, error=None, final=True, invalid=False):
-        box.update(outputs=outputs, error=error)
-        if final:
-            done.set()
-    handler.submit(0, inputs, emit)
-    assert done.wait(120) and box["error"] is None, box.get("error")
-    return box["outputs"]
+    return run_one(handler, inputs, timeout=120)
 
 
 @pytest.fixture(scope="module")

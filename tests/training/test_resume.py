@@ -3,14 +3,10 @@ after the restart equal those of the run that was never interrupted."""
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 from hydra import compose, initialize_config_dir
-from lhotse import CutSet, Recording
 from lightning.pytorch import Callback
-
-from audex.data import schema
+from small_manifests import write_small_manifests
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,24 +32,7 @@ class CrashAt(Callback):
 
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume_data")
-    rng = np.random.default_rng(0)
-    words = ["red", "blue", "cat", "dog", "two", "three", "boxes", "keys"]
-    text = [schema.make_text_cut(f"t{i}", [{"role": "user", "content": f"Say {words[i % 8]} and {words[(i * 3) % 8]}."},
-                                           {"role": "assistant", "content": f"{words[i % 8]} {words[(i * 3) % 8]}"}])
-            for i in range(40)]
-    asr = []
-    for i in range(12):
-        path = root / f"a{i}.wav"
-        t = np.arange(int(16000 * (0.6 + 0.05 * i))) / 16000
-        sf.write(path, 0.3 * np.sin(2 * np.pi * (300.0 + 40 * i) * t), 16000)
-        asr.append(schema.make_asr_cut(Recording.from_file(path), f"{words[i % 8]} {words[(i + 1) % 8]}", "en",
-                                       cut_id=f"a{i}"))
-    tts = [schema.make_tts_cut(f"{words[i % 8]} {words[(i + 5) % 8]}", speech_codes=rng.integers(0, 256, 30 + 3 * i),
-                               cut_id=f"s{i}") for i in range(10)]
-    for name, cuts in (("text_train", text), ("asr_train", asr), ("tts_train", tts)):
-        CutSet.from_cuts(cuts).to_file(root / f"{name}.jsonl.gz")
-    return root
+    return write_small_manifests(tmp_path_factory.mktemp("resume_data"))
 
 
 def _cfg(manifests, exp_dir):

@@ -53,6 +53,24 @@ def submit_safely(handler, rid: int, inputs: dict, emit) -> None:
         emit(rid, None, f"{type(e).__name__}: {e}", True, False)
 
 
+def run_one(handler, inputs: dict, timeout: float | None = None) -> dict:
+    """One request through ``handler.submit`` in this process, waiting for its final reply: a handler used
+    without Triton (benchmarks, tests). Raises ``RuntimeError`` with the handler's error, ``TimeoutError`` when no
+    final reply comes within ``timeout`` seconds."""
+    done, box = threading.Event(), {}
+
+    def emit(rid, outputs, error=None, final=True, invalid=False):
+        box.update(outputs=outputs, error=error)
+        if final:
+            done.set()
+    handler.submit(0, inputs, emit)
+    if not done.wait(timeout):
+        raise TimeoutError(f"{type(handler).__name__} gave no final reply within {timeout} s")
+    if box["error"]:
+        raise RuntimeError(box["error"])
+    return box["outputs"]
+
+
 def submit_batch(handler, batch: list, emit) -> None:
     """One Triton batch ``[(rid, inputs), ...]``: to ``handler.submit_batch`` when it has one (the local engine
     decodes a batch together), else request by request; a failure answers the requests it hit and goes on."""
