@@ -16,11 +16,11 @@ Against the GPU ensemble (``audex-triton-repo layout=gpu``) add ``model=ensemble
 import json
 
 import numpy as np
-from nemo.core.config import hydra_runner
 from omegaconf import DictConfig
 
 from audex import CONF_DIR
 from audex.audio import load_audio
+from audex.cli.light_runner import hydra_runner
 from audex.inference.waveform import write_wav
 from audex.serving.client import AudexTritonClient
 from audex.tasks import SERVED_TASKS, TASKS

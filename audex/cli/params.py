@@ -8,10 +8,10 @@ A name is a config of ``conf/model/``; a path is any model YAML. Config: ``conf/
 
 from pathlib import Path
 
-from nemo.core.config import hydra_runner
 from omegaconf import DictConfig
 
 from audex import CONF_DIR, config_path
+from audex.cli.light_runner import hydra_runner
 from audex.models.sizing import count_parameters
 
 COLUMNS = ["vocab_size", "encoder", "adapter", "backbone_text_vocab", "backbone", "backbone_active",

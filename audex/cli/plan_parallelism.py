@@ -13,10 +13,10 @@ import sys
 from dataclasses import asdict
 
 from hydra.core.hydra_config import HydraConfig
-from nemo.core.config import hydra_runner
 from omegaconf import DictConfig
 
 from audex import CONF_DIR
+from audex.cli.light_runner import hydra_runner
 from audex.parallel.config import ParallelismConfig, ParallelismError
 from audex.parallel.planner import format_plan, plan_layout
 
