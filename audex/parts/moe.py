@@ -113,20 +113,38 @@ class MoeBalancer:
 
     def load_balancing_loss(self) -> torch.Tensor | None:
         """``aux_loss_coeff * mean over layers of E * sum_i f_i P_i`` for the recorded forward, and the
-        expert loads are accumulated for the next :meth:`update_bias`. None when no router ran."""
-        terms = []
-        for name, E, logits, indices in self._layer_terms():
-            n_tokens, top_k = indices.shape
+        expert loads are accumulated for the next :meth:`update_bias`. None when no router ran.
+
+        With :attr:`group` set (the data x context-parallel ranks, whose gradients are averaged), ``f_i`` and
+        ``P_i`` are over the tokens of all ranks (Megatron-core reduces ``tokens_per_expert`` the same way): the
+        counts are summed over the group, each rank contributes its tokens' share of ``P_i``, scaled by the group
+        size so that the averaged gradient is the one of the loss on the whole global batch."""
+        layers = list(self._layer_terms())
+        self._records = []
+        if not layers:
+            return None
+        stats = []                                   # per layer: expert loads, then the token count
+        for name, E, logits, indices in layers:
             load = torch.bincount(indices.reshape(-1), minlength=E).to(torch.float32)
             self._loads[name] = self._loads.get(name, torch.zeros_like(load)) + load.detach()
+            stats.append(torch.cat([load, torch.tensor([float(indices.shape[0])])]))
+        world = 1
+        if self.group is not None:                   # one collective for every layer, on every rank, always
+            flat = torch.cat(stats).to(layers[0][2].device)
+            dist.all_reduce(flat, group=self.group)
+            stats = list(flat.split([E + 1 for _, E, _, _ in layers]))
+            world = dist.get_world_size(self.group)
+        terms = []
+        for (name, E, logits, indices), total in zip(layers, stats):
+            load, n_tokens = total[:E], float(total[E])
             if n_tokens == 0:
                 continue
+            top_k = indices.shape[1]
             scores = logits.float().sigmoid()
             probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)  # Megatron-core: normalised sigmoid scores
-            f = load / (n_tokens * top_k)
-            P = probs.mean(0)
-            terms.append(E * (f * P).sum())
-        self._records = []
+            f = load.to(probs.device) / (n_tokens * top_k)
+            P = probs.sum(0) / n_tokens                  # this rank's tokens' share of the global mean
+            terms.append(E * (f * P).sum() * world)
         if not terms:
             return None
         return self.aux_loss_coeff * torch.stack(terms).mean()
