@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_moe import tiny_nemotron_h
 
 from audex.models.audex_model import AudexModel
 from audex.parts.losses import (
@@ -217,24 +218,8 @@ def test_bad_inputs_are_named():
         language_model_loss(torch.zeros(1, 4, V), torch.zeros(1, 4, dtype=torch.long), reduction="mean")
 
 
-def _tiny_nemotron_h():
-    from transformers import AutoModelForCausalLM, NemotronHConfig
-
-    cfg = NemotronHConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, hybrid_override_pattern="E*E",
-                          layers_block_type=None, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                          n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
-                          moe_shared_expert_intermediate_size=16, routed_scaling_factor=2.5, intermediate_size=32)
-    torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # transformers zero-inits router weights; give them a real spread
-        for name, p in lm.named_parameters():
-            if name.endswith("gate.weight"):
-                p.normal_(0, 0.5)
-    return lm
-
-
 def test_moe_balancing_terms_present_finite_and_bias_moves_toward_balance():
-    lm = _tiny_nemotron_h()
+    lm = tiny_nemotron_h()
     balancer = MoeBalancer(lm, bias_update_rate=1e-3, aux_loss_coeff=1e-6)
     assert len(balancer.routers) == 2
     balancer.check_routing_scale(2.5)
