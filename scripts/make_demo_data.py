@@ -8,8 +8,8 @@ Everything is generated on this machine in well under two minutes on two cores; 
   The ``val``/``test`` sentences are word combinations that never occur in ``train``.
 * **TTS** -- the same kind of sentences in one fixed voice (``en-us``, as the paper's fixed-voice TTS), as
   speech-codec codes of the tiny model's X-Codec2 (50 tokens/s), plus the 10 % CFG-unconditional copies.
-* **TTA** -- 10 s synthetic environmental sounds of eight kinds (beeps, hums, chirps, clicks, knocks, noise and
-  noise bursts) with captions, as the tiny model's X-Codec codes (4 RVQ layers, 200 tokens/s), plus CFG copies.
+* **TTA** -- 10 s (``--tta-seconds``) synthetic environmental sounds of eight kinds (beeps, hums, chirps, clicks,
+  knocks, noise and noise bursts) with captions, as the tiny model's X-Codec codes (4 RVQ layers, 200 tokens/s), plus CFG copies.
 * **audio QA** -- 3 s clips of those sounds with questions (what is it, how does the pitch move, is it
   rhythmic) and answers.
 * **text** -- chats in instruct and thinking mode: arithmetic, capitals, days, spelling-free echo tasks.
@@ -242,7 +242,7 @@ def text_chats(rng: random.Random) -> dict[str, list[tuple[list[dict], bool]]]:
 
 # ---- main ----------------------------------------------------------------------------------------------
 def build(out: Path, model_config: Path, seed: int, jobs: int, sizes: dict[str, int],
-          model_overrides: dict | None = None) -> dict:
+          model_overrides: dict | None = None, tta_seconds: float = 10.0) -> dict:
     for tool in ("espeak-ng", "sox"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed: run scripts/setup_env.sh (apt-get install espeak-ng sox)")
@@ -300,13 +300,13 @@ def build(out: Path, model_config: Path, seed: int, jobs: int, sizes: dict[str, 
         cuts.setdefault((task, split), []).append(cut)
     log.info("speech done (%.1f s)", time.time() - t0)
 
-    # sounds: TTA (10 s, codec codes) and audio QA (3 s clips)
+    # sounds: TTA (tta_seconds, 10 s as in the paper by default; codec codes) and audio QA (3 s clips)
     kinds = list(SOUND_KINDS)
     for split, per_kind in (("train", sizes["tta_train_per_kind"]), ("val", 1), ("test", 2)):
         for kind in kinds:
             for v in range(per_kind):
                 cid = f"tta_{split}_{kind}_{v}"
-                wav = torch.from_numpy(synth_sound(kind, 10.0, nprng))
+                wav = torch.from_numpy(synth_sound(kind, tta_seconds, nprng))
                 codes = model.audio_codec.encode(wav)
                 caption = SOUND_KINDS[kind][(v + (split != "train")) % len(SOUND_KINDS[kind])]
                 cut = schema.make_tta_cut(caption, audio_codes=codes, cut_id=cid)
@@ -354,6 +354,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="parallel espeak-ng/sox processes")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of examples (0.1 for tests)")
+    parser.add_argument("--tta-seconds", type=float, default=10.0,
+                        help="length of the TTA clips (the paper's 10 s); encoding them is a quarter of the run, "
+                             "so the demo, which trains on their first second, makes 2 s (one whole pattern)")
     parser.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override of the model config, e.g. audio_encoder.window_seconds=3.0 (repeatable)")
     args = parser.parse_args(argv)
@@ -366,7 +369,9 @@ def main(argv=None):
         if not sep:
             parser.error(f"--model-override expects KEY=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
-    stats = build(args.out, args.model_config, args.seed, args.jobs, sizes, overrides)
+    if args.tta_seconds < 1.0:
+        parser.error(f"--tta-seconds {args.tta_seconds}: TTA clips need at least 1 s (the demo trains on 1 s)")
+    stats = build(args.out, args.model_config, args.seed, args.jobs, sizes, overrides, args.tta_seconds)
     width = max(len(k) for k in stats)
     for key, value in stats.items():
         if isinstance(value, dict):

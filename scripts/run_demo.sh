@@ -21,7 +21,7 @@ export PYTHONWARNINGS=ignore
 
 # The demo's tiny model listens through 3 s windows (its clips last 1.6-3 s); conf/demo_chain.yaml says the same.
 if [ ! -f demo_data/stats.json ]; then
-  python scripts/make_demo_data.py --out demo_data --model-override audio_encoder.window_seconds=3.0
+  python scripts/make_demo_data.py --out demo_data --model-override audio_encoder.window_seconds=3.0 --tta-seconds 2
 fi
 DATA_DONE=$(date +%s)
 

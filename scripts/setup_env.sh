@@ -14,7 +14,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
   pip install -q torch==2.13.0          # first: anything asking for a newer torch pulls a multi-GB CUDA build
 fi
-if ! python -c "import audex, nemo, lhotse, transformers, pytest, tritonclient, pytriton, megatron.core" 2>/dev/null \
+# pytriton is looked up, not imported: the wheel goes in with --no-deps (below), so its own imports are not all there
+if ! python -c "import importlib.util as u, sys, audex, nemo, lhotse, transformers, pytest, tritonclient, megatron.core
+sys.exit(0 if u.find_spec('pytriton') else 1)" 2>/dev/null \
    || [ setup.py -nt .venv/.audex-installed ] || [ scripts/constraints.txt -nt .venv/.audex-installed ]; then
   # the tested versions (scripts/constraints.txt), so that a release made since cannot change what CI runs
   pip install -q -e ".[dev,export,megatron]" -c scripts/constraints.txt
@@ -35,4 +37,5 @@ if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v sox >/dev/null 2>&1; t
     echo "warning: espeak-ng/sox missing; install them with: sudo apt-get install espeak-ng sox" >&2
   fi
 fi
-echo "audex environment ready: $(python -c 'import torch, nemo, lhotse, transformers; print(f"torch {torch.__version__}, nemo {nemo.__version__}, lhotse {lhotse.__version__}, transformers {transformers.__version__}")')"
+echo "audex environment ready: $(python -c 'from importlib.metadata import version as v
+print(", ".join(f"{p} {v(q)}" for p, q in (("torch", "torch"), ("nemo", "nemo_toolkit"), ("lhotse", "lhotse"), ("transformers", "transformers"))))')"
