@@ -63,6 +63,7 @@ from audex.parallel.sharding import (
     cp_loss,
     mask_row_gradients,
     parallelize_model,
+    rank0_state,
 )
 from audex.parts.losses import language_model_loss
 from audex.parts.moe import MoeBalancer
@@ -347,10 +348,14 @@ class AudexModel(ModelPT):
 
     # ---- scale-out (engine hf, AudexParallelStrategy: audex.parallel.sharding) ------------------------------
     def configure_model(self) -> None:
-        """Shard the model on the strategy's device mesh (a no-op without AudexParallelStrategy)."""
+        """Shard the model on the strategy's device mesh (a no-op without AudexParallelStrategy). With
+        ``parallelism.meta_init`` (the default) the ranks but 0 built their backbone on the meta device
+        (:func:`audex.training.run.build_model`); their shards are filled from rank 0's weights here."""
         if self.audex_parallelism is None or self._audex_sharded:
             return
-        parallelize_model(self, self.device_mesh, self.audex_parallelism)
+        full = rank0_state(self) if self.audex_parallelism.meta_init else None
+        parallelize_model(self, self.device_mesh, self.audex_parallelism, full, self.trainer.strategy.root_device)
+        del full
         self._audex_sharded = True
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -12,6 +12,8 @@ rows), and the existing text rows are kept bit-identical.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from pathlib import Path
 
 import torch
@@ -20,6 +22,22 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from audex.modules.megatron_backbone import megatron_lm
 from audex.parallel.config import check_engine
+
+_ON_META = contextvars.ContextVar("audex_backbone_on_meta", default=False)
+
+
+@contextlib.contextmanager
+def backbone_on_meta():
+    """Within this block an engine-``hf`` :class:`AudexBackbone` is built on the meta device: its architecture and
+    the extended vocabulary, no weights (nothing is read from ``pretrained_path``, nothing is allocated). A split
+    training run builds so on every rank but 0; ``AudexModel.configure_model`` shards it and broadcasts rank 0's
+    weights into the shards (:func:`audex.parallel.sharding.materialize_from_rank0`)."""
+    token = _ON_META.set(True)
+    try:
+        yield
+    finally:
+        _ON_META.reset(token)
+
 
 
 def build_causal_lm(pretrained_path: str | None, config: dict | None, model_type: str | None, dtype=None):
@@ -32,11 +50,20 @@ def build_causal_lm(pretrained_path: str | None, config: dict | None, model_type
                 f"backbone folder {pretrained_path!r} does not exist: set model.backbone.pretrained_path to a local "
                 "Hugging Face folder (no downloads at run time)"
             )
+        if _ON_META.get():      # the folder's architecture only; the weights come from rank 0
+            hf_cfg = AutoConfig.from_pretrained(pretrained_path, local_files_only=True)
+            saved = getattr(hf_cfg, "dtype", None)           # what dtype="auto" loads
+            saved = getattr(torch, saved) if isinstance(saved, str) else saved
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype or saved)
         return AutoModelForCausalLM.from_pretrained(pretrained_path, local_files_only=True, dtype=dtype or "auto",
                                                     use_kernels=False)
     if not model_type:
         raise ValueError("model.backbone needs either pretrained_path or model_type + config")
     hf_cfg = AutoConfig.for_model(model_type, **dict(config or {}))
+    if _ON_META.get():
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
 
 
@@ -120,7 +147,14 @@ class AudexBackbone(nn.Module):
         if vocab_size is not None and not already_extended:
             extend_vocabulary(self.lm, int(vocab_size), init_std=init_std, seed=init_seed)
         if self.engine == "megatron":
+            if self.on_meta:
+                raise ValueError("engine megatron builds its own sharded model: backbone_on_meta() is for engine hf")
             self.lm = megatron_lm(self.lm, parallelism, dtype=torch_dtype, overrides=megatron)
+
+    @property
+    def on_meta(self) -> bool:
+        """True while the weights are not materialised (built within :func:`backbone_on_meta`)."""
+        return self.lm.get_input_embeddings().weight.device.type == "meta"
 
     @property
     def hidden_size(self) -> int:

@@ -67,6 +67,7 @@ class ParallelismConfig:
     fsdp: int = 1                       # shard group inside data parallel (engine hf); 1 = replicate
     distributed_optimizer: bool = True  # optimizer state sharded over the data-parallel ranks (ZeRO-1)
     recompute: bool = False             # full activation recomputation (the planner shows both)
+    meta_init: bool = True              # engine hf, split model: ranks > 0 build the backbone on the meta device
 
     def __post_init__(self):
         for name in ("tensor", "context", "expert", "pipeline", "fsdp"):

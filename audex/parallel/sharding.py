@@ -12,11 +12,16 @@
 * :func:`cp_loss`: eq. (2) over the context-parallel split of the packed rows
   (:mod:`audex.parallel.context_parallel`); since the ``fsdp`` group averages gradients over data x context
   ranks, each rank's share is scaled by CP, which makes the average the CP **sum** within a row;
-* :func:`gather_full_state`: the whole model's state on rank 0 (for the ``.nemo`` of a stage's end).
+* :func:`gather_full_state`: the whole model's state on rank 0 (for the ``.nemo`` of a stage's end);
+* :func:`rank0_state` / :func:`materialize_from_rank0` (``parallelism.meta_init``): every rank but 0 built the
+  backbone on the meta device (:func:`audex.modules.backbone.backbone_on_meta`); after sharding, each rank's
+  shards are filled from rank 0's weights, one tensor at a time (torch's ``set_model_state_dict`` with
+  ``broadcast_from_rank0``, the loading FSDP2 documents for meta-device init). Rank 0 alone holds the whole
+  model, in host memory, until then; the other ranks never allocate more than their shards.
 
 Example (what the Lightning hooks call)::
 
-    parallelize_model(model, mesh, parallelism)           # configure_model
+    parallelize_model(model, mesh, parallelism, rank0_state(model), device)    # configure_model (meta_init)
     mask_row_gradients(model); clip_grad_norm_global(model.parameters(), 1.0)
 """
 
@@ -25,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from transformers.distributed.expert_parallel import apply_expert_parallelism
@@ -77,8 +82,11 @@ def attach_row_masks(model) -> None:
         p.audex_row_mask = mask
 
 
-def parallelize_model(model, mesh, p: ParallelismConfig) -> None:
-    """Shard ``model`` (an AudexModel whose weights are equal on every rank) on ``mesh`` per ``p``."""
+def parallelize_model(model, mesh, p: ParallelismConfig, rank0: dict | None = None,
+                      device: torch.device | None = None) -> None:
+    """Shard ``model`` on ``mesh`` per ``p``: an AudexModel whose weights are equal on every rank, or, given
+    ``rank0`` (:func:`rank0_state`), one whose backbone is on the meta device on ranks > 0: the shards are then
+    filled from rank 0 on ``device`` (:func:`materialize_from_rank0`) before FSDP2 initialises."""
     lm = model.backbone
     masks = _take_row_masks(model)
     if p.tensor > 1:
@@ -98,8 +106,12 @@ def parallelize_model(model, mesh, p: ParallelismConfig) -> None:
         tables = [m for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None]
         fully_shard(tables, mesh=dp_mesh)
         fully_shard(lm, mesh=dp_mesh)
+    if rank0 is not None:
+        materialize_from_rank0(model, rank0, device or torch.device("cpu"))
+    if replicas * shards > 1:
         # FSDP2 takes the first unit to run forward as the root; the embedding unit runs before the backbone,
-        # so the backbone is made the root of its units now (torch's own lazy init, called early)
+        # so the backbone is made the root of its units now (torch's own lazy init, called early; after the
+        # shards hold real weights, since it checks that none is left on the meta device)
         lm._get_fsdp_state()._lazy_init()
     model._audex_row_masks = masks
     attach_row_masks(model)
@@ -154,6 +166,49 @@ def clip_grad_norm_global(parameters, max_norm: float) -> torch.Tensor:
         for g in grads:
             g.mul_(coef)
     return total
+
+
+def _non_persistent_buffers(model) -> list[str]:
+    """Buffers outside the state dict (rotary ``inv_freq``, ...), by name, in module order (equal on every rank)."""
+    return [f"{name}.{b}" if name else b for name, module in model.named_modules()
+            for b in sorted(module._non_persistent_buffers_set) if getattr(module, b, None) is not None]
+
+
+def rank0_state(model) -> dict[str, torch.Tensor]:
+    """Rank 0: the whole model's state dict plus its non-persistent buffers, taken before sharding (references,
+    no copies); every other rank: ``{}``. The source of :func:`materialize_from_rank0`."""
+    if dist.get_rank() != 0:
+        return {}
+    state = dict(model.state_dict())
+    state.update({name: model.get_buffer(name) for name in _non_persistent_buffers(model)})
+    return state
+
+
+@torch.no_grad()
+def materialize_from_rank0(model, rank0: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Fill every rank's (sharded) model with rank 0's weights; collective. Ranks whose backbone is on the meta
+    device allocate their shards on ``device`` first (``to_empty``, as FSDP2's meta-device recipe does), rank 0
+    moves its shards there; then the persistent state goes through ``set_model_state_dict(full_state_dict=True,
+    broadcast_from_rank0=True)`` (torch cuts each whole tensor to the receiving rank's shard) and the
+    non-persistent buffers are broadcast whole. A tensor left on the meta device afterwards is an error."""
+    if dist.get_rank() == 0:
+        model.to(device)
+    else:
+        model.to_empty(device=device)
+    names = set(model.state_dict())
+    set_model_state_dict(model, {k: v for k, v in rank0.items() if k in names},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
+    for name in _non_persistent_buffers(model):
+        module_name, _, buffer = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        value = rank0[name].to(device) if dist.get_rank() == 0 else torch.empty_like(getattr(module, buffer),
+                                                                                      device=device)
+        dist.broadcast(value, src=0)
+        module.register_buffer(buffer, value, persistent=False)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{len(left)} tensors are still on the meta device after loading rank 0's weights "
+                           f"(e.g. {left[:3]}): set parallelism.meta_init=false and report the model type")
 
 
 def gather_full_state(model) -> dict[str, torch.Tensor]:

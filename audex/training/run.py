@@ -21,16 +21,19 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.rank_zero import _get_rank
 from lightning.pytorch import Trainer, seed_everything
 from nemo.utils.exp_manager import exp_manager
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from audex.data.loader import build_dataloader, plan_blend
 from audex.models.audex_model import AudexModel
+from audex.modules.backbone import backbone_on_meta
 from audex.parallel.config import ParallelismConfig, ParallelismError
 from audex.parallel.planner import model_dims
 from audex.parallel.sharding import gather_full_state
@@ -91,11 +94,27 @@ def stage_max_steps(cfg: DictConfig, model) -> int:
     return steps
 
 
+def builds_on_meta(cfg: DictConfig) -> bool:
+    """True on the ranks that build the backbone on the meta device: every rank but 0 (as the launcher's
+    environment names it: torchrun's ``RANK``, Lightning's ``LOCAL_RANK``, SLURM's ``SLURM_PROCID``) of a run
+    whose engine-hf model is split (TP/CP/EP/FSDP) with ``parallelism.meta_init`` on. Rank 0 builds and loads
+    the whole model as one process does; ``configure_model`` broadcasts it into every rank's shards."""
+    node = cfg.get("parallelism")
+    p = ParallelismConfig.from_dict(OmegaConf.to_container(node, resolve=True) if node is not None else {})
+    engine = (cfg.model.get("backbone") or {}).get("engine", "hf")
+    rank = _get_rank()
+    return bool(p.meta_init and needs_model_parallel(p) and engine == "hf" and rank is not None and rank > 0)
+
+
 def build_model(cfg: DictConfig, trainer=None):
     """The model of the stage, initialised from ``model.init_from``, frozen per ``model.stage``, with the stage's
-    packed attention (``model.packed_attention``) and MoE balancing (``model.moe``)."""
-    model = AudexModel(cfg.model, trainer=trainer)
-    if cfg.model.get("init_from"):
+    packed attention (``model.packed_attention``) and MoE balancing (``model.moe``). On the ranks of
+    :func:`builds_on_meta` the backbone has no weights yet and ``init_from`` is read by rank 0 alone."""
+    on_meta = builds_on_meta(cfg)
+    with backbone_on_meta() if on_meta else contextlib.nullcontext():
+        model = AudexModel(cfg.model, trainer=trainer)
+    model.built_on_meta = on_meta
+    if cfg.model.get("init_from") and not on_meta:
         load_init_weights(model, cfg.model.init_from, strict=bool(cfg.model.get("init_from_strict", True)))
     report = apply_stage(model, cfg.model.stage)
     model.use_packed_attention(cfg.model.get("packed_attention", "varlen"))

@@ -137,7 +137,8 @@ def apply_stage(model, stage_cfg) -> StageReport:
         for pname, table in _row_masked_tables(model).items():
             if table.shape[0] != model.vocab.size:
                 raise ValueError(f"{pname} has {table.shape[0]} rows, expected vocab.size={model.vocab.size}")
-            mask = trainable_row_mask(model, device=table.device)
+            # a backbone built on the meta device (ranks > 0 of a split run) gets its mask on the host
+            mask = trainable_row_mask(model, device="cpu" if table.is_meta else table.device)
             table.requires_grad_(True)
             table.audex_row_mask = mask
             keep = mask.to(table.dtype).unsqueeze(1)

@@ -29,7 +29,8 @@ class Recorder(Callback):
         """How the model is split on this rank: DTensor parameters and the local rows of the output head."""
         head = pl_module.backbone.get_output_embeddings().weight
         local = head.to_local() if isinstance(head, DTensor) else head
-        info = {"dtensors": sum(isinstance(p, DTensor) for p in pl_module.parameters()), "head_rows": local.shape[0]}
+        info = {"dtensors": sum(isinstance(p, DTensor) for p in pl_module.parameters()), "head_rows": local.shape[0],
+                "built_on_meta": bool(getattr(pl_module, "built_on_meta", False))}
         (self.out / f"sharding_rank{trainer.global_rank}.json").write_text(json.dumps(info))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

@@ -11,7 +11,9 @@ The same stage (tiny model, 4 optimizer steps of 2 packed rows, AdamW, clipping 
   the uninterrupted run's;
 * with ``parallelism.context=2``: rows split TE-THD style over the ranks, losses equal the reference;
 * with ``parallelism.fsdp=2`` (2 data-parallel ranks): the ranks read disjoint rows, the run trains and its
-  ``.nemo`` restores.
+  ``.nemo`` restores;
+* from ``model.init_from``: rank 1 builds its backbone on the meta device (``parallelism.meta_init``, on in every
+  2-process run here) and its shards receive rank 0's weights, so the first losses equal one process's.
 
 Each 2-process run is ``python tests/parallel/lightning_run.py`` with ``trainer.devices=2``; Lightning starts the
 second process itself.
@@ -102,6 +104,8 @@ def test_tp2_stage_losses_equal_one_process(reference, tp2):
     peer = losses(tp2 / "out", rank=1)
     vocab = load_model(str(reference["nemo"])).vocab.size
     assert sharding(tp2 / "out")["head_rows"] == sharding(tp2 / "out", 1)["head_rows"] == vocab // 2   # vocab-split head
+    # parallelism.meta_init: rank 1 built its backbone on the meta device, rank 0's weights filled its shards
+    assert not sharding(tp2 / "out")["built_on_meta"] and sharding(tp2 / "out", 1)["built_on_meta"]
     for i in range(MICRO):
         assert got[i]["batch"] == peer[i]["batch"] == ref[i]["batch"]      # TP peers read the rows one process reads
         assert got[i]["loss"] == peer[i]["loss"]
@@ -125,6 +129,26 @@ def test_tp2_nemo_restores_bit_exact_in_one_process(reference, tp2):
     ref = load_model(str(reference["nemo"])).state_dict()
     worst = max(float((state[k] - ref[k]).abs().max()) for k in trained)
     assert worst <= 1e-4                                              # one process trains to the same weights
+
+
+def test_meta_init_rank1_gets_init_from_weights_from_rank0(manifests, reference, tmp_path):
+    """``model.init_from`` (the previous stage's ``.nemo``) is read by rank 0 alone; rank 1 built its backbone on
+    the meta device and receives the weights by broadcast: each micro-batch loss before the first update equals
+    one process started from the same file."""
+    from audex.training.run import train_stage
+
+    start = f"model.init_from={reference['nemo']}"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="stage2", overrides=overrides(manifests, tmp_path / "one", start))
+    (tmp_path / "one_out").mkdir()
+    train_stage(cfg, callbacks=[Recorder(tmp_path / "one_out", None)])
+    run2(tmp_path / "out", overrides(manifests, tmp_path / "runs", start, "parallelism.tensor=2"))
+    one, got = losses(tmp_path / "one_out"), losses(tmp_path / "out")
+    assert sharding(tmp_path / "out", 1)["built_on_meta"]
+    assert abs(one[0]["loss"] - reference["losses"][0]["loss"]) > 1e-3       # a trained start, not the random one
+    for i in (0, 1):                                                        # micro-batches of the first step
+        assert got[i]["batch"] == one[i]["batch"]
+        assert abs(got[i]["loss"] - one[i]["loss"]) <= 1e-5, (i, got[i]["loss"], one[i]["loss"])
 
 
 def test_killed_tp2_run_resumes_with_identical_losses(manifests, tp2, tmp_path):
