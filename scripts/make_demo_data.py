@@ -224,13 +224,22 @@ def text_chats(rng: random.Random) -> dict[str, list[tuple[list[dict], bool]]]:
     for i, day in enumerate(DAYS):
         prev = DAYS[(i - 1) % 7]
         add("train" if i % 3 else "val", f"What day comes before {day}?", f"{prev} comes before {day}.")
+    # Word problems, all of them (not 160 as before): with ~1,300 distinct training chats Table 3's text shares
+    # repeat each chat ~5 times per stage, and stage 3's held-out text loss stopped measuring memorisation.
     counts = [(a, b, obj) for a in range(1, 10) for b in range(1, 10) for obj in OBJECTS if a + b <= 18]
     rng.shuffle(counts)
-    for i, (a, b, obj) in enumerate(counts[:160]):
+    for i, (a, b, obj) in enumerate(counts):
         split = ("val" if i % 2 else "test") if i < 12 else "train"
         reasoning = f"{a} + {b} = {a + b}." if rng.random() < 0.3 else None
         add(split, f"I have {NUM_WORDS[a]} {obj} and get {NUM_WORDS[b]} more. How many {obj} do I have?",
             f"You have {NUM_WORDS[a + b]} {obj}.", reasoning)
+    left = [(a, b, obj) for a in range(2, 13) for b in range(1, a) for obj in OBJECTS]
+    rng.shuffle(left)
+    for i, (a, b, obj) in enumerate(left[:300]):
+        split = ("val" if i % 2 else "test") if i < 12 else "train"
+        reasoning = f"{a} - {b} = {a - b}." if rng.random() < 0.3 else None
+        add(split, f"I have {NUM_WORDS[a]} {obj} and give away {NUM_WORDS[b]}. How many {obj} are left?",
+            f"You have {NUM_WORDS[a - b]} {obj} left.", reasoning)
     pets = [(c, a) for c in COLORS for a in ANIMALS]
     out = held(pets, 6)
     for c, a in pets:
