@@ -348,14 +348,12 @@ class AudexModel(ModelPT):
 
     # ---- scale-out (engine hf, AudexParallelStrategy: audex.parallel.sharding) ------------------------------
     def configure_model(self) -> None:
-        """Shard the model on the strategy's device mesh (a no-op without AudexParallelStrategy). With
-        ``parallelism.meta_init`` (the default) the ranks but 0 built their backbone on the meta device
-        (:func:`audex.training.run.build_model`); their shards are filled from rank 0's weights here."""
+        """Shard the model on the strategy's mesh (no-op without AudexParallelStrategy); with ``parallelism.meta_init``
+        the shards of ranks > 0 (backbone built on meta, :func:`audex.training.run.build_model`) get rank 0's weights."""
         if self.audex_parallelism is None or self._audex_sharded:
             return
         full = rank0_state(self) if self.audex_parallelism.meta_init else None
         parallelize_model(self, self.device_mesh, self.audex_parallelism, full, self.trainer.strategy.root_device)
-        del full
         self._audex_sharded = True
 
     def on_before_optimizer_step(self, optimizer) -> None:
