@@ -229,13 +229,34 @@ def build_megatron_model(cfg, p: ParallelismConfig, dtype: torch.dtype = torch.f
     if model_type_of(cfg) == LLAMA:
         from megatron.core.models.gpt.gpt_model import GPTModel
 
-        return GPTModel(tc, gpt_layer_spec(None, use_te), vocab_size=vocab, max_sequence_length=seq,
-                        parallel_output=False, share_embeddings_and_output_weights=tied,
-                        position_embedding_type="rope", rotary_base=_rope_theta(cfg),
-                        scatter_embedding_sequence_parallel=False)
+        return mark_tensor_parallel(GPTModel(
+            tc, gpt_layer_spec(None, use_te), vocab_size=vocab, max_sequence_length=seq, parallel_output=False,
+            share_embeddings_and_output_weights=tied, position_embedding_type="rope", rotary_base=_rope_theta(cfg),
+            scatter_embedding_sequence_parallel=False))
     from megatron.core.models.mamba.mamba_model import MambaModel
 
-    return MambaModel(tc, hybrid_stack_spec(use_te, "M" in hybrid_pattern(cfg)), vocab_size=vocab, max_sequence_length=seq,
-                      hybrid_override_pattern=hybrid_pattern(cfg), parallel_output=False,
-                      share_embeddings_and_output_weights=tied, position_embedding_type="none",
-                      scatter_embedding_sequence_parallel=False)
+    return mark_tensor_parallel(MambaModel(
+        tc, hybrid_stack_spec(use_te, "M" in hybrid_pattern(cfg)), vocab_size=vocab, max_sequence_length=seq,
+        hybrid_override_pattern=hybrid_pattern(cfg), parallel_output=False, share_embeddings_and_output_weights=tied,
+        position_embedding_type="none", scatter_embedding_sequence_parallel=False))
+
+
+def mark_tensor_parallel(model):
+    """Set megatron's ``tensor_model_parallel`` attributes on the split weights. megatron-core 0.16.1 sets them only
+    while initialising weights (``perform_initialization``), which this build skips (the weights come from the HF
+    checkpoint); without them every grad-norm over TP ranks (megatron's clipping, ``clip_grads_global``) counts a
+    TP shard as a replicated tensor, on TP rank 0 only."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        dim = 1 if isinstance(module, RowParallelLinear) else \
+            0 if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) else None
+        weight = getattr(module, "weight", None)
+        if dim is not None and isinstance(weight, torch.nn.Parameter) and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, getattr(module, "stride", 1))
+    return model

@@ -55,7 +55,9 @@ def model_dims(backbone) -> ModelDims:
     return ModelDims(
         num_attention_heads=int(c.num_attention_heads),
         num_key_value_heads=int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads),
-        vocab_size=int(backbone.lm.get_input_embeddings().weight.shape[0]),
+        # engine megatron's table is this rank's vocab shard; its config holds the whole (extended) size
+        vocab_size=int(c.vocab_size) if getattr(backbone, "engine", "hf") == "megatron"
+        else int(backbone.lm.get_input_embeddings().weight.shape[0]),
         hidden_size=int(c.hidden_size), num_layers=len(kinds),
         mamba_num_heads=int(c.mamba_num_heads) if has_mamba else 0,
         mamba_groups=int(c.n_groups) if has_mamba else 0,

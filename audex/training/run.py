@@ -35,9 +35,18 @@ from audex.data.loader import build_dataloader, plan_blend
 from audex.models.audex_model import AudexModel
 from audex.modules.backbone import backbone_on_meta
 from audex.parallel.config import ParallelismConfig, ParallelismError
+from audex.parallel.megatron_strategy import MegatronStrategy
 from audex.parallel.planner import model_dims
 from audex.parallel.sharding import gather_full_state
 from audex.parallel.strategy import AudexParallelStrategy, data_parallel_rank, needs_model_parallel
+from audex.training.megatron_run import (
+    check_megatron_layout,
+    engine_hf_copy,
+    engine_of,
+    start_parallel_state,
+    stop_parallel_state,
+    uses_megatron_strategy,
+)
 from audex.training.progress import StageProgressBar
 from audex.training.resumable import ExactResume, ResumableLoader
 from audex.training.stages import apply_stage, load_init_weights
@@ -126,8 +135,8 @@ def build_model(cfg: DictConfig, trainer=None):
     return model, report
 
 
-def run_parallelism(cfg: DictConfig, model) -> ParallelismConfig:
-    """``cfg.parallelism`` checked against the launch (devices x nodes), the model and the data; clear errors."""
+def launch_layout(cfg: DictConfig) -> ParallelismConfig:
+    """``cfg.parallelism`` checked against the launch (devices x nodes) and the engine, before any model exists."""
     node = cfg.get("parallelism")
     given = ParallelismConfig.from_dict(OmegaConf.to_container(node, resolve=True) if node is not None else {})
     world = _num_devices(cfg.trainer) * int(cfg.trainer.get("num_nodes", 1))
@@ -138,8 +147,16 @@ def run_parallelism(cfg: DictConfig, model) -> ParallelismConfig:
         p = ParallelismConfig(**{**given.to_dict(), "world_size": world})
     except ParallelismError as err:
         raise ParallelismError(f"{err} (trainer.devices x trainer.num_nodes = {world} processes)") from None
-    if p.pipeline > 1:
+    if engine_of(cfg) == "megatron":
+        check_megatron_layout(p)
+    elif p.pipeline > 1:
         raise ParallelismError("parallelism.pipeline > 1: engine hf has no pipeline parallelism; set pipeline=1")
+    return p
+
+
+def run_parallelism(cfg: DictConfig, model) -> ParallelismConfig:
+    """:func:`launch_layout`, then checked against the model and the data; clear errors."""
+    p = launch_layout(cfg)
     p.check_model(model_dims(model.llm))
     packing = cfg.data.get("packing") or {}
     p.check_data(bool(packing.get("enabled", True)), int(cfg.data.max_length) if cfg.data.get("max_length") else None)
@@ -183,7 +200,8 @@ def gate_loaders(model, data_cfg: DictConfig) -> dict:
 
 
 def build_trainer(cfg: DictConfig, max_steps: int, parallelism: ParallelismConfig | None = None):
-    """The stage's Trainer; with a split model (``parallelism`` TP/CP/EP/FSDP) on :class:`AudexParallelStrategy`."""
+    """The stage's Trainer; with a split model (``parallelism`` TP/CP/EP/FSDP) on :class:`AudexParallelStrategy`
+    (engine hf) or, for engine megatron with more than one process, on :class:`MegatronStrategy`."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["max_steps"] = int(max_steps)
     devices = _num_devices(cfg.trainer)
@@ -191,7 +209,9 @@ def build_trainer(cfg: DictConfig, max_steps: int, parallelism: ParallelismConfi
     trainer_cfg["accumulate_grad_batches"] = gradient_accumulation(
         int(cfg.data.global_batch_size), rows_per_micro_batch(cfg.data), devices, int(cfg.trainer.get("num_nodes", 1)),
         model_parallel)
-    if parallelism is not None and needs_model_parallel(parallelism):
+    if uses_megatron_strategy(cfg, parallelism):
+        trainer_cfg["strategy"] = MegatronStrategy(parallelism)
+    elif parallelism is not None and needs_model_parallel(parallelism) and engine_of(cfg) == "hf":
         trainer_cfg["strategy"] = AudexParallelStrategy(parallelism)
     if trainer_cfg.get("enable_progress_bar", True):  # the stage's step count as the bar's total, not "?"
         trainer_cfg["callbacks"] = [*trainer_cfg.get("callbacks", []), StageProgressBar()]
@@ -208,6 +228,15 @@ def train_stage(cfg: DictConfig, callbacks: list | None = None) -> Path:
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     seed_everything(int(cfg.seed), workers=True)
+    own_group = start_parallel_state(cfg, launch_layout(cfg))   # engine megatron: before its backbone is built
+    try:
+        return _train(cfg, callbacks)
+    finally:
+        if engine_of(cfg) == "megatron":
+            stop_parallel_state(own_group)
+
+
+def _train(cfg: DictConfig, callbacks: list | None) -> Path:
     model, report = build_model(cfg)
     parallelism = run_parallelism(cfg, model)
     max_steps = stage_max_steps(cfg, model)
@@ -231,7 +260,9 @@ def train_stage(cfg: DictConfig, callbacks: list | None = None) -> Path:
     log.info("%s; %d optimizer steps x %d micro-batches", report, max_steps, trainer.accumulate_grad_batches)
     trainer.fit(model)
     out = Path(cfg.output_nemo)
-    if model._audex_sharded:     # the shards gathered (every rank takes part), one whole model written by rank 0
+    if model.llm.engine == "megatron":   # TP/EP shards gathered by every rank; rank 0 writes an engine-hf copy
+        model = engine_hf_copy(model, trainer.is_global_zero)
+    elif model._audex_sharded:     # the shards gathered (every rank takes part), one whole model written by rank 0
         state = gather_full_state(model)
         if trainer.is_global_zero:
             model = AudexModel(model.cfg)

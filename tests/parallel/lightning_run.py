@@ -30,7 +30,8 @@ class Recorder(Callback):
         head = pl_module.backbone.get_output_embeddings().weight
         local = head.to_local() if isinstance(head, DTensor) else head
         info = {"dtensors": sum(isinstance(p, DTensor) for p in pl_module.parameters()), "head_rows": local.shape[0],
-                "built_on_meta": bool(getattr(pl_module, "built_on_meta", False))}
+                "built_on_meta": bool(getattr(pl_module, "built_on_meta", False)),
+                "strategy": type(trainer.strategy).__name__}
         (self.out / f"sharding_rank{trainer.global_rank}.json").write_text(json.dumps(info))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -41,7 +42,8 @@ class Recorder(Callback):
         ids = batch.input_ids if hasattr(batch, "input_ids") else batch["input_ids"]
         fingerprint = int((ids.long() * torch.arange(1, ids.numel() + 1).view_as(ids)).sum())
         self.rows[batch_idx] = {"loss": float(trainer.callback_metrics["train_loss"]), "batch": fingerprint,
-                                "tokens": int(ids.numel())}
+                                "tokens": int(ids.numel()),  # MegatronStrategy: the last step's global grad norm
+                                "grad_norm": getattr(trainer.strategy, "last_grad_norm", None)}
         path = self.out / f"losses_rank{trainer.global_rank}.json"
         path.write_text(json.dumps(self.rows))
 

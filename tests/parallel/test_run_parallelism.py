@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 
 from audex.parallel.config import ParallelismConfig, ParallelismError
 from audex.parallel.strategy import data_parallel_rank, needs_model_parallel
-from audex.training.run import gradient_accumulation, run_parallelism
+from audex.training.megatron_run import start_parallel_state
+from audex.training.run import gradient_accumulation, launch_layout, run_parallelism
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,3 +57,31 @@ def test_data_parallel_rank_and_accumulation_count_data_ranks_only():
     assert gradient_accumulation(16, micro_rows=1, devices=2, nodes=1, model_parallel=2) == 16   # TP 2: one DP rank
     with pytest.raises(ValueError, match=r"/ \(tensor x context = 4\)"):
         gradient_accumulation(6, micro_rows=1, devices=16, nodes=1, model_parallel=4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("parallelism.pipeline=2",), "engine megatron runs the whole backbone in every process"),
+    (("parallelism.context=2",), "engine megatron's backbone does not cut packed rows"),
+    (("parallelism.fsdp=2",), "parallelism.fsdp > 1 is engine hf's FSDP2"),
+])
+def test_engine_megatron_layouts_refused_with_its_own_wording(overrides, message):
+    with pytest.raises(ParallelismError, match=message):
+        launch_layout(stage_cfg("model.backbone.engine=megatron", "trainer.devices=2", *overrides))
+
+
+def test_engine_megatron_needs_torchrun_for_more_than_one_process(monkeypatch):
+    """Lightning's launcher would start rank 1 only at trainer.fit, after rank 0 built its TP shard: refused
+    before anything is built, naming the torchrun command."""
+    for var in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = stage_cfg("model.backbone.engine=megatron", "trainer.devices=2", "parallelism.tensor=2")
+    with pytest.raises(ParallelismError, match=r"launch with torchrun, e\.g\. `python -m torch\.distributed\.run "
+                                               r"--nproc_per_node 2 examples/audex_train\.py"):
+        start_parallel_state(cfg, launch_layout(cfg))
+
+
+def test_megatron_strategy_refuses_to_resume_a_split_run():
+    from audex.parallel.megatron_strategy import MegatronStrategy
+
+    with pytest.raises(NotImplementedError, match="only rank 0's optimizer state"):
+        MegatronStrategy(ParallelismConfig(world_size=2, tensor=2)).load_optimizer_state_dict({"optimizer_states": []})
