@@ -2,7 +2,7 @@
 # The README's main command: install everything, make the demo data, train the tiny Audex model through
 # stage0_text -> stage1 -> stage2 -> stage3 on the CPU, then print what it learned on held-out data
 # (ASR WER, TTS/TTA codec-token accuracy against an unconditional baseline, audio QA) and the per-stage
-# text-regression report. Measured 2026-12-03 on 2 CPU cores: 12.5 minutes on an idle host (the target is 10; README).
+# text-regression report. Measured 2026-12-07 on 2 CPU cores: 10.5-11 minutes on an idle host (three fresh runs; README).
 #
 #   bash scripts/run_demo.sh            # rerun: finished stages are kept, a killed stage resumes
 #   bash scripts/run_demo.sh --fresh    # start over (deletes demo_data/ and runs/demo/)

@@ -38,7 +38,7 @@ README = ROOT / "README.md"
 PREFIXES = ("python examples/", "python scripts/", "audex-", "bash scripts/", "torchrun ", "srun ")
 #: commands the test does not run, with the reason
 NOT_RUN = {
-    "bash scripts/run_demo.sh": "the 12.5-minute CPU demo; the README's demo figures are what it printed",
+    "bash scripts/run_demo.sh": "the ~11-minute CPU demo; the README's demo figures are what it printed",
     "bash scripts/setup_env.sh && .venv/bin/python -m pytest -q -n 2": "the test command itself, which runs this test",
     "python examples/audex_train_chain.py --config-name=demo_chain": "the demo's 12-25-minute training chain, which "
     "bash scripts/run_demo.sh runs (the chain runner itself is tested in tests/training)",
