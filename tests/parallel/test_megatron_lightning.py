@@ -1,5 +1,5 @@
 """Engine ``megatron`` through the training entry point (``train_stage``) on 2 CPU processes (gloo) under torchrun,
-against one process (issue 11, point 4).
+against one process (issue 11, points 4 and 7).
 
 The stage of tests/parallel/test_lightning_parallel.py (tiny Llama, 4 optimizer steps of 2 accumulated
 micro-batches, AdamW, global-norm clipping at 1.0 from ``trainer=cpu``) runs
@@ -12,8 +12,11 @@ micro-batches, AdamW, global-norm clipping at 1.0 from ``trainer=cpu``) runs
   the output layer, both reading the rows one process reads.
 
 Per micro-batch the TP=2 losses equal one process's; the ``.nemo`` (written by rank 0 from the gathered shards, as
-an engine-hf model) restores in one process with the weights of rank 0's last Lightning checkpoint, and equal to the
-one-process engine-megatron run's. megatron-core needs the tests-only CPU shim of tests/parallel/megatron_cpu.py.
+an engine-hf model) restores in one process with the weights of the last sharded checkpoint (megatron-core
+dist-checkpointing, merged by torch DCP), and near the one-process engine-megatron run's. The TP=2 run killed at
+micro-batch 5 and rerun with the same command resumes from the step-2 sharded checkpoint, in which each rank wrote
+its half of the vocab-split output layer and of its Adam moments, with the uninterrupted run's losses.
+megatron-core needs the tests-only CPU shim of tests/parallel/megatron_cpu.py.
 """
 
 import json
@@ -32,8 +35,11 @@ from lightning_run import Recorder  # noqa: E402
 from megatron_cpu import install_cpu_shim  # noqa: E402
 from small_manifests import write_small_manifests  # noqa: E402
 from test_lightning_parallel import MICRO, STEPS, overrides  # noqa: E402
+from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # noqa: E402
 
 from audex.models.checkpoint import load_model  # noqa: E402
+from audex.parallel.megatron_convert import from_te_names, megatron_to_hf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).with_name("megatron_lightning_run.py")
@@ -71,16 +77,49 @@ def megatron_one(manifests, tmp_path_factory):
     return one_process(manifests, tmp_path_factory.mktemp("ml_mc1"), MEGATRON)
 
 
+def torchrun2(tmp: Path, args: list[str], crash_at: int | None = None) -> subprocess.CompletedProcess:
+    """The TP=2 stage as ``python -m torch.distributed.run --nproc_per_node 2 megatron_lightning_run.py``."""
+    crash = ["--crash-at", str(crash_at)] if crash_at is not None else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RUNNER),
+           str(tmp / "out"), *crash, *args]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    if crash_at is None:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
+
+
+def tp2_args(manifests, tmp: Path) -> list[str]:
+    return overrides(manifests, tmp / "runs", MEGATRON, "parallelism.tensor=2", "trainer.devices=2")
+
+
 @pytest.fixture(scope="module")
 def megatron_tp2(manifests, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ml_tp2")
-    args = overrides(manifests, tmp / "runs", MEGATRON, "parallelism.tensor=2", "trainer.devices=2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RUNNER),
-           str(tmp / "out"), *args]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    torchrun2(tmp, tp2_args(manifests, tmp))
     return tmp
+
+
+def merged_checkpoint(ckpt: Path, tmp: Path, prefix: str = "llm.lm.mcore.") -> tuple[dict, dict]:
+    """The sharded checkpoint merged into whole tensors by torch DCP: the megatron-core model's weights under the
+    local-spec names of :mod:`audex.parallel.megatron_convert` (megatron-core stacks the layers, its
+    ``decoder.layers.<name>`` of shape ``[L, ...]`` is split back into ``decoder.layers.<i>.<name>``, and it
+    writes Transformer Engine's names for the norms even with local specs), and the LightningModule's other
+    tensors under their state-dict names."""
+    dcp_to_torch_save(ckpt, tmp / "merged.pt")
+    merged = torch.load(tmp / "merged.pt", weights_only=False)
+    mcore, rest = {}, {}
+    for key, t in merged.items():
+        if not torch.is_tensor(t) or key.startswith("optimizer."):
+            continue
+        if not key.startswith(prefix):
+            rest[key] = t
+        elif key.startswith(prefix + "decoder.layers."):
+            for i, layer in enumerate(t.unbind(0)):
+                mcore[f"decoder.layers.{i}.{key[len(prefix + 'decoder.layers.'):]}"] = layer
+        else:
+            mcore[key[len(prefix):]] = t
+    return from_te_names(mcore), rest
 
 
 def test_tp2_megatron_stage_losses_equal_one_process(hf_one, megatron_one, megatron_tp2):
@@ -106,12 +145,15 @@ def test_tp2_megatron_stage_losses_equal_one_process(hf_one, megatron_one, megat
     assert got[MICRO - 1]["loss"] < got[0]["loss"] - 0.05                  # and it learns
 
 
-def test_tp2_megatron_nemo_restores_in_one_process(megatron_one, megatron_tp2):
+def test_tp2_megatron_nemo_restores_in_one_process(megatron_one, megatron_tp2, tmp_path):
+    """The ``.nemo`` (rank 0's engine-hf copy of the gathered shards) holds bit for bit the weights of the last
+    sharded checkpoint, merged by torch DCP and converted to Hugging Face names."""
     stage = megatron_tp2 / "runs" / "stage2"
     ckpt = next((stage / "checkpoints").glob(f"*step={STEPS}*.ckpt"))
-    saved = torch.load(ckpt, weights_only=False, map_location="cpu")["state_dict"]   # rank 0's gathered weights
     model = load_model(str(stage / "stage2.nemo"))
     assert model.cfg.backbone.engine == "hf" and model.llm.engine == "hf"
+    mcore, rest = merged_checkpoint(ckpt, tmp_path)
+    saved = {**rest, **{f"llm.lm.{k}": t for k, t in megatron_to_hf(mcore, model.llm.lm.config).items()}}
     state = model.state_dict()
     trained = [k for k in state if k.startswith(("llm.", "adapter."))]
     assert len(trained) > 20 and set(trained) <= set(saved)
@@ -123,3 +165,30 @@ def test_tp2_megatron_nemo_restores_in_one_process(megatron_one, megatron_tp2):
     # 4 AdamW steps at lr 1e-3: a weight whose grad is ~0 moves by m / sqrt(v), which reduction-order noise can
     # shift by far more than the grad's own error (measured 3.4e-5); the same bound as engine hf's TP test
     assert worst <= 1e-4, worst
+
+
+def test_killed_tp2_megatron_run_resumes_with_identical_losses(manifests, megatron_tp2, tmp_path):
+    """Killed at micro-batch 5 (inside step 3) and rerun with the same command: the run resumes from the sharded
+    step-2 checkpoint (megatron-core dist-checkpointing: each rank wrote its half of the vocab-split weights and
+    of their Adam moments) and every later micro-batch's loss equals the uninterrupted TP=2 run's."""
+    args = tp2_args(manifests, tmp_path)
+    crashed = torchrun2(tmp_path, args, crash_at=5)
+    assert crashed.returncode != 0 and "simulated crash at micro-batch 5" in crashed.stderr + crashed.stdout
+    ckpt = next((tmp_path / "runs" / "stage2" / "checkpoints").glob("*step=2*.ckpt"))
+    assert ckpt.is_dir() and sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert (ckpt / "metadata.json").is_file() and (ckpt / "meta.pt").is_file()
+    storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
+    head = next(i.fqn for i in storage if i.fqn.endswith("mcore.output_layer.weight"))   # split over the vocab
+    for key in (head, f"optimizer.state.exp_avg.{head}", f"optimizer.state.exp_avg_sq.{head}"):
+        files = {tuple(i.offset): info.relative_path for i, info in storage.items() if i.fqn == key}
+        rows = max(files)[0]
+        assert files == {(0, 0): "__0_0.distcp", (rows, 0): "__1_0.distcp"}, (key, files)   # each rank its half
+    torchrun2(tmp_path, args)
+    resumed, uninterrupted = losses(tmp_path / "out"), losses(megatron_tp2 / "out")
+    assert sorted(resumed) == list(range(4, MICRO))                 # the restart trains batches 4..7 (steps 3, 4)
+    worst = 0.0
+    for i in range(4, MICRO):
+        assert resumed[i]["batch"] == uninterrupted[i]["batch"]
+        worst = max(worst, abs(resumed[i]["loss"] - uninterrupted[i]["loss"]))
+    print(f"max |resumed - uninterrupted| (TP=2 engine megatron) = {worst:.2e}")
+    assert worst <= 1e-6, worst

@@ -4,6 +4,7 @@ arithmetic that follows from it (data-parallel rank, gradient accumulation) -- n
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from audex.parallel.config import ParallelismConfig, ParallelismError
@@ -80,8 +81,14 @@ def test_engine_megatron_needs_torchrun_for_more_than_one_process(monkeypatch):
         start_parallel_state(cfg, launch_layout(cfg))
 
 
-def test_megatron_strategy_refuses_to_resume_a_split_run():
-    from audex.parallel.megatron_strategy import MegatronStrategy
+def test_megatron_strategy_refuses_a_checkpoint_that_is_not_sharded(tmp_path):
+    """Engine megatron resumes from its sharded checkpoints only (tests/parallel/test_megatron_lightning.py): a
+    single-file Lightning ``.ckpt`` (as written before, with the gathered weights and rank 0's optimizer state
+    only) is refused by name, not half-loaded."""
+    pytest.importorskip("megatron.core")
+    from audex.parallel.megatron_checkpoint import load_sharded
 
-    with pytest.raises(NotImplementedError, match="only rank 0's optimizer state"):
-        MegatronStrategy(ParallelismConfig(world_size=2, tensor=2)).load_optimizer_state_dict({"optimizer_states": []})
+    old = tmp_path / "epoch=0-step=2.ckpt"
+    torch.save({"state_dict": {}, "optimizer_states": [{}]}, old)
+    with pytest.raises(FileNotFoundError, match="is not a sharded engine-megatron checkpoint"):
+        load_sharded(None, [], old)
