@@ -18,6 +18,7 @@ torch.set_num_threads(1)
 #: command) each worker takes whole modules in collection order, so starting the long ones first lets the short
 #: ones fill in around them and both workers finish together (longest-processing-time-first scheduling)
 LONGEST_FIRST = ("tests/test_readme.py", "tests/parallel/test_lightning_parallel.py", "tests/test_install.py",
+                 "tests/parallel/test_lightning_4proc.py",
                  "tests/serving/test_serving_cli.py", "tests/serving/test_triton_ensemble.py",
                  "tests/parallel/test_megatron_engine.py", "tests/parallel/test_context_parallel.py")
 

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
@@ -196,11 +195,36 @@ def cp_inputs_embeds(embed, shard: CPShard, audio_embeds=None) -> torch.Tensor:
     return select_local(embed(shard.padded_input_ids, audio_embeds), shard)
 
 
+class _AllGather(torch.autograd.Function):
+    """``x`` of every rank of ``group``, stacked ``[group size, ...]``; the backward sums each rank's slice of the
+    gradient over the group (reduce-scatter on NCCL/XCCL; elsewhere an all-reduce of the whole gradient, of which
+    each rank keeps its slice). Not ``torch.distributed.nn.functional.all_gather``: its gloo backward passes
+    *group* ranks to ``dist.scatter`` as *global* source ranks (torch 2.13), which raises "Global rank 1 is not
+    part of group" for any CP group that is not the whole world (CP beside TP or data parallelism)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, x.contiguous(), group=group)
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) in (dist.Backend.NCCL, getattr(dist.Backend, "XCCL", "xccl")):
+            mine = torch.empty_like(grad[0])
+            dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+            return mine, None
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
 def gather_sequence(x: torch.Tensor, shard: CPShard) -> torch.Tensor:
     """``[B, L_local, ...]`` on every rank -> ``[B, length, ...]`` in padded order, with one autograd all-gather
-    (its backward sums each rank's gradient slices: ``torch.distributed.nn.functional.all_gather``)."""
-    parts = dist_nn.all_gather(x.contiguous(), group=shard.group)
-    rows = torch.cat(parts, dim=1)
+    (its backward sums each rank's gradient slices: :class:`_AllGather`)."""
+    parts = _AllGather.apply(x, shard.group)
+    rows = torch.cat(parts.unbind(0), dim=1)
     B = x.shape[0]
     return rows[torch.arange(B).unsqueeze(1), shard.layout.restore]
 

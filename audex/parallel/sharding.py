@@ -123,15 +123,25 @@ def parallelize_model(model, mesh, p: ParallelismConfig, rank0: dict | None = No
 def average_replicated_gradients(model, mesh) -> None:
     """The adapter stays replicated (a few million weights): its gradients are averaged over the data x context
     ranks here, as FSDP2 averages the backbone's. Not FSDP2, because a rank whose micro-batch has no audio
-    does not run the adapter, and FSDP2's gathers must run on every rank; this all-reduce always runs."""
+    does not run the adapter, and FSDP2's gathers must run on every rank; this all-reduce always runs.
+
+    When no rank ran the adapter (a global batch without audio), its gradients stay unset on every rank, as in
+    one process: AdamW then skips it. Zero gradients instead would advance its step count, decay its moments
+    and apply weight decay, so that a data-parallel run's adapter drifted from one process's (1.5 % smaller
+    updates after 3 steps of the 4-process test, tests/parallel/test_lightning_4proc.py)."""
     group = mesh["data_context"]
     if group.size() == 1 or model.adapter is None:
         return
-    for p in model.adapter.parameters():
-        if p.requires_grad:
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            dist.all_reduce(grad, group=group.get_group())
-            p.grad = grad.div_(group.size())
+    params = [p for p in model.adapter.parameters() if p.requires_grad]
+    ran = torch.tensor([float(any(p.grad is not None for p in params))],
+                       device=next(model.adapter.parameters()).device)     # NCCL: on the GPU
+    dist.all_reduce(ran, group=group.get_group())
+    if not params or float(ran) == 0.0:
+        return
+    for p in params:
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(grad, group=group.get_group())
+        p.grad = grad.div_(group.size())
 
 
 @torch.no_grad()

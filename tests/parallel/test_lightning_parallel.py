@@ -60,12 +60,15 @@ def overrides(manifests, exp_dir, *extra, trainable="[adapter,llm]"):
             *extra]
 
 
-def run2(out: Path, args: list[str], crash_at: int | None = None, stage: str = "stage2") -> subprocess.CompletedProcess:
+def run2(out: Path, args: list[str], crash_at: int | None = None, stage: str = "stage2",
+         devices: int = 2) -> subprocess.CompletedProcess:
+    """The runner on ``devices`` gloo processes (Lightning starts all but the first); asserts success unless
+    ``crash_at`` is given."""
     cmd = [sys.executable, str(RUNNER), str(out)] + (["--crash-at", str(crash_at)] if crash_at is not None else [])
     cmd += ["--stage", stage]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd + args + ["trainer.devices=2"], cwd=out.parent, env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(cmd + args + [f"trainer.devices={devices}"], cwd=out.parent, env=env, capture_output=True,
+                          text=True, timeout=900)
     if crash_at is None:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
