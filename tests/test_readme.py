@@ -154,7 +154,7 @@ def test_readme_lists_its_commands_in_blocks():
     assert not missing, f"commands quoted in the prose but not in a ```bash block (so not tested): {missing}"
 
 
-def test_every_readme_command_runs_as_written(workspace):
+def test_every_readme_command_runs_as_written(workspace, triton_server_turn):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "1"}
     env.pop("PYTHONPATH", None)

@@ -25,7 +25,7 @@ def _run(args, timeout):
     return out.stdout
 
 
-def test_serve_and_client_commands(tiny_model, tmp_path):
+def test_serve_and_client_commands(tiny_model, tmp_path, triton_server_turn):
     try:
         tritonserver_binary()
     except TritonNotInstalledError as e:

@@ -29,7 +29,7 @@ LIMITS = served_limits(max_speech_seconds=1.2)
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model, tmp_path_factory):
+def served(tiny_model, tmp_path_factory, triton_server_turn):
     root = tmp_path_factory.mktemp("ensemble")
     cfg = OmegaConf.load(config_path("export.yaml"))
     cfg.trtllm.dtype = "float32"

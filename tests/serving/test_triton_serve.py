@@ -26,7 +26,7 @@ LIMITS = served_limits(max_speech_seconds=0.5, max_context_tokens=640)  # room f
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model, tmp_path_factory):
+def served(tiny_model, tmp_path_factory, triton_server_turn):
     root = tmp_path_factory.mktemp("triton")
     nemo = root / "tiny.nemo"
     tiny_model.save_to(str(nemo))
