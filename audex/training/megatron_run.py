@@ -23,6 +23,7 @@ stage picks its engine in its own config (``model.init_from`` loads by those nam
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from audex.models.audex_model import AudexModel
 from audex.parallel.config import ParallelismConfig, ParallelismError
 from audex.parallel.megatron_strategy import init_model_parallel
-from audex.serving.triton.launcher import free_port
 
 TORCHRUN = "python -m torch.distributed.run --nproc_per_node {n} examples/audex_train.py ... trainer.devices={n}"
 
@@ -61,6 +61,12 @@ def uses_megatron_strategy(cfg: DictConfig, p: ParallelismConfig | None) -> bool
     return (p.world_size or 1) > 1 or max(p.tensor, p.expert, p.context) > 1
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_parallel_state(cfg: DictConfig, p: ParallelismConfig) -> bool:
     """For engine megatron: check the launch, then initialise torch.distributed (if needed) and megatron-core's
     parallel state with ``p``, and hand ``p`` to the backbone (``model.backbone.parallelism``, so sequence
@@ -84,7 +90,7 @@ def start_parallel_state(cfg: DictConfig, p: ParallelismConfig) -> bool:
         else "gloo"
     created = not dist.is_initialized()
     if created and not torchrun:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     init_model_parallel(p, seed=int(cfg.get("seed", 1234)), backend=backend)
     with open_dict(cfg.model):
         cfg.model.backbone.parallelism = p.to_dict()
