@@ -56,6 +56,7 @@ from audex.modules.packed import (
     packed_segments,
     uses_varlen_attention,
 )
+from audex.parallel.megatron_moe import configure_balancing
 from audex.parallel.sharding import (
     attach_row_masks,
     average_replicated_gradients,
@@ -264,15 +265,14 @@ class AudexModel(ModelPT):
         The routers' ``routed_scaling_factor`` is checked against ``routing_scale``. With ``train_routers`` (the
         stage trains the LLM) the load-balancing loss joins the training loss and the routing bias moves after
         every optimizer step; otherwise (stage1 keeps the LLM bit-identical) nothing is attached. Returns
-        :attr:`moe_balancer` (None for dense backbones)."""
+        :attr:`moe_balancer` (None for dense backbones and engine megatron, whose routers balance themselves)."""
+        if self.llm.engine == "megatron":   # model.moe into megatron-core's config (audex.parallel.megatron_moe)
+            configure_balancing(self.llm.lm.mcore, bias_update_rate, aux_loss_coeff, routing_scale, train_routers)
+            return None
         balancer = MoeBalancer(self.backbone, bias_update_rate=bias_update_rate, aux_loss_coeff=aux_loss_coeff)
         if balancer.active:
             balancer.check_routing_scale(float(routing_scale))
-        if balancer.active and train_routers:
-            self.moe_balancer = balancer
-        else:
-            balancer.remove()
-            self.moe_balancer = None
+        self.moe_balancer = balancer if balancer.active and train_routers else balancer.remove()   # remove: None
         return self.moe_balancer
 
     @property

@@ -34,6 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from audex.modules.packed import VARLEN_SDPA
 from audex.parallel.config import ParallelismConfig
 from audex.parallel.megatron_convert import from_te_names, hf_to_megatron, megatron_to_hf, to_te_names
+from audex.parallel.megatron_moe import dispatch_tokens, fix_router_padding_mask
 from audex.parallel.megatron_shard import Ranks, gather_whole_state_dict, load_whole_state_dict
 from audex.parallel.megatron_specs import build_megatron_model, have_transformer_engine, require_megatron, shard_dims
 
@@ -102,6 +103,8 @@ class MegatronCausalLM(nn.Module):
         self.dims = shard_dims(self.config)
         dtype = dtype or next(hf_lm.parameters()).dtype
         self.te = have_transformer_engine() if use_te is None else bool(use_te)  # TE specs name some norms apart
+        if int(getattr(self.config, "n_routed_experts", 0) or 0):
+            fix_router_padding_mask()    # megatron-core 0.16.1's router cannot take the padding mask
         self.mcore = build_megatron_model(self.config, self.parallelism, dtype, overrides, self.te)
         self.load_hf_state_dict(hf_lm.state_dict())
         self._register_state_dict_hook(MegatronCausalLM._hf_state_dict_hook)
@@ -132,24 +135,29 @@ class MegatronCausalLM(nn.Module):
             raise ValueError(f"audex_segments lists {len(spans)} rows for a batch of {batch}")
         p = self.parallelism
         cu, padding, extra = thd_layout(spans, batch, length, p.tensor if p.sequence else 1)
+        more = dispatch_tokens(self.mcore.config, int(cu[-1])) - int(cu[-1])   # the MoE all-gather: equal blocks
+        if more:
+            cu, padding, extra = torch.cat([cu, cu[-1:] + more]), torch.cat([padding, padding.new_ones(more)]), \
+                extra + more
         cu, padding = cu.to(inputs_embeds.device), padding.to(inputs_embeds.device)
         tokens = inputs_embeds.reshape(batch * length, hidden)
         if extra:
             tokens = torch.cat([tokens, tokens.new_zeros(extra, hidden)])
-        decoder_input = tokens.unsqueeze(1)  # [t, 1, h]
+        decoder_input, padding_mask = tokens.unsqueeze(1), padding.unsqueeze(1)  # [t, 1, h], [t, 1]
         if p.sequence:
             from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
             decoder_input = scatter_to_sequence_parallel_region(decoder_input)
+            padding_mask = scatter_to_sequence_parallel_region(padding_mask)
         from megatron.core.packed_seq_params import PackedSeqParams
 
         longest = int((cu[1:] - cu[:-1]).max())
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                                  max_seqlen_kv=longest)
-        # no padding_mask: megatron-core 0.16.1's router broadcasts it wrongly against the routing map
-        # (router.py _apply_expert_bias: [t, E] & [t]); padding runs are routed like tokens, and counted in the
-        # expert-bias token counts
-        logits = self.mcore(None, None, None, decoder_input=decoder_input, packed_seq_params=packed)  # [1, t, V]
+        # padding runs are routed like tokens but masked out of the expert-bias counts and the load-balancing
+        # loss (megatron's [b, t] layout, True = padding; audex.parallel.megatron_moe fixes 0.16.1's router)
+        logits = self.mcore(None, None, None, decoder_input=decoder_input, packed_seq_params=packed,
+                            padding_mask=padding_mask.transpose(0, 1))  # [1, t, V]
         logits = logits.reshape(-1, logits.shape[-1])[: batch * length]
         out = logits.masked_fill(padding[: batch * length].unsqueeze(1), 0.0)
         return CausalLMOutputWithPast(logits=out.view(batch, length, -1))

@@ -50,6 +50,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from audex.parallel.config import ParallelismConfig
 from audex.parallel.megatron_checkpoint import load_sharded, save_sharded
+from audex.parallel.megatron_moe import set_aux_loss_scale
 
 
 def init_model_parallel(p: ParallelismConfig, seed: int = 1234, backend: str | None = None) -> None:
@@ -99,16 +100,26 @@ def finish_grads(ddps, outside=()) -> None:
 
 def all_reduce_outside_grads(params, average: bool = True) -> None:
     """Average the grads of trainable parameters that megatron-core's DDP does not own over the data-parallel
-    (x context-parallel) group."""
+    (x context-parallel) group. Data-parallel ranks read other rows, so the audio adapter may have run on some of
+    them only: the ranks first agree which parameters have a grad anywhere (a rank without one adds zeros, as one
+    process accumulating those rows would); a parameter no rank used keeps ``grad=None`` (AdamW skips it)."""
     from megatron.core import parallel_state as ps
 
     group = ps.get_data_parallel_group(with_context_parallel=True)
     size = dist.get_world_size(group)
-    for p in params:
-        if p.grad is not None and size > 1:
-            dist.all_reduce(p.grad, group=group)
-            if average:
-                p.grad.div_(size)
+    params = list(params)
+    if size == 1 or not params:
+        return
+    used = torch.tensor([float(p.grad is not None) for p in params])
+    dist.all_reduce(used, op=dist.ReduceOp.MAX, group=group)
+    for p, anywhere in zip(params, used.tolist()):
+        if not anywhere:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=group)
+        if average:
+            p.grad.div_(size)
 
 
 def clip_grads_global(params, max_norm: float) -> torch.Tensor:
@@ -185,6 +196,7 @@ class MegatronTrainer:
 
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
+        set_aux_loss_scale(1)
         loss = loss_fn()
         loss.backward()
         if self.kind == "torch":  # the reduced grads live in megatron DDP's main_grad buffers
@@ -250,6 +262,12 @@ class MegatronStrategy(DDPStrategy):
         if not self._ddps:
             raise ValueError("MegatronStrategy found no megatron-core model: set model.backbone.engine=megatron")
         self._outside = [p for p in self.lightning_module.parameters() if p.requires_grad and id(p) not in owned]
+
+    def training_step(self, *args, **kwargs):
+        """The micro-batch's forward and loss; megatron's MoE load-balancing loss first gets its gradient scale,
+        ``1 / micro-batches per step``, the factor Lightning applies to the main loss."""
+        set_aux_loss_scale(self.lightning_module.trainer.accumulate_grad_batches)
+        return super().training_step(*args, **kwargs)
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs):
         """The closure (the last micro-batch's forward and backward) is followed by :func:`finish_grads`, before

@@ -55,10 +55,9 @@ def check_megatron_layout(p: ParallelismConfig) -> None:
 
 
 def uses_megatron_strategy(cfg: DictConfig, p: ParallelismConfig | None) -> bool:
-    """Engine megatron with more than one process, or any model split: ``MegatronStrategy``."""
-    if p is None or engine_of(cfg) != "megatron":
-        return False
-    return (p.world_size or 1) > 1 or max(p.tensor, p.expert, p.context) > 1
+    """Engine megatron, one process or many: ``MegatronStrategy`` (megatron DDP's grad buffers and
+    ``finalize_model_grads``, which also moves the MoE routers' expert bias once per optimizer step)."""
+    return engine_of(cfg) == "megatron"
 
 
 def _free_port() -> int:

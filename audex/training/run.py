@@ -210,7 +210,7 @@ def build_trainer(cfg: DictConfig, max_steps: int, parallelism: ParallelismConfi
         int(cfg.data.global_batch_size), rows_per_micro_batch(cfg.data), devices, int(cfg.trainer.get("num_nodes", 1)),
         model_parallel)
     if uses_megatron_strategy(cfg, parallelism):
-        trainer_cfg["strategy"] = MegatronStrategy(parallelism)
+        trainer_cfg["strategy"] = MegatronStrategy(parallelism or launch_layout(cfg))
     elif parallelism is not None and needs_model_parallel(parallelism) and engine_of(cfg) == "hf":
         trainer_cfg["strategy"] = AudexParallelStrategy(parallelism)
     if trainer_cfg.get("enable_progress_bar", True):  # the stage's step count as the bar's total, not "?"

@@ -31,6 +31,9 @@ class Recorder(Callback):
         local = head.to_local() if isinstance(head, DTensor) else head
         info = {"dtensors": sum(isinstance(p, DTensor) for p in pl_module.parameters()), "head_rows": local.shape[0],
                 "built_on_meta": bool(getattr(pl_module, "built_on_meta", False)),
+                # routed experts this rank holds per MoE layer (megatron-core's local experts; 0: dense)
+                "local_experts": max((len(m.local_experts) for m in pl_module.modules() if hasattr(m, "local_experts")),
+                                     default=0),
                 "strategy": type(trainer.strategy).__name__}
         (self.out / f"sharding_rank{trainer.global_rank}.json").write_text(json.dumps(info))
 

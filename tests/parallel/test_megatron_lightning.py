@@ -5,7 +5,7 @@ The stage of tests/parallel/test_lightning_parallel.py (tiny Llama, 4 optimizer 
 micro-batches, AdamW, global-norm clipping at 1.0 from ``trainer=cpu``) runs
 
 * in one process with engine ``hf`` and with engine ``megatron`` (in this process: ``train_stage`` makes a
-  one-rank process group and megatron-core's parallel state, Lightning's single-device strategy);
+  one-rank process group and megatron-core's parallel state, ``MegatronStrategy`` on that one rank);
 * with engine ``megatron`` and ``parallelism.tensor=2`` as ``python -m torch.distributed.run --nproc_per_node 2
   tests/parallel/megatron_lightning_run.py``: ``MegatronStrategy`` (megatron DDP's grad buffers,
   ``finalize_model_grads``, the global grad norm over the TP ranks), each rank holding half the vocabulary rows of
@@ -128,7 +128,7 @@ def test_tp2_megatron_stage_losses_equal_one_process(hf_one, megatron_one, megat
     assert sorted(ref) == sorted(one) == sorted(got) == sorted(peer) == list(range(MICRO))
     infos = [json.loads((megatron_tp2 / "out" / f"sharding_rank{r}.json").read_text()) for r in (0, 1)]
     assert [i["strategy"] for i in infos] == ["MegatronStrategy"] * 2
-    assert megatron_one["sharding"]["strategy"] == "SingleDeviceStrategy"
+    assert megatron_one["sharding"]["strategy"] == "MegatronStrategy"        # one rank: megatron DDP too
     vocab = megatron_one["sharding"]["head_rows"]
     assert infos[0]["head_rows"] == infos[1]["head_rows"] == vocab // 2      # the output layer's vocab split
     worst_tp, worst_engine = 0.0, 0.0
