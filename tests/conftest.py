@@ -81,10 +81,13 @@ def speaker_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def triton_server_turn(tmp_path_factory):
     """One Triton server at a time across pytest-xdist workers: a file lock in the folder the workers share, held for
-    the requesting module's lifetime (the modules that start a ``tritonserver``). With two servers starting at once,
-    the ensemble's python-backend models hung at load in two CI runs on the 2-core machine (``test_triton_ensemble``:
-    not ready after 600 s, both times while ``test_readme``'s background server ran); each module passes alone and
-    beside the multi-process training tests. The cause is not found; the lock keeps CI honest meanwhile."""
+    the requesting module's lifetime (the modules that start a ``tritonserver``). In two CI runs the ensemble's
+    python-backend models hung at load (``test_triton_ensemble``: not ready after 600 s). The servers' own logs, left in
+    /tmp, show its server started 5-6 s after ``test_serving_cli``'s server stopped on the same xdist worker; once
+    while ``test_readme``'s background server ran, once 80 s after it had stopped. Two servers started at once, on
+    one cache or apart, and the ensemble started under CPU load or right after ``test_serving_cli`` did not hang in
+    14 tries. The cause is not found; the lock keeps CI honest meanwhile. A recurrence now names itself: a worker
+    stuck loading is a load error, and a server not ready in time has its workers' stacks in its log."""
     path = tmp_path_factory.getbasetemp().parent / "audex-triton-server.lock"
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -32,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -118,10 +119,16 @@ def install_stub_numpy_command(target: Path | None = None) -> list[str]:
 def stub_environment(cache_dir: str | os.PathLike | None = None) -> Path | None:
     """The ``bin`` folder to put first on the stub's ``PATH``, or None when the project's NumPy is already 1.x.
 
-    Makes ``<cache>/triton-stub-env-py3.11`` once: ``python -m venv --without-pip`` and two ``.pth`` files in its
-    ``site-packages``: the first puts :func:`stub_numpy_dir` (and :func:`checkout_root`) on the path, the second adds this interpreter's
-    ``site-packages`` after it (``site.addsitedir``, so the project's own ``.pth`` hooks run too). Runs no pip: a
-    missing NumPy 1.26 is an error that names the setup command.
+    Makes ``<cache>/triton-stub-env-py3.11-<hash>`` once: ``python -m venv --without-pip`` and two ``.pth`` files in
+    its ``site-packages``: the first puts :func:`stub_numpy_dir` (and :func:`checkout_root`) on the path, the second
+    adds this interpreter's ``site-packages`` after it (``site.addsitedir``, so the project's own ``.pth`` hooks run
+    too). Runs no pip: a missing NumPy 1.26 is an error that names the setup command.
+
+    Safe for servers started at once, from one checkout or several, on one cache: the folder is named by the hash of
+    its ``.pth`` lines (each checkout / environment gets its own), it is built in a temporary folder beside it and
+    renamed into place in one step, and a finished folder is never changed or deleted, so a running server's stubs
+    never lose the environment they start from. (Before, one shared folder was deleted and rewritten whenever its
+    lines differed, e.g. a server of another checkout starting on the same ``~/.cache/audex``.)
     """
     if _numpy_major() < 2:
         return None
@@ -132,22 +139,42 @@ def stub_environment(cache_dir: str | os.PathLike | None = None) -> Path | None:
             f"into {numpy1}, which has none: run scripts/setup_env.sh, or {shlex.join(install_stub_numpy_command())} "
             "(or set AUDEX_TRITON_NUMPY1 to a folder that holds it)")
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    env = Path(cache_dir or default_cache_dir()) / f"triton-stub-env-py{version}"
-    site_packages = env / "lib" / f"python{version}" / "site-packages"
-    first, last = site_packages / "aa_audex_stub_numpy.pth", site_packages / "zz_audex_project_env.pth"
     # NumPy 1.26 first, then the checkout this audex runs from (the embedded stub ignores PYTHONPATH, and the editable
     # install would otherwise give it the installed checkout's audex), then the project's site-packages
     root = checkout_root()
     lines = (f"{numpy1.resolve()}\n" + (f"{root}\n" if root is not None else ""),
              f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
-    if first.exists() and last.exists() and (first.read_text(), last.read_text()) == lines:
+    digest = hashlib.sha256("\0".join((sys.executable, *lines)).encode()).hexdigest()[:16]
+    cache = Path(cache_dir or default_cache_dir())
+    env = cache / f"triton-stub-env-py{version}-{digest}"
+    if _stub_env_complete(env, version, lines):
         return env / "bin"
-    if env.exists():
-        shutil.rmtree(env)
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
-    first.write_text(lines[0])
-    last.write_text(lines[1])
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{env.name}.", dir=cache))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp)], check=True)
+        site_packages = tmp / "lib" / f"python{version}" / "site-packages"
+        for script in (tmp / "bin").glob("activate*"):     # they would name the temporary folder; the stub needs none
+            script.unlink()
+        (site_packages / "aa_audex_stub_numpy.pth").write_text(lines[0])
+        (site_packages / "zz_audex_project_env.pth").write_text(lines[1])
+        try:
+            os.rename(tmp, env)                          # atomic; fails when another process put its copy there first
+        except OSError:
+            if not _stub_env_complete(env, version, lines):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)           # gone after a successful rename; the loser's copy otherwise
     return env / "bin"
+
+
+def _stub_env_complete(env: Path, version: str, lines: tuple[str, str]) -> bool:
+    site_packages = env / "lib" / f"python{version}" / "site-packages"
+    first, last = site_packages / "aa_audex_stub_numpy.pth", site_packages / "zz_audex_project_env.pth"
+    try:
+        return (env / "bin" / "python3").exists() and (first.read_text(), last.read_text()) == lines
+    except OSError:
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -291,7 +318,34 @@ class TritonServer:
             if self.is_ready():
                 return
             time.sleep(0.25)
-        raise TimeoutError(f"tritonserver was not ready after {self.startup_timeout:.0f} s; log tail:\n{self.log_tail()}")
+        workers = self._signal_workers(signal.SIGUSR1)   # each writes its threads' stacks to the log (worker.main)
+        if workers:
+            time.sleep(3.0)
+        raise TimeoutError(f"tritonserver was not ready after {self.startup_timeout:.0f} s (stacks of its {len(workers)} "
+                           f"handler workers are in {self.log_path}); log tail:\n{self.log_tail(12000)}")
+
+    def _signal_workers(self, sig: int) -> list[int]:
+        """Send ``sig`` to this server's handler workers (its descendants running ``audex.serving.triton.worker``)."""
+        if self.process is None:
+            return []
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(pid)
+        todo, found = [self.process.pid], []
+        while todo:
+            for pid in children.get(todo.pop(), []):
+                todo.append(pid)
+                try:
+                    if b"audex.serving.triton.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, sig)
+                        found.append(pid)
+                except OSError:
+                    pass
+        return found
 
     def stop(self) -> int | None:
         """SIGTERM by PID (the server ignores SIGINT in the background), SIGKILL after ``stop_timeout``.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -91,6 +92,21 @@ class WorkerProcess:
             self.close()
             raise RuntimeError(f"the Audex worker ({module}) did not connect within {startup_timeout:g} s")
         self.conn = accepted["conn"]
+
+    def hello(self, timeout: float) -> dict:
+        """The worker's first message (``{"ready": ...}``), waited for at most ``timeout`` seconds while the worker
+        lives: a worker that stays silent (stuck loading its handler) is an error, never a hang of the model's load;
+        it first writes every thread's Python stack to the server log (``faulthandler`` on SIGUSR1)."""
+        deadline = time.monotonic() + timeout
+        while not self.conn.poll(1.0):
+            if time.monotonic() > deadline:
+                self.proc.send_signal(signal.SIGUSR1)
+                time.sleep(2.0)
+                self.proc.kill()
+                self.close()
+                raise RuntimeError(f"the Audex worker (pid {self.proc.pid}) did not load its handler within {timeout:g} s; "
+                                   "its thread stacks are in the server log")
+        return self.conn.recv()                  # a worker that exited: EOFError, the model's load error
 
     def stop(self, message=None, timeout: float = 30.0) -> None:
         """Send ``message`` (the worker's stop request), wait for the exit, kill it if it does not."""

@@ -71,7 +71,7 @@ class AudexPythonModel:
             self.worker = WorkerProcess("audex.serving.triton.worker", ["--handler", self.handler, "--params",
                                                                      json.dumps(params)],
                                         project_python(params), float(params.get("startup_timeout_s", "600")))
-            hello = self.worker.conn.recv()
+            hello = self.worker.hello(float(params.get("startup_timeout_s", "600")))
             if not hello.get("ready"):
                 self.worker.stop()
                 raise RuntimeError(f"{params['model_name']}: the handler {self.handler} could not start: "

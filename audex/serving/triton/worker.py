@@ -21,10 +21,12 @@ imports this module inside the stub.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 from multiprocessing.connection import Client
@@ -136,6 +138,9 @@ def main(argv=None) -> None:
     parser.add_argument("--params", required=True, help="JSON: the model's parameters")
     parser.add_argument("--address", required=True)
     args = parser.parse_args(argv)
+    # SIGUSR1 writes every thread's stack to the server log: the model sends it to a worker stuck while loading,
+    # TritonServer to every worker of a server that is not ready in time
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=logging.INFO, format="[audex worker %(process)d] %(levelname)s %(message)s")
     authkey = bytes.fromhex(sys.stdin.readline().strip())
     serve(args.address, authkey, args.handler, json.loads(args.params))
