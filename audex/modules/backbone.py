@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 from pathlib import Path
 
 import torch
@@ -22,22 +23,29 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from audex.modules.megatron_backbone import megatron_lm
 from audex.parallel.config import check_engine
+from audex.parallel.sharded_read import new_vocabulary_rows, sharded_read_refusal
 
-_ON_META = contextvars.ContextVar("audex_backbone_on_meta", default=False)
+log = logging.getLogger(__name__)
+_ON_META = contextvars.ContextVar("audex_backbone_on_meta", default=None)
 
 
 @contextlib.contextmanager
-def backbone_on_meta():
+def backbone_on_meta(read_shards: bool = False, rank0: bool = False):
     """Within this block an engine-``hf`` :class:`AudexBackbone` is built on the meta device: its architecture and
     the extended vocabulary, no weights (nothing is read from ``pretrained_path``, nothing is allocated). A split
     training run builds so on every rank but 0; ``AudexModel.configure_model`` shards it and broadcasts rank 0's
-    weights into the shards (:func:`audex.parallel.sharding.materialize_from_rank0`)."""
-    token = _ON_META.set(True)
+    weights into the shards (:func:`audex.parallel.sharding.materialize_from_rank0`).
+
+    ``read_shards`` (every rank of a split run whose backbone comes from ``pretrained_path``, rank 0 included):
+    the backbone records its folder as ``sharded_source`` and each rank later reads its own shards from the
+    safetensors files (:mod:`audex.parallel.sharded_read`). Where the folder cannot be read so
+    (:func:`~audex.parallel.sharded_read.sharded_read_refusal`, the reason is logged), the ``rank0`` process loads
+    the whole model instead and the others stay on meta: the broadcast path above."""
+    token = _ON_META.set({"read_shards": read_shards, "rank0": rank0})
     try:
         yield
     finally:
         _ON_META.reset(token)
-
 
 
 def build_causal_lm(pretrained_path: str | None, config: dict | None, model_type: str | None, dtype=None):
@@ -50,18 +58,31 @@ def build_causal_lm(pretrained_path: str | None, config: dict | None, model_type
                 f"backbone folder {pretrained_path!r} does not exist: set model.backbone.pretrained_path to a local "
                 "Hugging Face folder (no downloads at run time)"
             )
-        if _ON_META.get():      # the folder's architecture only; the weights come from rank 0
+        meta = _ON_META.get()
+        if meta:      # the folder's architecture only; the weights come from rank 0 or from the shards' reads
             hf_cfg = AutoConfig.from_pretrained(pretrained_path, local_files_only=True)
             saved = getattr(hf_cfg, "dtype", None)           # what dtype="auto" loads
             saved = getattr(torch, saved) if isinstance(saved, str) else saved
             with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype or saved)
+                lm = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype or saved)
+            if not meta["read_shards"]:
+                return lm
+            why = "config.json records no dtype" if (dtype or saved) is None else sharded_read_refusal(
+                lm, pretrained_path)
+            if why is None:
+                lm.audex_read_from = str(pretrained_path)
+                return lm
+            log.warning("backbone %s is not read shard by shard (%s): rank 0 loads it whole and broadcasts it",
+                        pretrained_path, why)
+            if not meta["rank0"]:
+                return lm
         return AutoModelForCausalLM.from_pretrained(pretrained_path, local_files_only=True, dtype=dtype or "auto",
                                                     use_kernels=False)
     if not model_type:
         raise ValueError("model.backbone needs either pretrained_path or model_type + config")
     hf_cfg = AutoConfig.for_model(model_type, **dict(config or {}))
-    if _ON_META.get():
+    meta = _ON_META.get()
+    if meta and not meta["rank0"]:     # an inline config: the weights come from rank 0 (no folder to read)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
@@ -71,7 +92,8 @@ def build_causal_lm(pretrained_path: str | None, config: dict | None, model_type
 def extend_vocabulary(lm: nn.Module, new_size: int, init_std: float = 0.02, seed: int = 0) -> int:
     """Grow ``lm``'s input embeddings (and untied output head) to ``new_size`` rows.
 
-    Returns the old size. Old rows are copied bit-exactly; new rows ~ N(0, init_std).
+    Returns the old size. Old rows are copied bit-exactly; new rows ~ N(0, init_std)
+    (:func:`audex.parallel.sharded_read.new_vocabulary_rows`, which the sharded read draws alike).
     """
     emb = lm.get_input_embeddings()
     old_size, dim = emb.weight.shape
@@ -79,27 +101,30 @@ def extend_vocabulary(lm: nn.Module, new_size: int, init_std: float = 0.02, seed
         raise ValueError(f"the extended vocabulary ({new_size}) is smaller than the backbone's ({old_size})")
     if new_size == old_size:
         return old_size
-    gen = torch.Generator().manual_seed(seed)
     is_meta = emb.weight.device.type == "meta"
+    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+    head = lm.get_output_embeddings()
+    tables = [emb.weight] + ([head.weight] if head is not None and not tied else [])
+    extras = [] if is_meta else new_vocabulary_rows(old_size, new_size, [int(w.shape[1]) for w in tables],
+                                                     init_std, seed)
 
-    def grown(weight: torch.Tensor) -> torch.Tensor:
+    def grown(weight: torch.Tensor, i: int) -> torch.Tensor:
         if is_meta:
             return torch.empty(new_size, weight.shape[1], dtype=weight.dtype, device="meta")
-        extra = torch.randn(new_size - old_size, weight.shape[1], generator=gen, dtype=torch.float32) * init_std
-        return torch.cat([weight, extra.to(device=weight.device, dtype=weight.dtype)], dim=0)
+        return torch.cat([weight, extras[i].to(device=weight.device, dtype=weight.dtype)], dim=0)
 
-    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
-    new_emb = nn.Embedding(new_size, dim, device="meta" if is_meta else emb.weight.device, dtype=emb.weight.dtype)
-    new_emb.weight = nn.Parameter(grown(emb.weight), requires_grad=emb.weight.requires_grad)
+    # the new modules are made on the meta device and given their weights: no full-size random init that is then
+    # thrown away, and no draws from the global generator (a backbone built on meta and one loaded whole leave it
+    # in the same state, so the parts built after it, the adapter, get the same initial weights)
+    new_emb = nn.Embedding(new_size, dim, device="meta", dtype=emb.weight.dtype)
+    new_emb.weight = nn.Parameter(grown(emb.weight, 0), requires_grad=emb.weight.requires_grad)
     lm.set_input_embeddings(new_emb)
-    head = lm.get_output_embeddings()
     if head is not None:
         if tied:
             head.weight = new_emb.weight
         else:
-            new_head = nn.Linear(dim, new_size, bias=head.bias is not None,
-                                 device="meta" if is_meta else head.weight.device, dtype=head.weight.dtype)
-            new_head.weight = nn.Parameter(grown(head.weight))
+            new_head = nn.Linear(dim, new_size, bias=head.bias is not None, device="meta", dtype=head.weight.dtype)
+            new_head.weight = nn.Parameter(grown(head.weight, 1))
             if head.bias is not None:
                 new_head.bias = nn.Parameter(torch.cat([head.bias, torch.zeros(new_size - old_size, dtype=head.bias.dtype,
                                                                                  device=head.bias.device)]))
@@ -140,6 +165,10 @@ class AudexBackbone(nn.Module):
         self.engine = check_engine(engine)
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else None
         self.lm = build_causal_lm(pretrained_path, config, model_type, dtype=torch_dtype)
+        folder = self.lm.__dict__.pop("audex_read_from", None)   # backbone_on_meta(read_shards=True), not refused
+        #: where configure_model reads this rank's shards from (audex.parallel.sharded_read); None: not so read
+        self.sharded_source = None if folder is None else {"folder": folder, "init_std": init_std, "init_seed": init_seed}
+        self.read_report: dict | None = None
         rows = int(self.lm.get_input_embeddings().weight.shape[0])
         # a folder written by AudexModel.save_pretrained is already extended: keep it as it is
         already_extended = vocab_size is not None and rows == vocab_size and text_vocab_size is not None

@@ -17,7 +17,10 @@
   backbone on the meta device (:func:`audex.modules.backbone.backbone_on_meta`); after sharding, each rank's
   shards are filled from rank 0's weights, one tensor at a time (torch's ``set_model_state_dict`` with
   ``broadcast_from_rank0``, the loading FSDP2 documents for meta-device init). Rank 0 alone holds the whole
-  model, in host memory, until then; the other ranks never allocate more than their shards.
+  model, in host memory, until then; the other ranks never allocate more than their shards. When the backbone
+  comes from ``model.backbone.pretrained_path`` (safetensors), rank 0 builds it on meta too and every rank reads
+  its own shards from the files (:mod:`audex.parallel.sharded_read`); only the audio encoder, adapter and codecs
+  are broadcast.
 
 Example (what the Lightning hooks call)::
 
@@ -45,6 +48,7 @@ from audex.parallel.context_parallel import (
     shard_packed_batch,
 )
 from audex.parallel.hf_engine import decoder_layers, distributed_config
+from audex.parallel.sharded_read import read_backbone_shards
 from audex.parts.losses import IGNORE_INDEX
 
 HOOKS_ATTR = "_audex_grad_mask_handles"   # where audex.training.stages keeps the row-mask hooks
@@ -200,15 +204,38 @@ def materialize_from_rank0(model, rank0: dict[str, torch.Tensor], device: torch.
     device allocate their shards on ``device`` first (``to_empty``, as FSDP2's meta-device recipe does), rank 0
     moves its shards there; then the persistent state goes through ``set_model_state_dict(full_state_dict=True,
     broadcast_from_rank0=True)`` (torch cuts each whole tensor to the receiving rank's shard) and the
-    non-persistent buffers are broadcast whole. A tensor left on the meta device afterwards is an error."""
+    non-persistent buffers are broadcast whole. A tensor left on the meta device afterwards is an error.
+
+    A backbone with a ``sharded_source`` (built on meta on every rank, rank 0 included) is not broadcast: each rank
+    reads its own shards from the safetensors files (:func:`audex.parallel.sharded_read.read_backbone_shards`);
+    the rest of the model (audio encoder, adapter, codecs) still comes from rank 0. What happened is kept as
+    ``model.llm.read_report`` (``source``: ``safetensors`` or ``rank0``; ``on_meta_before_read``)."""
+    backbone = getattr(model, "llm", None)
+    shards = getattr(backbone, "sharded_source", None) is not None
+    agree = torch.tensor([int(shards)], device=device)
+    dist.all_reduce(agree)
+    if int(agree) not in (0, dist.get_world_size()):
+        raise RuntimeError("ranks disagree on reading the backbone's shards from its folder (different files?)")
+    was_meta = backbone is not None and all(t.is_meta for t in (*backbone.parameters(), *backbone.buffers()))
     if dist.get_rank() == 0:
+        if shards:
+            backbone.to_empty(device=device)
         model.to(device)
     else:
         model.to_empty(device=device)
-    names = set(model.state_dict())
+    prefix = next((f"{n}." for n, m in model.named_modules() if m is backbone), None) if shards else None
+    if shards:
+        read_backbone_shards(backbone)
+    elif backbone is not None:
+        backbone.read_report = {"source": "rank0"}
+    if backbone is not None:
+        backbone.read_report["on_meta_before_read"] = was_meta
+    names = {k for k in model.state_dict() if prefix is None or not k.startswith(prefix)}
     set_model_state_dict(model, {k: v for k, v in rank0.items() if k in names},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not shards))
     for name in _non_persistent_buffers(model):
+        if prefix is not None and name.startswith(prefix):
+            continue                     # recomputed by read_backbone_shards
         module_name, _, buffer = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
         value = rank0[name].to(device) if dist.get_rank() == 0 else torch.empty_like(getattr(module, buffer),

@@ -115,14 +115,29 @@ def builds_on_meta(cfg: DictConfig) -> bool:
     return bool(p.meta_init and needs_model_parallel(p) and engine == "hf" and rank is not None and rank > 0)
 
 
+def reads_backbone_shards(cfg: DictConfig) -> bool:
+    """True on every rank, rank 0 included, of a split engine-hf run (more than one process, ``meta_init``) whose
+    backbone comes from ``model.backbone.pretrained_path`` and is not overwritten by ``model.init_from``: every
+    rank builds it on the meta device and reads its own shards from the folder's safetensors files
+    (:mod:`audex.parallel.sharded_read`; where the folder cannot be read so, rank 0 loads it and broadcasts)."""
+    node = cfg.get("parallelism")
+    p = ParallelismConfig.from_dict(OmegaConf.to_container(node, resolve=True) if node is not None else {})
+    backbone = cfg.model.get("backbone") or {}
+    if not (p.meta_init and needs_model_parallel(p) and backbone.get("engine", "hf") == "hf"
+            and backbone.get("pretrained_path") and not cfg.model.get("init_from") and cfg.get("trainer") is not None):
+        return False
+    return _num_devices(cfg.trainer) * int(cfg.trainer.get("num_nodes", 1)) > 1
+
+
 def build_model(cfg: DictConfig, trainer=None):
     """The model of the stage, initialised from ``model.init_from``, frozen per ``model.stage``, with the stage's
     packed attention (``model.packed_attention``) and MoE balancing (``model.moe``). On the ranks of
-    :func:`builds_on_meta` the backbone has no weights yet and ``init_from`` is read by rank 0 alone."""
-    on_meta = builds_on_meta(cfg)
-    with backbone_on_meta() if on_meta else contextlib.nullcontext():
+    :func:`builds_on_meta` the backbone has no weights yet and ``init_from`` is read by rank 0 alone; with
+    :func:`reads_backbone_shards` no rank has them yet (``configure_model`` reads them)."""
+    on_meta, shards = builds_on_meta(cfg), reads_backbone_shards(cfg)
+    with backbone_on_meta(shards, rank0=not on_meta) if on_meta or shards else contextlib.nullcontext():
         model = AudexModel(cfg.model, trainer=trainer)
-    model.built_on_meta = on_meta
+    model.built_on_meta = on_meta or getattr(model.llm, "sharded_source", None) is not None
     if cfg.model.get("init_from") and not on_meta:
         load_init_weights(model, cfg.model.init_from, strict=bool(cfg.model.get("init_from_strict", True)))
     report = apply_stage(model, cfg.model.stage)
