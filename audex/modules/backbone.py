@@ -113,17 +113,25 @@ def extend_vocabulary(lm: nn.Module, new_size: int, init_std: float = 0.02, seed
             return torch.empty(new_size, weight.shape[1], dtype=weight.dtype, device="meta")
         return torch.cat([weight, extras[i].to(device=weight.device, dtype=weight.dtype)], dim=0)
 
-    # the new modules are made on the meta device and given their weights: no full-size random init that is then
-    # thrown away, and no draws from the global generator (a backbone built on meta and one loaded whole leave it
-    # in the same state, so the parts built after it, the adapter, get the same initial weights)
-    new_emb = nn.Embedding(new_size, dim, device="meta", dtype=emb.weight.dtype)
+    # The eager build's new modules draw their (discarded) default init from the global generator, as they always
+    # have: the parts built after the backbone (the adapter) start from those draws, in the demo and every saved
+    # run. On meta nothing is drawn, so rank 0 of a sharded read (whose adapter every rank receives) makes the
+    # same draws with throw-away CPU modules: its adapter then equals one process's.
+    meta = _ON_META.get()
+    spend = is_meta and bool(meta and meta["rank0"] and meta["read_shards"])
+    device = "meta" if is_meta else emb.weight.device
+    if spend:
+        nn.Embedding(new_size, dim, dtype=emb.weight.dtype)
+    new_emb = nn.Embedding(new_size, dim, device=device, dtype=emb.weight.dtype)
     new_emb.weight = nn.Parameter(grown(emb.weight, 0), requires_grad=emb.weight.requires_grad)
     lm.set_input_embeddings(new_emb)
     if head is not None:
         if tied:
             head.weight = new_emb.weight
         else:
-            new_head = nn.Linear(dim, new_size, bias=head.bias is not None, device="meta", dtype=head.weight.dtype)
+            if spend:
+                nn.Linear(dim, new_size, bias=head.bias is not None, dtype=head.weight.dtype)
+            new_head = nn.Linear(dim, new_size, bias=head.bias is not None, device=device, dtype=head.weight.dtype)
             new_head.weight = nn.Parameter(grown(head.weight, 1))
             if head.bias is not None:
                 new_head.bias = nn.Parameter(torch.cat([head.bias, torch.zeros(new_size - old_size, dtype=head.bias.dtype,

@@ -38,7 +38,7 @@ TORCHRUN = "python -m torch.distributed.run --nproc_per_node {n} examples/audex_
 
 
 def engine_of(cfg: DictConfig) -> str:
-    return str((cfg.model.get("backbone") or {}).get("engine", "hf"))
+    return str(((cfg.get("model") or {}).get("backbone") or {}).get("engine", "hf"))
 
 
 def check_megatron_layout(p: ParallelismConfig) -> None:

@@ -72,13 +72,18 @@ def one(manifests, tmp_path_factory):
     return {"losses": losses(tmp), "nemo": nemo, "sharding": json.loads((tmp / "sharding_rank0.json").read_text())}
 
 
+def torchrun_ep2(manifests, tmp: Path, *extra, crash_at: int | None = None) -> subprocess.CompletedProcess:
+    crash = ["--crash-at", str(crash_at)] if crash_at is not None else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RUNNER),
+           str(tmp / "out"), *crash, *args(manifests, tmp, "parallelism.expert=2", "trainer.devices=2", *extra)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def ep2(manifests, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mm_ep2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RUNNER),
-           str(tmp / "out"), *args(manifests, tmp, "parallelism.expert=2", "trainer.devices=2")]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    done = torchrun_ep2(manifests, tmp)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return {"losses": [losses(tmp / "out", r) for r in (0, 1)], "nemo": tmp / "runs" / "stage2" / "stage2.nemo",
             "sharding": [json.loads((tmp / "out" / f"sharding_rank{r}.json").read_text()) for r in (0, 1)]}
@@ -116,6 +121,30 @@ def test_ep2_megatron_nemo_restores_with_the_one_process_routing(one, ep2):
     worst = max(float((a[k] - b[k]).abs().max()) for k in trained)
     print(f"max |EP2 .nemo - 1-process .nemo| = {worst:.2e}")
     assert worst <= 1e-4, worst
+
+
+@pytest.mark.slow
+def test_killed_ep2_megatron_run_resumes_with_identical_losses(manifests, ep2, tmp_path):
+    """Killed in step 3 and rerun with the same command: each rank reloads its 4 experts (and their Adam moments)
+    from the step-2 megatron-core distributed checkpoint, the routing bias and the loop state, and step 3's losses
+    equal the uninterrupted run's."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    every2 = ["exp_manager.create_checkpoint_callback=true", "exp_manager.checkpoint_callback_params.every_n_train_steps=2"]
+    crashed = torchrun_ep2(manifests, tmp_path, *every2, crash_at=2)
+    assert crashed.returncode != 0 and "simulated crash at micro-batch 2" in crashed.stderr + crashed.stdout
+    ckpt = next((tmp_path / "runs" / "stage2" / "checkpoints").glob("*step=2*.ckpt"))
+    storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
+    expert = [i.fqn for i in storage if "local_experts" in i.fqn or ".experts." in i.fqn]
+    files = {info.relative_path for i, info in storage.items() if i.fqn in expert}
+    assert expert and files == {"__0_0.distcp", "__1_0.distcp"}               # each rank wrote its own experts
+    done = torchrun_ep2(manifests, tmp_path, *every2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    for rank in (0, 1):
+        resumed, uninterrupted = losses(tmp_path / "out", rank), ep2["losses"][rank]
+        assert sorted(resumed) == [2]                                   # the restart trains step 3 only
+        assert resumed[2]["batch"] == uninterrupted[2]["batch"]
+        assert abs(resumed[2]["loss"] - uninterrupted[2]["loss"]) <= 1e-6, (resumed[2], uninterrupted[2])
 
 
 def test_router_counts_only_real_tokens_and_balancing_follows_model_moe(tmp_path):
