@@ -37,6 +37,7 @@ from transformers.distributed.tensor_parallel import (
     ColwiseParallel,
     RowwiseParallel,
     TensorParallelLayer,
+    apply_tensor_parallelism,
 )
 
 from audex.parallel.config import ParallelismConfig
@@ -145,6 +146,27 @@ def load_tensor_parallel(folder: str, p: ParallelismConfig, dtype=None):
     model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
     return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, use_kernels=False,
                                                 distributed_config=distributed_config(p, model_type))
+
+
+def apply_tensor_plan(lm, tp_mesh, tp_plan: dict[str, str]) -> None:
+    """transformers' ``apply_tensor_parallelism`` on a model whose weights already exist (every rank built or loaded
+    them). Its plans also name a tied head's weight (``lm_head.weight`` beside ``model.embed_tokens.weight``),
+    which ``named_parameters()`` lists once, under the embedding's name, so transformers takes the alias for a
+    module name and stops with ``KeyError: 'lm_head.weight'`` (its own ``from_pretrained`` shards while loading,
+    before tying). The alias is left out: the shared tensor gets the embedding's split (vocabulary rows, the rows
+    the head's ``colwise`` split takes too), the head module keeps its forward hook, and the head is re-tied to
+    the sharded embedding."""
+    params, modules = dict(lm.named_parameters()), dict(lm.named_modules())
+
+    def alias(name: str) -> bool:
+        owner, _, attr = name.rpartition(".")
+        return name not in params and owner in modules and getattr(modules[owner], attr, None) is not None and \
+            attr in modules[owner]._parameters
+
+    apply_tensor_parallelism(lm, tp_mesh, {k: v for k, v in tp_plan.items() if not alias(k)})
+    head, embedding = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if head is not None and getattr(lm.config.get_text_config(), "tie_word_embeddings", False):
+        head.weight = embedding.weight
 
 
 def decoder_layers(lm):

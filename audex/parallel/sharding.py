@@ -37,7 +37,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from transformers.distributed.expert_parallel import apply_expert_parallelism
-from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
 from audex.data.collate import batch_field
 from audex.parallel.config import ParallelismConfig
@@ -47,7 +46,7 @@ from audex.parallel.context_parallel import (
     cp_square_averaged_loss,
     shard_packed_batch,
 )
-from audex.parallel.hf_engine import decoder_layers, distributed_config
+from audex.parallel.hf_engine import apply_tensor_plan, decoder_layers, distributed_config
 from audex.parallel.sharded_read import read_backbone_shards
 from audex.parts.losses import IGNORE_INDEX
 
@@ -97,7 +96,7 @@ def parallelize_model(model, mesh, p: ParallelismConfig, rank0: dict | None = No
         config = distributed_config(p, lm.config.model_type)
         tp_plan, ep_plan, _ = lm._resolve_parallel_plans(config)
         tp_mesh = mesh["tensor_parallel"]
-        apply_tensor_parallelism(lm, tp_mesh, tp_plan)
+        apply_tensor_plan(lm, tp_mesh, tp_plan)
         if ep_plan:     # experts split inside the TP group (hf_engine: expert == tensor)
             apply_expert_parallelism(lm, tp_mesh, tp_mesh, ep_plan, ep_implementation=config.ep_implementation)
     replicas, shards = mesh["dp_replicate"].size(), mesh["fsdp"].size()

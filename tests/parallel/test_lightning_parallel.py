@@ -210,3 +210,23 @@ def test_stage1_text_rows_stay_bit_identical_on_fsdp_shards(manifests, tmp_path)
         assert not torch.equal(after[text:], before[text:]), key
     assert torch.equal(trained["llm.lm.model.layers.0.mlp.up_proj.weight"],
                        initial.state_dict()["llm.lm.model.layers.0.mlp.up_proj.weight"])
+
+
+def test_tp2_with_tied_embeddings_equals_one_process(manifests, tmp_path):
+    """The 2B backbone ties its head to its embedding. transformers' plan names both (``lm_head.weight`` beside
+    ``model.embed_tokens.weight``) for one tensor, which ``apply_tensor_parallelism`` could not shard (``KeyError:
+    'lm_head.weight'``; :func:`audex.parallel.hf_engine.apply_tensor_plan`). With TP=2 the shared table is split
+    once, stays shared while training, and 2 steps give one process's losses; the ``.nemo`` keeps the tie."""
+    from audex.training.run import train_stage
+
+    tied = ["model.backbone.config.tie_word_embeddings=true", "trainer.max_steps=2"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="stage2", overrides=overrides(manifests, tmp_path / "one", *tied))
+    train_stage(cfg, callbacks=[Recorder(tmp_path, None)])
+    run2(tmp_path / "out", overrides(manifests, tmp_path / "runs", *tied, "parallelism.tensor=2"))
+    ref, got = losses(tmp_path), losses(tmp_path / "out")
+    assert sorted(ref) == sorted(got) == [0, 1, 2, 3]
+    assert all(got[i]["batch"] == ref[i]["batch"] and abs(got[i]["loss"] - ref[i]["loss"]) <= 1e-4 for i in ref), \
+        (got, ref)
+    lm = load_model(str(tmp_path / "runs" / "stage2" / "stage2.nemo")).llm.lm
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
