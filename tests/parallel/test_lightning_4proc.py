@@ -10,6 +10,8 @@ process on the same weights and the same global batch (issue 11).
   from the 2-D (FSDP x TP) shards restores in one process with weights close to one process's.
 * ``parallelism.tensor=2 parallelism.context=2``: every rank reads the same rows (one DP rank), each row split
   over the CP pair, each half again over a TP pair; losses equal one process's.
+* the tiny hybrid Nemotron-H with ``parallelism.tensor=2 expert=2 expert_tensor=1 fsdp=2``: 4 of 8 experts per
+  rank inside each TP pair, FSDP2 over the DP pair, Mamba and attention layers too; row losses equal one process's.
 
 Layout-invariant rows: ``data.packing.online=false`` packs each sampled mini-batch (at most :data:`ROW` tokens,
 ``batch_tokens``) into one row, so a row does not depend on how many ranks read the stream (Lhotse's samplers
@@ -147,3 +149,27 @@ def test_tp2_cp2_losses_equal_one_process(manifests, reference, tmp_path):
     print(f"tp2 x cp2: worst micro-batch loss difference {worst:.2e}")
     assert worst <= 1e-5, worst
     assert all(math.isfinite(g[i]["loss"]) for g in got for i in g)
+
+
+def test_nemotron_h_ep2_fsdp2_losses_equal_one_process(manifests, tmp_path):
+    """The tiny hybrid Nemotron-H (Mamba2, attention and MoE layers: the 30B-A3B's kinds; 8 experts top-2) with
+    engine hf's expert parallelism inside the TP pair (4 experts per rank) and FSDP2 over the two DP ranks
+    (``parallelism.tensor=2 expert=2 expert_tensor=1 fsdp=2``): every rank's row loss equals one process's."""
+    from audex.training.run import train_stage
+
+    hybrid = ["model=tiny_hybrid"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="stage2", overrides=overrides(manifests, tmp_path / "one", *ROWS, *hybrid))
+    train_stage(cfg, callbacks=[Recorder(tmp_path, None)])
+    ref = losses(tmp_path)
+    got, shards = run4(tmp_path, manifests, *hybrid, "parallelism.tensor=2", "parallelism.expert=2",
+                       "parallelism.expert_tensor=1", "parallelism.fsdp=2")
+    assert sorted(ref) == list(range(MICRO)) and all(sorted(g) == list(range(STEPS)) for g in got)
+    assert all(s["dtensors"] > 20 for s in shards)
+    worst = 0.0
+    for rank, g in enumerate(got):
+        for k in range(STEPS):
+            assert g[k]["batch"] == ref[2 * k + rank // 2]["batch"], (rank, k)   # DP rank d = ranks 2d, 2d + 1
+            worst = max(worst, abs(g[k]["loss"] - ref[2 * k + rank // 2]["loss"]))
+    print(f"nemotron-h ep2 x fsdp2: worst row-loss difference {worst:.2e}")
+    assert worst <= 1e-5, worst
