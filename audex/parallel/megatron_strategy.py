@@ -231,6 +231,16 @@ class MegatronStrategy(DDPStrategy):
         self._owns_state = False
         self.last_grad_norm: float | None = None
 
+    def _configure_launcher(self) -> None:
+        """One process that torchrun did not start (``train_stage`` made its one-rank group): no launcher.
+        Lightning's subprocess launcher would write ``LOCAL_RANK``, ``NODE_RANK`` and ``MASTER_PORT`` into this
+        process's environment and leave them there, and a multi-process Lightning run started from this process
+        afterwards would take its processes for externally started and wait for ranks that never come."""
+        if self.num_processes * self.num_nodes == 1 and not self.cluster_environment.creates_processes_externally:
+            self._launcher = None
+            return
+        super()._configure_launcher()
+
     def setup_environment(self) -> None:
         from megatron.core import parallel_state as ps
 

@@ -4,6 +4,7 @@ every endpoint must refuse by name, and a bounded mixed load that must end with 
 import contextlib
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -51,12 +52,23 @@ def served_limits(max_speech_seconds: float, max_context_tokens: int = 400):
                        max_context_tokens=max_context_tokens, tta_seconds=0.2)
 
 
-def start_server(repo, workdir):
+def start_server(repo, workdir, first_timeout: float = 300.0):
     """A started :class:`TritonServer` on ``repo``, started with no network (:func:`offline`, cache under
-    ``workdir``), or a skip when the Triton wheel is not installed."""
+    ``workdir``), or a skip when the Triton wheel is not installed.
+
+    The README's known limit: in some CI runs a server's python models never finish loading (a normal start takes
+    20-60 s here). A server not ready after ``first_timeout`` s is stopped (its log, with the stacks of its stubs and
+    handler workers, stays in ``workdir``), a warning names it, and one more server is started in
+    ``workdir/retry``; a second hang fails the test."""
     try:
         with offline(workdir / "cache"):
-            return TritonServer(repo, workdir=workdir, startup_timeout=600).start()
+            try:
+                return TritonServer(repo, workdir=workdir, startup_timeout=first_timeout).start()
+            except TimeoutError as e:
+                warnings.warn(f"tritonserver on {repo} was not ready after {first_timeout:.0f} s (the known python-"
+                              f"backend load hang, README Known limits; log: {workdir}); starting it once more: {e}",
+                              stacklevel=2)
+                return TritonServer(repo, workdir=workdir / "retry", startup_timeout=600).start()
     except TritonNotInstalledError as e:
         pytest.skip(str(e))
 

@@ -322,10 +322,11 @@ class TritonServer:
         if workers:
             time.sleep(3.0)
         raise TimeoutError(f"tritonserver was not ready after {self.startup_timeout:.0f} s (stacks of its {len(workers)} "
-                           f"handler workers are in {self.log_path}); log tail:\n{self.log_tail(12000)}")
+                           f"handler workers and stubs are in {self.log_path}); log tail:\n{self.log_tail(12000)}")
 
     def _signal_workers(self, sig: int) -> list[int]:
-        """Send ``sig`` to this server's handler workers (its descendants running ``audex.serving.triton.worker``)."""
+        """Send ``sig`` to this server's handler workers (its descendants running ``audex.serving.triton.worker``) and
+        python-backend stubs (``triton_python_backend_stub``; an Audex python model registers the same stack dump)."""
         if self.process is None:
             return []
         children: dict[int, list[int]] = {}
@@ -340,7 +341,8 @@ class TritonServer:
             for pid in children.get(todo.pop(), []):
                 todo.append(pid)
                 try:
-                    if b"audex.serving.triton.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    if b"audex.serving.triton.worker" in cmdline or b"triton_python_backend_stub" in cmdline:
                         os.kill(pid, sig)
                         found.append(pid)
                 except OSError:

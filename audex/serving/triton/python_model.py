@@ -26,9 +26,11 @@ This module runs inside the stub: standard library + NumPy only.
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import json
 import os
+import signal
 import threading
 
 import numpy as np
@@ -53,6 +55,9 @@ class AudexPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
 
+        # SIGUSR1 writes this stub's Python stacks to the server log (TritonServer.wait_ready sends it when the server
+        # is not ready in time): where a model's load stops, stub side, as the worker's own dump shows its side
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         self.pb = pb_utils
         config = json.loads(args["model_config"])
         params = config_parameters(config)
